@@ -1,0 +1,82 @@
+//! Redis pool (deadpool-redis): the config has a pool size, so a pool rather
+//! than one multiplexed connection. A reload builds a new pool, `PING`s it,
+//! swaps it in and drains the old one.
+
+use std::time::Duration;
+
+use deadpool_redis::{Config as PoolCfg, Connection, PoolConfig, Runtime, Timeouts};
+
+use crate::config::{RedisConfig, scrub};
+
+/// A live Redis pool.
+pub struct RedisPool {
+    pool: deadpool_redis::Pool,
+    /// Per-command timeout.
+    timeout: Duration,
+    /// Secrets of the URL, to scrub from error texts.
+    secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for RedisPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPool").field("max_size", &self.max_size()).finish()
+    }
+}
+
+impl RedisPool {
+    /// Builds the pool (connections are opened on demand).
+    pub(crate) fn build(cfg: &RedisConfig) -> Result<Self, String> {
+        let secrets: Vec<String> = cfg.url.secret().into_iter().collect();
+        let mut pc = PoolCfg::from_url(cfg.url.expose());
+        let t = Some(cfg.timeout.0);
+        pc.pool = Some(PoolConfig {
+            max_size: cfg.pool_size as usize,
+            timeouts: Timeouts { wait: t, create: t, recycle: t },
+            ..PoolConfig::default()
+        });
+        let pool = pc
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| format!("redis.url: {}", scrub(&e.to_string(), &secrets)))?;
+        Ok(Self { pool, timeout: cfg.timeout.0, secrets })
+    }
+
+    /// A pooled connection.
+    pub async fn get(&self) -> Result<Connection, String> {
+        self.pool.get().await.map_err(|e| format!("redis: {}", scrub(&e.to_string(), &self.secrets)))
+    }
+
+    /// Runs `cmd` on a pooled connection under the configured timeout.
+    pub async fn query<T: deadpool_redis::redis::FromRedisValue>(
+        &self,
+        cmd: &deadpool_redis::redis::Cmd,
+    ) -> Result<T, String> {
+        let fut = async {
+            let mut conn = self.get().await?;
+            cmd.query_async::<T>(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {}", scrub(&e.to_string(), &self.secrets)))
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .unwrap_or_else(|_| Err(format!("redis: timed out after {:?}", self.timeout)))
+    }
+
+    /// `PING`, expecting `PONG`.
+    pub async fn ping(&self) -> Result<(), String> {
+        match self.query::<String>(&deadpool_redis::redis::cmd("PING")).await {
+            Ok(p) if p == "PONG" => Ok(()),
+            Ok(p) => Err(format!("PING answered {p:?}")),
+            Err(e) => Err(format!("PING: {e}")),
+        }
+    }
+
+    /// Configured maximum pool size.
+    pub fn max_size(&self) -> usize {
+        self.pool.status().max_size
+    }
+
+    /// Closes the pool: waiting `get`s fail, idle connections are dropped.
+    pub(crate) fn close(&self) {
+        self.pool.close();
+    }
+}

@@ -1,0 +1,49 @@
+//! confroll node: live, hot-reloadable configuration for a Rust service.
+//!
+//! # Layout
+//!
+//! ```text
+//!  config.rs      the config model: parse (YAML/JSON), validate, redact, JSON Schema
+//!  diff.rs        field diff → affected components, restart-only refusal
+//!  pipeline.rs    the reload pipeline as a pure state machine (events in, commands out)
+//!  node.rs        the runtime: ArcSwap of the live config, executes pipeline commands,
+//!                 fencing-token check for pushes, state dir persistence
+//!  components/    logger (tracing reload), database (sqlx), redis (deadpool),
+//!                 llm (reqwest), plus Components: prepare / swap / retire / health
+//!  metrics.rs     Prometheus registry with reloadable labels
+//!  state.rs       atomic persistence of the applied config and highest token
+//!  triggers.rs    SIGHUP and debounced file watch
+//!  agent.rs       NodeAgent gRPC service (coordinator → node), reflection, health
+//!  http.rs        the reference service: /work, /healthz, /readyz, /metrics, status
+//!  pb_impl.rs     domain ↔ protobuf conversions (domain types never see prost)
+//! ```
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use confroll_node::{Node, NodeOptions};
+//! let mut opts = NodeOptions::new("node-1");
+//! opts.config_path = Some("config.yaml".into());
+//! let node = Node::start(opts).await?;
+//! let live = node.config();            // Arc<Applied>: wait-free read
+//! let ttl = live.config.cache.ttl.0;   // use it for the whole request
+//! # let _ = ttl; Ok(()) }
+//! ```
+
+pub mod agent;
+pub mod components;
+pub mod config;
+pub mod diff;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod pb_impl;
+pub mod pipeline;
+pub mod report;
+pub mod state;
+pub mod triggers;
+
+pub use config::{Config, ConfigError};
+pub use node::{Applied, Node, NodeOptions, Push, PushError, StartError};
+pub use report::{ReloadReport, ReloadStatus, Trigger};

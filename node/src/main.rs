@@ -1,0 +1,169 @@
+//! `confroll-node`: the reference service.
+//!
+//! ```text
+//! confroll-node --config FILE [--listen ADDR] [--id ID] [--agent-listen ADDR] [--state-dir DIR]
+//! confroll-node schema            # the config's JSON Schema
+//! confroll-node validate FILE     # static checks, exit 1 on error
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use confroll_node::{Config, Node, NodeOptions, components::LogTarget};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "confroll-node",
+    version,
+    about = "confroll reference node: hot-reloadable config, zero-downtime swaps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Config file (YAML or JSON).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTP listen address; overrides server.host/server.port (which stay restart-only).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Node id (defaults to the host name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Service this node belongs to.
+    #[arg(long, default_value = "default")]
+    service: String,
+    /// NodeAgent gRPC listen address (the coordinator pushes here).
+    #[arg(long)]
+    agent_listen: Option<SocketAddr>,
+    /// Where the last applied config and highest fencing token persist.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Debounce of the file watch.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    watch_debounce: Duration,
+    /// Do not watch the config file (SIGHUP still reloads).
+    #[arg(long)]
+    no_watch: bool,
+    /// Bound on a reload's component phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    reload_timeout: Duration,
+    /// Drain period of a replaced PostgreSQL pool.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    db_grace: Duration,
+    /// Drain period of a replaced Redis pool.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    redis_grace: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the config's JSON Schema.
+    Schema,
+    /// Validate a config file (static checks only) and exit.
+    Validate {
+        /// File to check.
+        file: PathBuf,
+    },
+}
+
+#[allow(clippy::print_stdout)]
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Cmd::Schema) => {
+            println!("{}", serde_json::to_string_pretty(&Config::json_schema())?);
+            Ok(())
+        }
+        Some(Cmd::Validate { file }) => {
+            let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+            match Config::parse(&bytes) {
+                Ok(_) => {
+                    println!("{}: valid", file.display());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    std::process::exit(1);
+                }
+            }
+        }
+        None => tokio::runtime::Runtime::new()?.block_on(serve(cli)),
+    }
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let config_path = cli.config.clone();
+    if config_path.is_none() && cli.state_dir.is_none() {
+        anyhow::bail!("--config FILE is required (or --state-dir holding an applied config)");
+    }
+    let mut opts = NodeOptions::new(cli.id.clone().unwrap_or_else(hostname));
+    opts.service = cli.service.clone();
+    opts.config_path = config_path.clone();
+    opts.state_dir = cli.state_dir.clone();
+    opts.reload_timeout = cli.reload_timeout;
+    opts.grace.database = cli.db_grace;
+    opts.grace.redis = cli.redis_grace;
+    opts.log_target = LogTarget::Stdout;
+    let node = Node::start(opts).await.context("node failed to start")?;
+    tracing::dispatcher::set_global_default(node.dispatch().clone()).context("install logger")?;
+
+    let live = node.config();
+    let http_addr = match cli.listen {
+        Some(a) => a,
+        None => format!("{}:{}", live.config.server.host, live.config.server.port)
+            .parse()
+            .context("server.host/server.port")?,
+    };
+    let http = TcpListener::bind(http_addr).await.with_context(|| format!("bind HTTP {http_addr}"))?;
+    tracing::info!(addr = %http.local_addr()?, node = node.id(), version = live.version, "HTTP listening");
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (n, s) = (node.clone(), shutdown.clone());
+        tasks.spawn(async move { confroll_node::http::run(n, http, s.cancelled_owned()).await.context("HTTP server") });
+    }
+    if let Some(addr) = cli.agent_listen {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("bind agent {addr}"))?;
+        tracing::info!(addr = %l.local_addr()?, "NodeAgent gRPC listening");
+        let (n, s) = (node.clone(), shutdown.clone());
+        tasks.spawn(async move { confroll_node::agent::run(n, l, s.cancelled_owned()).await.context("agent server") });
+    }
+    {
+        let (n, s) = (node.clone(), shutdown.clone());
+        tasks.spawn(async move { confroll_node::triggers::sighup(n, s).await.context("SIGHUP handler") });
+    }
+    if let (Some(path), false) = (config_path, cli.no_watch) {
+        let (n, s, d) = (node.clone(), shutdown.clone(), cli.watch_debounce);
+        tasks.spawn(async move { confroll_node::triggers::watch_file(n, path, d, s).await.context("file watch") });
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        Some(r) = tasks.join_next() => {
+            shutdown.cancel();
+            r??;
+            anyhow::bail!("a server task stopped unexpectedly");
+        }
+    }
+    shutdown.cancel();
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    node.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}

@@ -1,0 +1,801 @@
+//! The node runtime: holds the live config in an `ArcSwap`, runs the reload
+//! pipeline ([`crate::pipeline::Machine`]) by executing its commands, and
+//! enforces the fencing rule for pushes.
+//!
+//! ```text
+//!  SIGHUP / file watch / NodeAgent.Apply / Node::apply
+//!                      │
+//!             reload lock (reloads never overlap)
+//!                      │
+//!   Machine ──commands──▶ execute (read file, parse, diff, ArcSwap store,
+//!      ▲                   build pools, swap, health, roll back, drain)
+//!      └────events─────────┘
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    components::{ComponentKind, Components, Database, Grace, Instance, LlmClient, LogTarget, Logger, RedisPool},
+    config::{Config, ConfigError, MAX_CONFIG_BYTES, scrub},
+    diff::{ConfigDiff, FieldChange},
+    metrics::NodeMetrics,
+    pipeline::{Command, ComponentStatus, DiffSummary, Event, Machine, Outcome, Phase},
+    report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
+    state::{PersistedConfig, StateDir},
+};
+
+/// The service name used when none is given.
+pub const DEFAULT_SERVICE: &str = "default";
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Node id, unique within its service (labels, canary choice).
+    pub id: String,
+    /// Service the node belongs to.
+    pub service: String,
+    /// Config file: the boot config when the state dir has none, and the
+    /// source of file and SIGHUP reloads.
+    pub config_path: Option<PathBuf>,
+    /// Boot config given as bytes (embedding without a file); ignored when
+    /// the state dir or `config_path` provides one.
+    pub initial_config: Option<Vec<u8>>,
+    /// Where the last applied config and the highest fencing token persist.
+    pub state_dir: Option<PathBuf>,
+    /// Bound on building and checking the affected components.
+    pub reload_timeout: Duration,
+    /// Drain periods of retired pools.
+    pub grace: Grace,
+    /// Where logs go.
+    pub log_target: LogTarget,
+}
+
+impl NodeOptions {
+    /// Defaults for node `id` of service `default`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            service: DEFAULT_SERVICE.into(),
+            config_path: None,
+            initial_config: None,
+            state_dir: None,
+            reload_timeout: Duration::from_secs(10),
+            grace: Grace::default(),
+            log_target: LogTarget::Discard,
+        }
+    }
+}
+
+/// The config that runs now. Readers get it with [`Node::config`] (a cheap
+/// `ArcSwap` load) and keep the `Arc` for as long as their request lasts.
+#[derive(Debug)]
+pub struct Applied {
+    /// The parsed config.
+    pub config: Config,
+    /// Version: pushed by the coordinator, or one more than the last for a
+    /// local reload.
+    pub version: u64,
+    /// Hex SHA-256 of `content`.
+    pub sha256: String,
+    /// The document as received.
+    pub content: String,
+    /// When it became live.
+    pub applied_at: SystemTime,
+    /// What made it live.
+    pub source: Trigger,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Neither the state dir nor the config file gave a config.
+    #[error("no config: give a config file (--config) or a state dir holding an applied config")]
+    NoConfig,
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The boot config is invalid.
+    #[error("invalid boot config: {0}")]
+    Config(#[from] ConfigError),
+    /// The state dir could not be read or created.
+    #[error("state dir: {0}")]
+    State(std::io::Error),
+    /// A component could not be built from the boot config.
+    #[error("component: {0}")]
+    Component(String),
+}
+
+/// Why a pushed version was refused before the pipeline ran.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// A lower fencing token than one already accepted: the pusher is a
+    /// deposed leader. Fatal for that pusher.
+    #[error("stale fencing token {token}: this node already accepted token {highest}")]
+    StaleToken {
+        /// Token of the refused push.
+        token: u64,
+        /// Highest token accepted.
+        highest: u64,
+    },
+    /// The content does not match its checksum.
+    #[error("sha256 mismatch: push says {expected}, content hashes to {actual}")]
+    ShaMismatch {
+        /// Checksum sent.
+        expected: String,
+        /// Checksum computed.
+        actual: String,
+    },
+    /// The push is for another service.
+    #[error("this node serves `{ours}`, not `{theirs}`")]
+    WrongService {
+        /// Our service.
+        ours: String,
+        /// Service named in the push.
+        theirs: String,
+    },
+    /// The token could not be persisted; nothing was applied. Retryable.
+    #[error("cannot persist fencing token: {0}")]
+    Persist(String),
+}
+
+/// A version pushed by the coordinator.
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// Service (empty means `default`).
+    pub service: String,
+    /// Version number.
+    pub version: u64,
+    /// Document.
+    pub content: Vec<u8>,
+    /// Hex SHA-256 of `content` (empty: not checked).
+    pub sha256: String,
+    /// Fencing token of the pushing leader.
+    pub fencing_token: u64,
+    /// Rollout id, for logs.
+    pub rollout_id: String,
+}
+
+/// Result of a dry-run validation.
+#[derive(Debug, Clone, Default)]
+pub struct Validation {
+    /// Errors; empty means valid.
+    pub errors: Vec<String>,
+    /// Changes against the running config.
+    pub diff: Vec<FieldChange>,
+    /// Components that would reload.
+    pub affected: Vec<ComponentKind>,
+}
+
+/// Health of each enabled component.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Health {
+    /// All critical components healthy.
+    pub healthy: bool,
+    /// Per component.
+    pub components: Vec<ComponentHealth>,
+}
+
+/// Health of one component.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ComponentHealth {
+    /// Name.
+    pub component: &'static str,
+    /// Healthy.
+    pub healthy: bool,
+    /// Critical (a failure makes the node unhealthy).
+    pub critical: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Where a reload reads its candidate from.
+enum Source {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// A handle to a running node; cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: NodeOptions,
+    /// The live config. Stored by the apply phase and by rollbacks only.
+    live: ArcSwap<Applied>,
+    components: Components,
+    metrics: Arc<NodeMetrics>,
+    /// Held for a whole reload, so reloads never overlap; also orders the
+    /// fencing-token check against the pipeline it guards.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Highest fencing token accepted (mirrors the state dir).
+    highest_token: AtomicU64,
+    last_report: ArcSwapOption<ReloadReport>,
+    reload_seq: AtomicU64,
+    state: Option<StateDir>,
+    /// SHA-256 of the config file when last read (dedupe of file events).
+    file_sha: ArcSwapOption<String>,
+    /// Keeps the tracing subscriber alive when it is not the global one.
+    dispatch: tracing::Dispatch,
+}
+
+impl Node {
+    /// Boots a node: from the state dir's last applied config when there is
+    /// one, else from the config file (or `initial_config`). A config file
+    /// edited while the node was down is applied right after boot.
+    pub async fn start(opts: NodeOptions) -> Result<Node, StartError> {
+        let state = opts.state_dir.as_ref().map(StateDir::open).transpose().map_err(StartError::State)?;
+        let persisted = match &state {
+            Some(s) => s.load_config().map_err(StartError::State)?,
+            None => None,
+        };
+        let highest = match &state {
+            Some(s) => s.load_token().map_err(StartError::State)?,
+            None => 0,
+        };
+        let file_bytes = match &opts.config_path {
+            Some(p) => Some(read_limited(p).await.map_err(|source| StartError::Read { path: p.clone(), source })?),
+            None => None,
+        };
+        let (content, version, source, file_sha) = match (&persisted, &file_bytes, &opts.initial_config) {
+            (Some(p), _, _) => (p.content.clone().into_bytes(), p.version, Trigger::Boot, p.file_sha256.clone()),
+            (None, Some(b), _) => (b.clone(), 1, Trigger::File, Some(sha256_hex(b))),
+            (None, None, Some(b)) => (b.clone(), 1, Trigger::Api, None),
+            (None, None, None) => return Err(StartError::NoConfig),
+        };
+        let config = Config::parse(&content)?;
+        let metrics = NodeMetrics::new(&opts.id);
+        let (logger, dispatch) = Logger::new(&config.log, opts.log_target).map_err(StartError::Component)?;
+        let components =
+            Components::boot(&config, logger, metrics.clone(), opts.grace).map_err(StartError::Component)?;
+        metrics.config_version.set(version as i64);
+        let applied = Applied {
+            sha256: sha256_hex(&content),
+            content: String::from_utf8(content).unwrap_or_default(),
+            config,
+            version,
+            applied_at: SystemTime::now(),
+            source,
+        };
+        let node = Node {
+            inner: Arc::new(Inner {
+                live: ArcSwap::from_pointee(applied),
+                components,
+                metrics,
+                reload_lock: tokio::sync::Mutex::new(()),
+                highest_token: AtomicU64::new(highest),
+                last_report: ArcSwapOption::empty(),
+                reload_seq: AtomicU64::new(0),
+                file_sha: ArcSwapOption::new(file_sha.map(Arc::new)),
+                state,
+                dispatch,
+                opts,
+            }),
+        };
+        if persisted.is_none() {
+            node.persist(None);
+        }
+        // The file changed while we were down: apply it now.
+        if let (Some(_), Some(b)) = (&persisted, &file_bytes)
+            && node.inner.file_sha.load().as_deref().map(String::as_str) != Some(&sha256_hex(b))
+        {
+            let report = node.reload_from_file(Trigger::File).await;
+            tracing::info!(status = report.status.as_str(), "applied config file changed while the node was down");
+        }
+        tracing::info!(node = %node.id(), version, "node started");
+        Ok(node)
+    }
+
+    /// Node id.
+    pub fn id(&self) -> &str {
+        &self.inner.opts.id
+    }
+
+    /// Service name.
+    pub fn service(&self) -> &str {
+        &self.inner.opts.service
+    }
+
+    /// The live config: a wait-free `ArcSwap` load. Keep the `Arc` for the
+    /// whole request so one request sees one config.
+    pub fn config(&self) -> Arc<Applied> {
+        self.inner.live.load_full()
+    }
+
+    /// A short borrow of the live config (cheapest read; do not hold it
+    /// across an `.await`).
+    pub fn config_guard(&self) -> arc_swap::Guard<Arc<Applied>> {
+        self.inner.live.load()
+    }
+
+    /// The live PostgreSQL pool (`None` with `profile: lite`).
+    pub fn database(&self) -> Option<Arc<Database>> {
+        self.inner.components.database.load_full()
+    }
+
+    /// The live Redis pool (`None` with `profile: lite`).
+    pub fn redis(&self) -> Option<Arc<RedisPool>> {
+        self.inner.components.redis.load_full()
+    }
+
+    /// The live LLM client (`None` without an `llm` section).
+    pub fn llm(&self) -> Option<Arc<LlmClient>> {
+        self.inner.components.llm.load_full()
+    }
+
+    /// Logger component (settings in force).
+    pub fn logger(&self) -> &Logger {
+        &self.inner.components.logger
+    }
+
+    /// Metrics of this node.
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.inner.metrics
+    }
+
+    /// The tracing dispatch of this node's logger (install it globally in a
+    /// binary; embedded nodes keep it as is).
+    pub fn dispatch(&self) -> &tracing::Dispatch {
+        &self.inner.dispatch
+    }
+
+    /// The last reload's report.
+    pub fn last_report(&self) -> Option<Arc<ReloadReport>> {
+        self.inner.last_report.load_full()
+    }
+
+    /// Highest fencing token accepted.
+    pub fn highest_token(&self) -> u64 {
+        self.inner.highest_token.load(Ordering::SeqCst)
+    }
+
+    /// The config file, if any.
+    pub fn config_path(&self) -> Option<&PathBuf> {
+        self.inner.opts.config_path.as_ref()
+    }
+
+    /// SHA-256 of the config file when last read.
+    pub fn last_file_sha(&self) -> Option<String> {
+        self.inner.file_sha.load().as_deref().cloned()
+    }
+
+    /// Reloads from the config file.
+    pub async fn reload_from_file(&self, trigger: Trigger) -> ReloadReport {
+        let _g = self.inner.reload_lock.lock().await;
+        let source = match &self.inner.opts.config_path {
+            Some(p) => Source::File(p.clone()),
+            None => Source::Bytes(Vec::new()),
+        };
+        self.run(source, None, trigger).await
+    }
+
+    /// Reloads from a document given in memory (local version: current + 1).
+    pub async fn apply(&self, content: impl Into<Vec<u8>>) -> ReloadReport {
+        let _g = self.inner.reload_lock.lock().await;
+        self.run(Source::Bytes(content.into()), None, Trigger::Api).await
+    }
+
+    /// Applies a version pushed by the coordinator, after the fencing check:
+    /// a token lower than the highest accepted is refused; a higher one is
+    /// persisted before anything is applied.
+    pub async fn push(&self, push: Push) -> Result<ReloadReport, PushError> {
+        let _g = self.inner.reload_lock.lock().await;
+        let service = if push.service.is_empty() { DEFAULT_SERVICE } else { push.service.as_str() };
+        if service != self.service() {
+            return Err(PushError::WrongService { ours: self.service().into(), theirs: service.into() });
+        }
+        let highest = self.highest_token();
+        if push.fencing_token < highest {
+            self.inner.metrics.errors_total.with_label_values(&["stale_token"]).inc();
+            tracing::warn!(token = push.fencing_token, highest, rollout = %push.rollout_id, "refused push with stale fencing token");
+            return Err(PushError::StaleToken { token: push.fencing_token, highest });
+        }
+        let actual = sha256_hex(&push.content);
+        if !push.sha256.is_empty() && !push.sha256.eq_ignore_ascii_case(&actual) {
+            return Err(PushError::ShaMismatch { expected: push.sha256, actual });
+        }
+        if push.fencing_token > highest {
+            if let Some(s) = &self.inner.state {
+                s.save_token(push.fencing_token).map_err(|e| PushError::Persist(e.to_string()))?;
+            }
+            self.inner.highest_token.store(push.fencing_token, Ordering::SeqCst);
+        }
+        tracing::info!(version = push.version, token = push.fencing_token, rollout = %push.rollout_id, "applying pushed version");
+        Ok(self.run(Source::Bytes(push.content), Some(push.version), Trigger::Push).await)
+    }
+
+    /// Parses and statically validates a candidate against the running
+    /// config (restart-only fields included). Changes nothing.
+    pub fn validate(&self, content: &[u8]) -> Validation {
+        let live = self.config();
+        match Config::parse(content) {
+            Err(e) => Validation { errors: vec![e.to_string()], ..Default::default() },
+            Ok(c) => {
+                let d = ConfigDiff::between(&live.config, &c);
+                let errors = d.check_restart_only().err().map(|e| e.to_string()).into_iter().collect();
+                Validation { errors, affected: d.affected, diff: d.changes }
+            }
+        }
+    }
+
+    /// Health of every enabled component.
+    pub async fn health(&self) -> Health {
+        let live = self.config();
+        let kinds: Vec<ComponentKind> = ComponentKind::ALL.into_iter().filter(|k| k.enabled_in(&live.config)).collect();
+        let checks = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
+        let components: Vec<ComponentHealth> = kinds
+            .iter()
+            .zip(checks)
+            .map(|(k, r)| ComponentHealth {
+                component: k.as_str(),
+                healthy: r.is_ok(),
+                critical: k.is_critical(),
+                error: r.err(),
+            })
+            .collect();
+        Health { healthy: components.iter().all(|c| c.healthy || !c.critical), components }
+    }
+
+    /// Closes pools (shutdown). Waits for the reload in progress, if any.
+    pub async fn close(&self) {
+        let _g = self.inner.reload_lock.lock().await;
+        self.inner.components.close().await;
+    }
+
+    async fn checked_health(&self, kind: ComponentKind) -> Result<(), String> {
+        let t = self.inner.opts.reload_timeout;
+        match tokio::time::timeout(t, self.inner.components.health(kind)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("health check timed out after {t:?}")),
+        }
+    }
+
+    /// Runs the pipeline once. The caller holds the reload lock.
+    async fn run(&self, source: Source, version: Option<u64>, trigger: Trigger) -> ReloadReport {
+        let started = Instant::now();
+        let prev = self.config();
+        let mut run = Run::default();
+        let (mut machine, first) = Machine::start();
+        let mut queue: VecDeque<Command> = first.into();
+        let outcome = loop {
+            let Some(cmd) = queue.pop_front() else {
+                break Outcome::Rejected { phase: Phase::Load, error: "internal: pipeline stopped early".into() };
+            };
+            if let Command::Finish(o) = cmd {
+                break o;
+            }
+            let phase = cmd.phase();
+            let t = Instant::now();
+            let event = self.execute(cmd, &source, &prev, version, trigger, &mut run).await;
+            *run.phases.entry(phase).or_default() += t.elapsed();
+            if let Some(e) = event {
+                queue.extend(machine.step(e));
+            }
+        };
+        let total = started.elapsed();
+        let report = self.report(&prev, trigger, outcome, total, &machine, run);
+        self.inner.last_report.store(Some(Arc::new(report.clone())));
+        report
+    }
+
+    async fn execute(
+        &self,
+        cmd: Command,
+        source: &Source,
+        prev: &Arc<Applied>,
+        version: Option<u64>,
+        trigger: Trigger,
+        run: &mut Run,
+    ) -> Option<Event> {
+        let c = &self.inner.components;
+        match cmd {
+            Command::Load => {
+                let r = match source {
+                    Source::File(p) => read_limited(p).await.map_err(|e| format!("read {}: {e}", p.display())),
+                    Source::Bytes(b) => Ok(b.clone()),
+                };
+                Some(Event::Loaded(r.map(|b| {
+                    run.sha = Some(sha256_hex(&b));
+                    run.bytes = b;
+                })))
+            }
+            Command::Validate => Some(Event::Validated(match Config::parse(&run.bytes) {
+                Ok(cfg) => {
+                    run.config = Some(cfg);
+                    Ok(())
+                }
+                Err(e) => {
+                    run.error_type = Some("validate");
+                    Err(e.to_string())
+                }
+            })),
+            Command::Diff => {
+                let cfg = run.config.as_ref()?;
+                let d = ConfigDiff::between(&prev.config, cfg);
+                run.diff = d.changes.clone();
+                if let Err(e) = d.check_restart_only() {
+                    run.error_type = Some("restart_only");
+                    return Some(Event::Diffed(Err(e.to_string())));
+                }
+                let same_bytes = run.sha.as_deref() == Some(prev.sha256.as_str());
+                let unchanged = same_bytes && version.is_none_or(|v| v == prev.version);
+                let critical =
+                    ComponentKind::ALL.into_iter().filter(|k| k.is_critical() && k.enabled_in(cfg)).collect();
+                Some(Event::Diffed(Ok(DiffSummary { unchanged, affected: d.affected, critical })))
+            }
+            Command::Apply => {
+                let config = run.config.take()?;
+                let next = Arc::new(Applied {
+                    config,
+                    version: version.unwrap_or(prev.version + 1),
+                    sha256: run.sha.clone().unwrap_or_default(),
+                    content: String::from_utf8(std::mem::take(&mut run.bytes)).unwrap_or_default(),
+                    applied_at: SystemTime::now(),
+                    source: trigger,
+                });
+                self.inner.metrics.config_version.set(next.version as i64);
+                self.inner.live.store(next);
+                None
+            }
+            Command::Prepare(kinds) => {
+                let live = self.config();
+                let timeout = self.inner.opts.reload_timeout;
+                let secrets = live.config.secrets();
+                let results = futures::future::join_all(kinds.iter().map(|k| {
+                    let live = live.clone();
+                    async move {
+                        let t = Instant::now();
+                        let r = match tokio::time::timeout(timeout, c.prepare(*k, &live.config)).await {
+                            Ok(r) => r,
+                            Err(_) => Err(format!("timed out after {timeout:?}")),
+                        };
+                        (*k, r, t.elapsed())
+                    }
+                }))
+                .await;
+                let mut events = Vec::new();
+                for (k, r, took) in results {
+                    run.component_times.insert(k, took);
+                    self.inner.metrics.component_duration.with_label_values(&[k.as_str()]).observe(took.as_secs_f64());
+                    match r {
+                        Ok(inst) => {
+                            run.staged.insert(k, inst);
+                            events.push((k, Ok(())));
+                        }
+                        Err(e) => events.push((k, Err(scrub(&e, &secrets)))),
+                    }
+                }
+                Some(Event::Prepared(events))
+            }
+            Command::Commit(kinds) => {
+                for k in kinds {
+                    if let Some(inst) = run.staged.remove(&k) {
+                        run.previous.insert(k, c.swap(inst));
+                    }
+                }
+                None
+            }
+            Command::Discard(kinds) => {
+                for k in kinds {
+                    if let Some(inst) = run.staged.remove(&k) {
+                        c.discard(inst);
+                    }
+                }
+                None
+            }
+            Command::CheckHealth(kinds) => {
+                let secrets = self.config().config.secrets();
+                let results = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
+                Some(Event::Checked(
+                    kinds.into_iter().zip(results).map(|(k, r)| (k, r.map_err(|e| scrub(&e, &secrets)))).collect(),
+                ))
+            }
+            Command::RollBack(kinds) => {
+                self.inner.metrics.config_version.set(prev.version as i64);
+                self.inner.live.store(prev.clone());
+                for k in kinds {
+                    if let Some(inst) = run.previous.remove(&k) {
+                        c.discard(c.swap(inst));
+                    }
+                }
+                None
+            }
+            Command::Retire(kinds) => {
+                for k in kinds {
+                    if let Some(inst) = run.previous.remove(&k) {
+                        c.retire(inst);
+                    }
+                }
+                None
+            }
+            Command::Finish(_) => None,
+        }
+    }
+
+    fn report(
+        &self,
+        prev: &Applied,
+        trigger: Trigger,
+        outcome: Outcome,
+        total: Duration,
+        machine: &Machine,
+        run: Run,
+    ) -> ReloadReport {
+        let m = &self.inner.metrics;
+        let (status, error) = match &outcome {
+            Outcome::Applied { degraded } if degraded.is_empty() => (ReloadStatus::Applied, None),
+            Outcome::Applied { degraded } => {
+                m.errors_total.with_label_values(&["component"]).inc();
+                let e = degraded.iter().map(|(k, e)| format!("{}: {e}", k.as_str())).collect::<Vec<_>>().join("; ");
+                (ReloadStatus::Degraded, Some(format!("non-critical component kept its previous instance: {e}")))
+            }
+            Outcome::Unchanged => (ReloadStatus::Unchanged, None),
+            Outcome::Rejected { phase, error } => {
+                m.errors_total.with_label_values(&[run.error_type.unwrap_or(phase.as_str())]).inc();
+                (ReloadStatus::Rejected, Some(format!("{} phase: {error}", phase.as_str())))
+            }
+            Outcome::RolledBack { reason, component, error } => {
+                m.errors_total.with_label_values(&[reason.as_str()]).inc();
+                m.rollbacks_total.with_label_values(&[reason.as_str()]).inc();
+                (
+                    ReloadStatus::RolledBack,
+                    Some(format!("rolled back: {} {} failed: {error}", component.as_str(), reason.as_str())),
+                )
+            }
+        };
+        m.reload_total.with_label_values(&[status.as_str()]).inc();
+        m.reload_duration.observe(total.as_secs_f64());
+        for (p, d) in &run.phases {
+            m.phase_duration.with_label_values(&[p.as_str()]).observe(d.as_secs_f64());
+        }
+        let now = SystemTime::now();
+        let live = self.config();
+        if matches!(status, ReloadStatus::Applied | ReloadStatus::Degraded) {
+            m.last_success.set(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        }
+        if trigger == Trigger::File
+            && status != ReloadStatus::Rejected
+            && let Some(sha) = &run.sha
+        {
+            self.inner.file_sha.store(Some(Arc::new(sha.clone())));
+        }
+        if status.is_success() && status != ReloadStatus::Unchanged
+            || (trigger == Trigger::File && status == ReloadStatus::Unchanged)
+        {
+            self.persist(Some(&live));
+        }
+        let components = machine
+            .statuses()
+            .iter()
+            .map(|(k, s)| ComponentReport {
+                component: k.as_str(),
+                status: s.as_str(),
+                ms: run.component_times.get(k).map_or(0.0, ms),
+                error: match s {
+                    ComponentStatus::Failed(e) => Some(e.clone()),
+                    _ => None,
+                },
+            })
+            .collect();
+        let report = ReloadReport {
+            id: self.inner.reload_seq.fetch_add(1, Ordering::SeqCst) + 1,
+            trigger,
+            status,
+            error,
+            from_version: prev.version,
+            to_version: live.version,
+            candidate_sha256: run.sha,
+            total_ms: ms(&total),
+            phases: run.phases.iter().map(|(p, d)| PhaseTime { phase: p.as_str(), ms: ms(d) }).collect(),
+            components,
+            diff: run.diff,
+            finished_at: humantime::format_rfc3339_millis(now).to_string(),
+        };
+        match report.status {
+            ReloadStatus::Applied | ReloadStatus::Unchanged => tracing::info!(
+                trigger = trigger.as_str(),
+                status = status.as_str(),
+                from = report.from_version,
+                to = report.to_version,
+                total_ms = report.total_ms,
+                changes = report.diff.len(),
+                "config reload"
+            ),
+            _ => tracing::warn!(
+                trigger = trigger.as_str(),
+                status = status.as_str(),
+                from = report.from_version,
+                to = report.to_version,
+                error = report.error.as_deref().unwrap_or(""),
+                "config reload failed"
+            ),
+        }
+        report
+    }
+
+    /// Persists the live config (and the file's checksum) to the state dir.
+    fn persist(&self, live: Option<&Arc<Applied>>) {
+        let Some(state) = &self.inner.state else { return };
+        let owned;
+        let live = match live {
+            Some(l) => l,
+            None => {
+                owned = self.config();
+                &owned
+            }
+        };
+        let p = PersistedConfig {
+            version: live.version,
+            sha256: live.sha256.clone(),
+            applied_at: humantime::format_rfc3339_millis(live.applied_at).to_string(),
+            source: live.source.as_str().into(),
+            content: live.content.clone(),
+            file_sha256: self.last_file_sha(),
+        };
+        if let Err(e) = state.save_config(&p) {
+            self.inner.metrics.errors_total.with_label_values(&["persist"]).inc();
+            tracing::error!(error = %e, dir = %state.path().display(), "cannot persist applied config; a restart would come back on an older one");
+        }
+    }
+}
+
+/// Scratch state of one pipeline run.
+#[derive(Default)]
+struct Run {
+    bytes: Vec<u8>,
+    sha: Option<String>,
+    config: Option<Config>,
+    diff: Vec<FieldChange>,
+    /// Prepared, not yet swapped.
+    staged: HashMap<ComponentKind, Instance>,
+    /// Replaced by a commit; restored by a rollback, drained by a retire.
+    previous: HashMap<ComponentKind, Instance>,
+    phases: BTreeMap<Phase, Duration>,
+    component_times: HashMap<ComponentKind, Duration>,
+    /// Label for `errors_total{type}` when the machine rejects.
+    error_type: Option<&'static str>,
+}
+
+fn ms(d: &Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Hex SHA-256.
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Reads a file, refusing anything over [`MAX_CONFIG_BYTES`] before reading
+/// it all.
+async fn read_limited(path: &PathBuf) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let f = tokio::fs::File::open(path).await?;
+    let mut buf = Vec::new();
+    f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut buf).await?;
+    if buf.len() > MAX_CONFIG_BYTES {
+        let size = tokio::fs::metadata(path).await.map(|m| m.len() as usize).unwrap_or(buf.len());
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            ConfigError::TooLarge { size, limit: MAX_CONFIG_BYTES }.to_string(),
+        ));
+    }
+    Ok(buf)
+}

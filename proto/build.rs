@@ -1,0 +1,15 @@
+//! Generates the `confroll.v1` messages and services, plus a file descriptor
+//! set for gRPC server reflection.
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    let protos = ["proto/confroll/v1/types.proto", "proto/confroll/v1/node_agent.proto"];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("confroll_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}

@@ -1,0 +1,88 @@
+# Shared shell helpers for confroll's scripts: install what is missing, pick
+# free loopback ports, start and stop throwaway PostgreSQL and Redis servers.
+# Source it; every function is safe to call repeatedly.
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+pg_bindir() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+  done
+  return 1
+}
+
+# Installs the Debian packages the build and the tests need, when missing.
+ensure_packages() {
+  local need=()
+  command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+  pg_bindir >/dev/null 2>&1 || need+=(postgresql)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+# Prints a TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+  local p
+  while :; do
+    p=$(( (RANDOM << 15 | RANDOM) % 30000 + 20000 ))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+}
+
+# start_postgres DIR: initdb + start on a free port; sets PG_URL and PG_DIR.
+start_postgres() {
+  local dir="$1/pg" bindir port runas=()
+  bindir=$(pg_bindir)
+  port=$(free_port)
+  mkdir -p "$dir"
+  if [ "$(id -u)" -eq 0 ]; then
+    # initdb refuses to run as root: run the server as the postgres user.
+    id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+    chown -R postgres "$1" "$dir"
+    chmod 755 "$1"
+    runas=(runuser -u postgres --)
+  fi
+  "${runas[@]}" "$bindir/initdb" -D "$dir/data" -U postgres -A trust --no-sync >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; return 1; }
+  "${runas[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=600 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null || { cat "$dir/server.log" >&2; return 1; }
+  PG_DIR="$dir"
+  PG_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  PG_RUNAS=("${runas[@]}")
+  PG_BINDIR="$bindir"
+}
+
+stop_postgres() {
+  [ -n "${PG_DIR:-}" ] || return 0
+  "${PG_RUNAS[@]}" "$PG_BINDIR/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+  PG_DIR=""
+}
+
+# start_redis DIR: redis-server on a free port; sets REDIS_URL.
+start_redis() {
+  local dir="$1/redis" port
+  port=$(free_port)
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+    --dir "$dir" --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --maxclients 4000
+  for _ in $(seq 1 100); do
+    [ -s "$dir/redis.pid" ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.05
+  done
+  REDIS_PIDFILE="$dir/redis.pid"
+  REDIS_URL="redis://127.0.0.1:$port/0"
+}
+
+stop_redis() {
+  [ -n "${REDIS_PIDFILE:-}" ] && [ -s "$REDIS_PIDFILE" ] && kill "$(cat "$REDIS_PIDFILE")" 2>/dev/null || true
+  REDIS_PIDFILE=""
+}
