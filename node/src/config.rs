@@ -620,7 +620,9 @@ fn parse_yaml(text: &str) -> Result<Config, ConfigError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        // serde_yaml_ng already prefixes some messages with the path.
         let message = inner.to_string();
+        let message = message.strip_prefix(&format!("{path}: ")).map(str::to_owned).unwrap_or(message);
         if is_structural_yaml_error(&message) {
             ConfigError::Syntax { format: "YAML", message }
         } else {
@@ -675,6 +677,18 @@ mod tests {
         let u = SecretUrl("postgres://app:s3cret@db/x".into());
         assert!(!format!("{u:?}").contains("s3cret"));
         assert_eq!(u.secret().as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn the_yaml_layer_refuses_to_expand_an_alias_bomb() {
+        let mut bomb = String::from("a0: &a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n");
+        for i in 1..=9 {
+            let p = i - 1;
+            bomb.push_str(&format!("a{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"));
+        }
+        let e = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&bomb).unwrap_err().to_string();
+        assert!(e.contains("repetition limit exceeded"), "{e}");
+        assert!(is_structural_yaml_error(&e));
     }
 
     #[test]

@@ -1,0 +1,333 @@
+//! Test support: real PostgreSQL and Redis (started by `scripts/test.sh`, or
+//! a throwaway redis-server per test), embedded nodes served on port 0, and
+//! node processes that are killed when the test ends.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use confroll_node::{Node, NodeOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub fn database_url() -> String {
+    std::env::var("CONFROLL_TEST_DATABASE_URL").expect(
+        "CONFROLL_TEST_DATABASE_URL is not set: run the tests with `bash scripts/test.sh`, which starts PostgreSQL",
+    )
+}
+
+pub fn redis_url() -> String {
+    std::env::var("CONFROLL_TEST_REDIS_URL")
+        .expect("CONFROLL_TEST_REDIS_URL is not set: run the tests with `bash scripts/test.sh`, which starts Redis")
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A URL on a loopback port where nothing listens.
+pub fn dead_port() -> u16 {
+    free_port()
+}
+
+/// Config document builder with the real servers filled in.
+#[derive(Clone)]
+pub struct Cfg {
+    pub level: &'static str,
+    pub format: &'static str,
+    pub db_url: String,
+    pub max_conns: u32,
+    pub min_conns: u32,
+    pub redis_url: String,
+    pub pool_size: u32,
+    pub llm: Option<(String, String)>,
+    pub metrics_enabled: bool,
+    pub labels: Vec<(String, String)>,
+    pub ttl: &'static str,
+    pub port: u16,
+    pub profile: &'static str,
+}
+
+impl Cfg {
+    pub fn standard() -> Self {
+        Self {
+            level: "info",
+            format: "text",
+            db_url: database_url(),
+            max_conns: 5,
+            min_conns: 1,
+            redis_url: redis_url(),
+            pool_size: 4,
+            llm: None,
+            metrics_enabled: true,
+            labels: vec![],
+            ttl: "30s",
+            port: 8080,
+            profile: "standard",
+        }
+    }
+
+    pub fn lite() -> Self {
+        Self { profile: "lite", ..Self::standard_unchecked() }
+    }
+
+    fn standard_unchecked() -> Self {
+        Self {
+            level: "info",
+            format: "text",
+            db_url: String::new(),
+            max_conns: 5,
+            min_conns: 1,
+            redis_url: String::new(),
+            pool_size: 4,
+            llm: None,
+            metrics_enabled: true,
+            labels: vec![],
+            ttl: "30s",
+            port: 8080,
+            profile: "lite",
+        }
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut s = format!(
+            "log:\n  level: {}\n  format: {}\nprofile: {}\nserver:\n  host: 127.0.0.1\n  port: {}\ncache:\n  ttl: {}\nmetrics:\n  enabled: {}\n",
+            self.level, self.format, self.profile, self.port, self.ttl, self.metrics_enabled
+        );
+        if !self.labels.is_empty() {
+            s.push_str("  labels:\n");
+            for (k, v) in &self.labels {
+                s.push_str(&format!("    {k}: \"{v}\"\n"));
+            }
+        }
+        if !self.db_url.is_empty() {
+            s.push_str(&format!(
+                "database:\n  url: \"{}\"\n  max_conns: {}\n  min_conns: {}\n  acquire_timeout: 2s\n  idle_timeout: 1m\n",
+                self.db_url, self.max_conns, self.min_conns
+            ));
+        }
+        if !self.redis_url.is_empty() {
+            s.push_str(&format!(
+                "redis:\n  url: \"{}\"\n  pool_size: {}\n  timeout: 1s\n",
+                self.redis_url, self.pool_size
+            ));
+        }
+        if let Some((endpoint, model)) = &self.llm {
+            s.push_str(&format!(
+                "llm:\n  endpoint: \"{endpoint}\"\n  model: \"{model}\"\n  timeout: 5s\n  max_retries: 1\n"
+            ));
+        }
+        s
+    }
+}
+
+/// An embedded node with its HTTP server on an ephemeral port.
+pub struct Served {
+    pub node: Node,
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub dir: tempfile::TempDir,
+}
+
+impl Served {
+    pub async fn start(cfg: &Cfg) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, cfg.yaml()).unwrap();
+        let mut opts = NodeOptions::new("test-node");
+        opts.config_path = Some(path);
+        opts.state_dir = Some(dir.path().join("state"));
+        opts.grace.database = Duration::from_secs(2);
+        opts.grace.redis = Duration::from_secs(1);
+        opts.reload_timeout = Duration::from_secs(5);
+        let node = Node::start(opts).await.expect("node starts");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(confroll_node::http::run(node.clone(), listener, shutdown.clone().cancelled_owned()));
+        Served { node, addr, shutdown, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    pub async fn work(&self) -> reqwest::Response {
+        reqwest::get(self.url("/work")).await.expect("HTTP request")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A redis-server of the test's own, on a free port; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/test.sh installs it)");
+        let s = RedisServer { port, child, _dir: dir };
+        wait_for_port(port, Duration::from_secs(10));
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A child process killed (and reaped) when the guard drops.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_for_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port} after {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `confroll-node` process; SIGKILLed on drop if still running.
+pub struct NodeProcess {
+    pub child: Child,
+    pub http_port: u16,
+    pub agent_port: u16,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn spawn(config: &Path, state_dir: &Path, id: &str, extra: &[&str]) -> NodeProcess {
+        let (http_port, agent_port) = (free_port(), free_port());
+        let log = state_dir.with_extension(format!("{id}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_confroll-node"))
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--id", id, "--watch-debounce", "100ms"])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let p = NodeProcess { child, http_port, agent_port, log };
+        p.wait_ready();
+        p
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.http_port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "node never became live; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.http_port, path)
+    }
+
+    pub fn agent_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.agent_port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
