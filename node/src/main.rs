@@ -53,6 +53,10 @@ struct Cli {
     /// Drain period of a replaced PostgreSQL pool.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     db_grace: Duration,
+    /// On SIGTERM, how long in-flight requests and connections may take to
+    /// finish before the process exits anyway.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
     /// Drain period of a replaced Redis pool.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     redis_grace: Duration,
@@ -152,8 +156,19 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         }
     }
     shutdown.cancel();
-    while let Some(r) = tasks.join_next().await {
-        r??;
+    let drained = tokio::time::timeout(cli.shutdown_grace, async {
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    match drained {
+        Ok(r) => r?,
+        Err(_) => {
+            tracing::warn!(grace = ?cli.shutdown_grace, "connections still open after the shutdown grace; closing them");
+            tasks.abort_all();
+        }
     }
     node.close().await;
     tracing::info!("stopped");

@@ -81,7 +81,13 @@ fn filter_for(level: &str) -> Result<EnvFilter, String> {
 }
 
 fn format_layer(format: LogFormat, target: LogTarget) -> FormatLayer {
-    let base = tracing_subscriber::fmt::layer();
+    use std::io::IsTerminal;
+    let ansi = match target {
+        LogTarget::Stdout => std::io::stdout().is_terminal(),
+        LogTarget::Stderr => std::io::stderr().is_terminal(),
+        LogTarget::Discard => false,
+    };
+    let base = tracing_subscriber::fmt::layer().with_ansi(ansi);
     match (format, target) {
         (LogFormat::Json, LogTarget::Stdout) => base.json().with_writer(std::io::stdout).boxed(),
         (LogFormat::Json, LogTarget::Stderr) => base.json().with_writer(std::io::stderr).boxed(),

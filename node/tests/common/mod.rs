@@ -295,16 +295,17 @@ impl NodeProcess {
         assert!(ok.success());
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    /// SIGTERM, then wait (without blocking the runtime, so this test's own
+    /// client connections can answer the server's GOAWAY) for the exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "node did not stop on SIGTERM; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
