@@ -4,8 +4,11 @@ use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = ["proto/confroll/v1/types.proto", "proto/confroll/v1/node_agent.proto"];
+    let protos =
+        ["proto/confroll/v1/types.proto", "proto/confroll/v1/node_agent.proto", "proto/confroll/v1/coordinator.proto"];
     tonic_prost_build::configure()
+        // Scripts want `-o json` from the CLI: derive Serialize on messages.
+        .type_attribute(".confroll.v1", "#[derive(serde::Serialize)]")
         .file_descriptor_set_path(out.join("confroll_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     for p in protos {

@@ -581,6 +581,12 @@ impl Config {
     }
 }
 
+/// A YAML document as a JSON value (for JSON Schema validation), with the
+/// same alias and nesting limits as [`Config::parse`].
+pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
 /// Fields that hold URLs which may carry a password.
 pub const SECRET_FIELDS: &[(&str, &str)] = &[("database", "url"), ("redis", "url"), ("llm", "endpoint")];
 

@@ -36,6 +36,7 @@ pub mod components;
 pub mod config;
 pub mod diff;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod pb_impl;

@@ -38,6 +38,15 @@ struct Cli {
     /// NodeAgent gRPC listen address (the coordinator pushes here).
     #[arg(long)]
     agent_listen: Option<SocketAddr>,
+    /// Coordinator gRPC URLs, comma-separated: register there and heartbeat.
+    #[arg(long, value_delimiter = ',')]
+    coordinator: Vec<String>,
+    /// NodeAgent address the coordinator dials (defaults to the bound --agent-listen).
+    #[arg(long)]
+    advertise_agent: Option<String>,
+    /// File with the bearer token the coordinators require.
+    #[arg(long)]
+    coordinator_token_file: Option<PathBuf>,
     /// Where the last applied config and highest fencing token persist.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -130,15 +139,36 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         let (n, s) = (node.clone(), shutdown.clone());
         tasks.spawn(async move { confroll_node::http::run(n, http, s.cancelled_owned()).await.context("HTTP server") });
     }
+    let mut agent_address = None;
     if let Some(addr) = cli.agent_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("bind agent {addr}"))?;
         tracing::info!(addr = %l.local_addr()?, "NodeAgent gRPC listening");
+        agent_address = Some(l.local_addr()?.to_string());
         let (n, s) = (node.clone(), shutdown.clone());
         tasks.spawn(async move { confroll_node::agent::run(n, l, s.cancelled_owned()).await.context("agent server") });
     }
     {
         let (n, s) = (node.clone(), shutdown.clone());
         tasks.spawn(async move { confroll_node::triggers::sighup(n, s).await.context("SIGHUP handler") });
+    }
+    if !cli.coordinator.is_empty() {
+        let agent_address = cli
+            .advertise_agent
+            .clone()
+            .or(agent_address)
+            .context("--coordinator needs --agent-listen (the coordinator pushes there)")?;
+        let token = match &cli.coordinator_token_file {
+            Some(f) => {
+                Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned())
+            }
+            None => None,
+        };
+        let m = confroll_node::membership::Membership { coordinators: cli.coordinator.clone(), agent_address, token };
+        let (n, s) = (node.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            m.run(n, s).await;
+            Ok(())
+        });
     }
     if let (Some(path), false) = (config_path, cli.no_watch) {
         let (n, s, d) = (node.clone(), shutdown.clone(), cli.watch_debounce);

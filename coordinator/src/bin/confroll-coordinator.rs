@@ -1,0 +1,139 @@
+//! `confroll-coordinator`: one replica of the coordinator.
+//!
+//! ```text
+//! confroll-coordinator --id c1 --listen 127.0.0.1:7001 --http-listen 127.0.0.1:7101 \
+//!     --store etcd --etcd-endpoints http://127.0.0.1:2379 [--lease-ttl 5s] [--auth-token-file F]
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use confroll_coordinator::{
+    model::Policy,
+    replica::{Replica, ReplicaOptions},
+    store::{Store, etcd::EtcdStore},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Backend {
+    /// An external etcd cluster.
+    Etcd,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "confroll-coordinator", version, about = "confroll coordinator replica")]
+struct Cli {
+    /// Replica id (unique among replicas).
+    #[arg(long)]
+    id: String,
+    /// gRPC listen address (Coordinator API, reflection, health).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address other replicas and clients use to reach this one (defaults to --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// HTTP listen address (/metrics, /healthz).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Store backend.
+    #[arg(long, value_enum, default_value = "etcd")]
+    store: Backend,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    /// Leader lease TTL (etcd raises values under ~2s).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// File holding the bearer token mutating RPCs must carry.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Default bake time per stage.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    default_bake: Duration,
+    /// Default health-check interval during the bake.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    default_health_interval: Duration,
+    /// Default per-node apply timeout.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    default_apply_timeout: Duration,
+    /// Default stages, comma-separated (`1,25%,50%,100%`).
+    #[arg(long, value_delimiter = ',', default_value = "1,25%,50%,100%")]
+    default_stages: Vec<String>,
+    /// Registration TTL: a node that stops heartbeating is dropped after this.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    registration_ttl: Duration,
+    /// Log filter.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    let token = match &cli.auth_token_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned())
+            .filter(|t| !t.is_empty()),
+        None => None,
+    };
+    let store: Arc<dyn Store> = match cli.store {
+        Backend::Etcd => {
+            Arc::new(EtcdStore::connect(&cli.etcd_endpoints, cli.lease_ttl).await.context("connect to etcd")?)
+        }
+    };
+    let mut opts = ReplicaOptions::new(cli.id.clone(), cli.advertise.clone().unwrap_or_else(|| cli.listen.to_string()));
+    opts.registration_ttl = cli.registration_ttl;
+    opts.default_policy = Policy {
+        stages: cli
+            .default_stages
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, String>>()
+            .map_err(anyhow::Error::msg)?,
+        bake: cli.default_bake,
+        health_interval: cli.default_health_interval,
+        failure_threshold: 1,
+        apply_timeout: cli.default_apply_timeout,
+    };
+    let replica = Replica::new(opts, store);
+    let grpc = TcpListener::bind(cli.listen).await.with_context(|| format!("bind {}", cli.listen))?;
+    tracing::info!(id = %cli.id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (r, s) = (replica.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            confroll_coordinator::service::run(r, token, grpc, s.cancelled_owned()).await.context("gRPC server")
+        });
+    }
+    if let Some(addr) = cli.http_listen {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+        tracing::info!(%addr, "coordinator HTTP listening (/metrics, /healthz)");
+        let (r, s) = (replica.clone(), shutdown.clone());
+        tasks.spawn(
+            async move { confroll_coordinator::http::run(r, l, s.cancelled_owned()).await.context("HTTP server") },
+        );
+    }
+    let leadership = CancellationToken::new();
+    let lead = tokio::spawn(replica.clone().run(leadership.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: resigning and shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: resigning and shutting down"),
+        Some(r) = tasks.join_next() => { r??; anyhow::bail!("a server stopped unexpectedly"); }
+    }
+    // Resign first: another replica takes over at once.
+    leadership.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), lead).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+    tracing::info!("stopped");
+    Ok(())
+}

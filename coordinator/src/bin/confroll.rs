@@ -1,0 +1,350 @@
+//! `confroll`: the operator's CLI for the coordinator.
+//!
+//! ```text
+//! confroll [-c URL,…] [--token-file F] [-o text|json] submit FILE [--watch] [--dry-run] [--stages 1,50%] [--bake 5s]
+//! confroll validate FILE | status | versions | diff FROM TO | rollback VERSION | abort | watch
+//! ```
+#![allow(clippy::print_stdout)]
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "confroll", version, about = "Drive confroll coordinators: submit, watch, roll back")]
+struct Cli {
+    /// Coordinator URLs, comma-separated (any replica; tried in order).
+    #[arg(short, long, env = "CONFROLL_COORDINATOR", value_delimiter = ',', default_value = "http://127.0.0.1:7001")]
+    coordinator: Vec<String>,
+    /// File with the bearer token for mutating commands.
+    #[arg(long, env = "CONFROLL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+    /// Service (empty: default).
+    #[arg(short, long, default_value = "", global = true)]
+    service: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check, version and roll out a config file.
+    Submit {
+        /// Config file (YAML or JSON).
+        file: PathBuf,
+        #[arg(long, default_value_t = whoami())]
+        author: String,
+        #[arg(short, long, default_value = "")]
+        message: String,
+        /// Only run the checks and show the diff.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stages, comma-separated (`1,25%,50%,100%`).
+        #[arg(long, value_delimiter = ',')]
+        stages: Vec<String>,
+        /// Bake time per stage (`5s`; `0s` for none).
+        #[arg(long)]
+        bake: Option<String>,
+        /// Health-check interval during the bake.
+        #[arg(long)]
+        health_interval: Option<String>,
+        /// Consecutive failed checks that fail the rollout.
+        #[arg(long)]
+        failure_threshold: Option<u32>,
+        /// Per-node apply timeout.
+        #[arg(long)]
+        apply_timeout: Option<String>,
+        /// Follow the rollout until it ends (exit 1 unless it succeeds).
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Run the submit checks and show the diff; store nothing.
+    Validate {
+        /// Config file.
+        file: PathBuf,
+    },
+    /// Leader, versions, rollout and nodes.
+    Status,
+    /// Version history.
+    Versions,
+    /// Field diff between two versions.
+    Diff {
+        /// From version.
+        from: u64,
+        /// To version.
+        to: u64,
+    },
+    /// Roll the whole service back to an earlier version.
+    Rollback {
+        /// Version to return to.
+        version: u64,
+        /// Follow it until it ends.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Abort the running rollout (every node returns to the stable version).
+    Abort {
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Follow the current rollout until it ends.
+    Watch,
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+}
+
+struct Ctx {
+    client: CoordinatorClient<Channel>,
+    token: Option<String>,
+    out: Output,
+    service: String,
+}
+
+impl Ctx {
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    fn print<T: serde::Serialize>(&self, v: &T, text: impl FnOnce()) {
+        match self.out {
+            Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+            Output::Text => text(),
+        }
+    }
+}
+
+async fn connect(urls: &[String]) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let mut last = String::new();
+    for u in urls {
+        let url = if u.contains("://") { u.clone() } else { format!("http://{u}") };
+        match Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2)).connect().await {
+            Ok(ch) => return Ok(CoordinatorClient::new(ch)),
+            Err(e) => last = format!("{url}: {e}"),
+        }
+    }
+    bail!("no coordinator reachable ({last})")
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    let hint = s.metadata().get("x-confroll-leader").and_then(|v| v.to_str().ok()).map(|l| format!(" (leader: {l})"));
+    anyhow::anyhow!("{:?}: {}{}", s.code(), s.message(), hint.unwrap_or_default())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let token = match &cli.token_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned()),
+        None => None,
+    };
+    let mut ctx =
+        Ctx { client: connect(&cli.coordinator).await?, token, out: cli.output, service: cli.service.clone() };
+    match cli.cmd {
+        Cmd::Submit {
+            file,
+            author,
+            message,
+            dry_run,
+            stages,
+            bake,
+            health_interval,
+            failure_threshold,
+            apply_timeout,
+            watch,
+        } => {
+            let content = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+            let policy = pb::RolloutPolicy { stages, bake, health_interval, failure_threshold, apply_timeout };
+            let req = pb::SubmitConfigRequest {
+                service: ctx.service.clone(),
+                content,
+                author,
+                message,
+                dry_run,
+                policy: Some(policy),
+            };
+            let r = ctx.client.submit_config(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || print_submit(&r));
+            if watch && !dry_run {
+                return follow(&mut ctx, &r.rollout_id).await;
+            }
+        }
+        Cmd::Validate { file } => {
+            let content = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+            let req =
+                pb::SubmitConfigRequest { service: ctx.service.clone(), content, dry_run: true, ..Default::default() };
+            let r = ctx.client.submit_config(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || print_submit(&r));
+        }
+        Cmd::Status => {
+            let r = ctx
+                .client
+                .get_status(pb::GetStatusRequest { service: ctx.service.clone() })
+                .await
+                .map_err(status_err)?;
+            let r = r.into_inner();
+            ctx.print(&r, || print_status(&r));
+        }
+        Cmd::Versions => {
+            let r = ctx.client.list_versions(pb::ListVersionsRequest { service: ctx.service.clone() }).await;
+            let r = r.map_err(status_err)?.into_inner();
+            ctx.print(&r, || {
+                println!(
+                    "{:>7}  {:<12}  {:<24}  {:<12}  {:<14}  MESSAGE",
+                    "VERSION", "STATE", "CREATED", "AUTHOR", "SHA256"
+                );
+                for v in &r.versions {
+                    let extra = if v.reason.is_empty() { String::new() } else { format!(" [{}]", v.reason) };
+                    println!(
+                        "{:>7}  {:<12}  {:<24}  {:<12}  {:<14}  {}{extra}",
+                        v.version,
+                        v.state,
+                        v.created_at,
+                        v.author,
+                        &v.sha256[..12.min(v.sha256.len())],
+                        v.message
+                    );
+                }
+            });
+        }
+        Cmd::Diff { from, to } => {
+            let req = pb::DiffVersionsRequest { service: ctx.service.clone(), from_version: from, to_version: to };
+            let r = ctx.client.diff_versions(req).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || print_diff(&r.diff));
+        }
+        Cmd::Rollback { version, watch } => {
+            let req = pb::RollbackRequest { service: ctx.service.clone(), to_version: version, ..Default::default() };
+            let r = ctx.client.rollback(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || println!("rollback to version {} started: rollout {}", r.version, r.rollout_id));
+            if watch {
+                return follow(&mut ctx, &r.rollout_id).await;
+            }
+        }
+        Cmd::Abort { reason } => {
+            let req = pb::AbortRolloutRequest { service: ctx.service.clone(), reason };
+            let r = ctx.client.abort_rollout(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || println!("abort requested for rollout {}", r.rollout_id));
+        }
+        Cmd::Watch => return follow(&mut ctx, "").await,
+    }
+    Ok(())
+}
+
+/// Streams rollout events; exit status 0 only if the rollout succeeded.
+async fn follow(ctx: &mut Ctx, rollout_id: &str) -> anyhow::Result<()> {
+    let mut stream = ctx
+        .client
+        .watch_rollout(pb::WatchRolloutRequest { service: ctx.service.clone() })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut last_state = String::new();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(status_err)?;
+        let Some(r) = &ev.rollout else { continue };
+        if !rollout_id.is_empty() && r.id != rollout_id {
+            continue;
+        }
+        ctx.print(&ev, || {
+            let done = if r.state == "RUNNING" { r.stage_nodes.min(r.applied_nodes) } else { r.applied_nodes };
+            let width = 20usize;
+            let filled = if r.total_nodes == 0 { width } else { (done as usize * width) / r.total_nodes as usize };
+            println!(
+                "[{}{}] {:<12} stage {}/{}  {}",
+                "#".repeat(filled),
+                "-".repeat(width - filled.min(width)),
+                r.state,
+                (r.stage + 1).min(r.stages.max(1)),
+                r.stages,
+                ev.summary
+            );
+        });
+        last_state = r.state.clone();
+    }
+    match last_state.as_str() {
+        "SUCCEEDED" => Ok(()),
+        "" => bail!("no rollout to watch"),
+        s => bail!("rollout ended {s}"),
+    }
+}
+
+fn print_submit(r: &pb::SubmitConfigResponse) {
+    for c in &r.checks {
+        println!("  {} {:<16} {}", if c.ok { "ok " } else { "ERR" }, c.name, c.detail);
+    }
+    print_diff(&r.diff);
+    if r.dry_run {
+        println!("dry run: nothing stored (diff against v{})", r.base_version);
+    } else {
+        println!(
+            "version {} stored (sha256 {}); rollout {} started",
+            r.version,
+            &r.sha256[..12.min(r.sha256.len())],
+            r.rollout_id
+        );
+    }
+}
+
+fn print_diff(diff: &[pb::FieldChange]) {
+    if diff.is_empty() {
+        println!("  (no changes)");
+    }
+    for c in diff {
+        println!(
+            "  {:<32} {} -> {}",
+            c.path,
+            c.old_value.as_deref().unwrap_or("(unset)"),
+            c.new_value.as_deref().unwrap_or("(unset)")
+        );
+    }
+}
+
+fn print_status(r: &pb::GetStatusResponse) {
+    println!("service {}  leader {} ({})  answered by {}", r.service, r.leader_id, r.leader_address, r.answered_by);
+    println!("stable v{}  desired v{}", r.stable_version, r.desired_version);
+    if let Some(ro) = &r.rollout {
+        println!(
+            "rollout {} v{} <- v{}: {} stage {}/{} ({} of {} nodes){}",
+            ro.id,
+            ro.version,
+            ro.from_version,
+            ro.state,
+            ro.stage + 1,
+            ro.stages,
+            ro.stage_nodes,
+            ro.total_nodes,
+            if ro.reason.is_empty() { String::new() } else { format!(": {}", ro.reason) }
+        );
+    }
+    println!("{:<16} {:<22} {:>7}  {:<7}  LAST SEEN", "NODE", "ADDRESS", "VERSION", "HEALTHY");
+    for n in &r.nodes {
+        println!("{:<16} {:<22} {:>7}  {:<7}  {}", n.id, n.address, n.version, n.healthy, n.last_seen);
+    }
+}

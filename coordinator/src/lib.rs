@@ -1,0 +1,34 @@
+//! confroll coordinator: versions configs and rolls them out to nodes in
+//! canary stages, with cluster-wide rollback, on a pluggable consensus store.
+//!
+//! # Layout
+//!
+//! ```text
+//!  store/        the Store trait (election, fenced txn, lock, watch, registrations)
+//!    etcd.rs     … on etcd
+//!  model.rs      what is stored where: versions, meta, rollout record, registrations
+//!  engine.rs     the rollout state machine (pure: events in, actions out)
+//!  replica.rs    a replica: leadership loop, submit/rollback/abort, rollout driver,
+//!                reconciliation; every decisive write fenced by term and lock
+//!  agents.rs     NodeAgent clients (per-node ordered pushes)
+//!  service.rs    confroll.v1.Coordinator over gRPC: auth, forwarding to the leader
+//!  pb_impl.rs    domain → protobuf
+//!  metrics.rs    Prometheus
+//!  http.rs       /metrics, /healthz
+//! ```
+//!
+//! ```text
+//!  confroll CLI / grpcurl ──▶ any replica ──forward writes──▶ leader ──Apply(token)──▶ nodes
+//!                                 │                              │
+//!                                 └────── reads ──▶ store ◀──────┘ fenced txns
+//! ```
+
+pub mod agents;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod pb_impl;
+pub mod replica;
+pub mod service;
+pub mod store;

@@ -1,0 +1,71 @@
+//! Domain → `confroll.v1` conversions (the only module that knows both).
+
+use confroll_proto::v1 as pb;
+
+use crate::{
+    engine::RolloutRecord,
+    model::{NodeRecord, VersionRecord},
+};
+
+impl From<&VersionRecord> for pb::VersionInfo {
+    fn from(v: &VersionRecord) -> Self {
+        pb::VersionInfo {
+            version: v.version,
+            sha256: v.sha256.clone(),
+            author: v.author.clone(),
+            message: v.message.clone(),
+            state: v.state.as_str().into(),
+            created_at: v.created_at.clone(),
+            reason: v.reason.clone(),
+            failing_node: v.failing_node.clone(),
+            rollout_id: v.rollout_id.clone(),
+        }
+    }
+}
+
+impl From<&RolloutRecord> for pb::RolloutInfo {
+    fn from(r: &RolloutRecord) -> Self {
+        pb::RolloutInfo {
+            id: r.id.clone(),
+            version: r.version,
+            from_version: r.from_version,
+            state: r.state.as_str().into(),
+            stage: r.stage as u32,
+            stages: r.targets.len() as u32,
+            stage_nodes: r.targets.get(r.stage).copied().unwrap_or(0) as u32,
+            total_nodes: r.order.len() as u32,
+            applied_nodes: r.applied as u32,
+            reason: r.reason.clone(),
+            failing_node: r.failing_node.clone(),
+            started_at: r.started_at.clone(),
+            updated_at: r.updated_at.clone(),
+            canary_order: r.order.clone(),
+        }
+    }
+}
+
+impl From<&NodeRecord> for pb::NodeInfo {
+    fn from(n: &NodeRecord) -> Self {
+        pb::NodeInfo {
+            id: n.id.clone(),
+            address: n.address.clone(),
+            version: n.version,
+            sha256: n.sha256.clone(),
+            healthy: n.healthy,
+            last_seen: n.last_seen.clone(),
+        }
+    }
+}
+
+/// One line for humans: "stage 2/4: 3 of 5 nodes", "rolled back: …".
+pub fn summary(r: &RolloutRecord) -> String {
+    let stage = format!("stage {}/{}", (r.stage + 1).min(r.targets.len().max(1)), r.targets.len());
+    let nodes = r.targets.get(r.stage).copied().unwrap_or(0);
+    match r.state.as_str() {
+        "RUNNING" => format!("v{} {stage}: {nodes} of {} nodes", r.version, r.order.len()),
+        "SUCCEEDED" => format!("v{} rolled out to all {} nodes", r.version, r.order.len()),
+        "ROLLING_BACK" => format!("v{} rolling back to v{}: {}", r.version, r.from_version, r.reason),
+        "ROLLED_BACK" => format!("v{} rolled back to v{}: {}", r.version, r.from_version, r.reason),
+        _ => format!("v{} aborted, back on v{}: {}", r.version, r.from_version, r.reason),
+    }
+}

@@ -1,0 +1,1063 @@
+//! One coordinator replica: campaigns for leadership, and while it leads,
+//! runs rollouts (one driver per service) and reconciles nodes.
+//!
+//! ```text
+//!   campaign ──elected──▶ term (fencing token = leader key revision)
+//!      ▲                    ├─ resume persisted rollouts (take the lock, Engine::start)
+//!      │                    ├─ reconcile: every node to the stable version
+//!      │                    │   (first pass pushes to all: it fences them with the new token)
+//!      │                    └─ submit / rollback / abort (forwarded here by followers)
+//!      └──── term lost (keep-alive failed for TTL/2) or resigned (SIGTERM) ────┘
+//! ```
+//!
+//! Every write that decides something (versions, rollout state, stable
+//! version) is a fenced transaction: it lands only while this replica's
+//! leader key, and the service's rollout lock, still exist as created.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwapOption;
+use confroll_node::{Config, config::MAX_CONFIG_BYTES, diff::ConfigDiff, diff::FieldChange};
+use confroll_proto::v1 as pb;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agents::{AgentError, Agents},
+    engine::{Action, Engine, Input, RolloutKind, RolloutRecord, RolloutState, canary_order, stage_targets},
+    metrics::CoordinatorMetrics,
+    model::{NodeRecord, Policy, ServiceMeta, VersionRecord, VersionState, keys, now_rfc3339, service_name},
+    store::{Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term},
+};
+
+/// How a replica runs.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// Replica id.
+    pub id: String,
+    /// gRPC address other replicas and clients reach it on.
+    pub address: String,
+    /// Policy fields a submit leaves unset.
+    pub default_policy: Policy,
+    /// A registration expires this long after its last heartbeat.
+    pub registration_ttl: Duration,
+    /// Nodes heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// Reconciliation pass interval.
+    pub reconcile_interval: Duration,
+}
+
+impl ReplicaOptions {
+    /// Defaults for replica `id` reachable at `address`.
+    pub fn new(id: impl Into<String>, address: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            address: address.into(),
+            default_policy: Policy::default(),
+            registration_ttl: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            reconcile_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Errors of the coordinator's API, before they become gRPC statuses.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The request itself is wrong. Fatal.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request conflicts with the current state (a rollout runs…). Fatal
+    /// until the state changes.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No such version, rollout or registration.
+    #[error("{0}")]
+    NotFound(String),
+    /// This replica does not lead; the leader, if known.
+    #[error("not the leader")]
+    NotLeader(Option<Member>),
+    /// The store or the leader cannot be reached. Retryable.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => ApiError::Unavailable(m),
+            StoreError::FencedOut(m) => ApiError::NotLeader(None).with_context(m),
+            StoreError::Corrupt { .. } => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    fn with_context(self, m: String) -> Self {
+        tracing::warn!(reason = %m, "lost leadership during a request");
+        self
+    }
+}
+
+/// What a submit or dry run produced.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOutcome {
+    /// Assigned version (0 for a dry run).
+    pub version: u64,
+    /// Rollout started.
+    pub rollout_id: String,
+    /// Changes against the stable version.
+    pub diff: Vec<FieldChange>,
+    /// Checks run.
+    pub checks: Vec<pb::Check>,
+    /// SHA-256 of the content.
+    pub sha256: String,
+    /// Stable version diffed against.
+    pub base_version: u64,
+}
+
+/// A submit, as the replica sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    /// Service (empty: default).
+    pub service: String,
+    /// Document.
+    pub content: String,
+    /// Who.
+    pub author: String,
+    /// Why.
+    pub message: String,
+    /// Only check and diff.
+    pub dry_run: bool,
+    /// Policy overrides.
+    pub policy: Option<pb::RolloutPolicy>,
+}
+
+struct DriverHandle {
+    rollout_id: String,
+    abort: mpsc::UnboundedSender<String>,
+}
+
+/// A coordinator replica; cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: ReplicaOptions,
+    store: Arc<dyn Store>,
+    agents: Agents,
+    metrics: CoordinatorMetrics,
+    /// Set while this replica leads.
+    term: ArcSwapOption<Term>,
+    /// Running rollout drivers, by service (leader only).
+    drivers: std::sync::Mutex<HashMap<String, DriverHandle>>,
+    /// JSON Schema of the node config (`confroll-node schema`).
+    schema: jsonschema::Validator,
+    /// Last registration write per node (heartbeats rewrite only on change
+    /// or every few seconds, so `last_seen` stays fresh without a write per beat).
+    reg_writes: std::sync::Mutex<HashMap<String, (Instant, NodeRecord)>>,
+    /// Nodes with a reconciliation push in flight.
+    reconciling: std::sync::Mutex<HashSet<String>>,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, e: &Entry) -> Result<T, StoreError> {
+    serde_json::from_slice(&e.value)
+        .map_err(|err| StoreError::Corrupt { key: key.to_owned(), message: err.to_string() })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+impl Replica {
+    /// A replica on `store`.
+    pub fn new(opts: ReplicaOptions, store: Arc<dyn Store>) -> Self {
+        let schema = jsonschema::validator_for(&Config::json_schema()).expect("the node config schema compiles");
+        let metrics = CoordinatorMetrics::new(&opts.id);
+        Self {
+            inner: Arc::new(Inner {
+                opts,
+                store,
+                agents: Agents::default(),
+                metrics,
+                term: ArcSwapOption::empty(),
+                drivers: Default::default(),
+                schema,
+                reg_writes: Default::default(),
+                reconciling: Default::default(),
+            }),
+        }
+    }
+
+    /// Replica id.
+    pub fn id(&self) -> &str {
+        &self.inner.opts.id
+    }
+
+    /// Options.
+    pub fn options(&self) -> &ReplicaOptions {
+        &self.inner.opts
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &CoordinatorMetrics {
+        &self.inner.metrics
+    }
+
+    /// The current term, while this replica leads.
+    pub fn term(&self) -> Option<Arc<Term>> {
+        self.inner.term.load_full().filter(|t| !t.lost.is_cancelled())
+    }
+
+    /// The leader, as the store says.
+    pub async fn leader(&self) -> Result<Option<Member>, ApiError> {
+        Ok(self.inner.store.leader().await?)
+    }
+
+    /// Campaigns, leads, steps down and campaigns again until `shutdown`;
+    /// on shutdown, resigns so another replica takes over at once.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let me = Member { id: self.inner.opts.id.clone(), address: self.inner.opts.address.clone() };
+        while !shutdown.is_cancelled() {
+            let term = match self.inner.store.campaign(&me, &shutdown).await {
+                Ok(Some(t)) => t,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaign failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            tracing::info!(replica = %me.id, token = term.token, "elected leader");
+            self.inner.term.store(Some(Arc::new(term.clone())));
+            self.inner.metrics.is_leader.set(1);
+            tokio::spawn(self.clone().lead(term.clone()));
+            tokio::select! {
+                _ = term.lost.cancelled() => tracing::warn!(replica = %me.id, "lost leadership; stepping down"),
+                _ = shutdown.cancelled() => {
+                    tracing::info!(replica = %me.id, "shutting down: resigning leadership");
+                    if let Err(e) = self.inner.store.resign(&term).await {
+                        tracing::warn!(error = %e, "resign failed; the lease will expire instead");
+                    }
+                }
+            }
+            term.lost.cancel();
+            self.inner.term.store(None);
+            self.inner.metrics.is_leader.set(0);
+            self.inner.drivers.lock().expect("drivers").clear();
+        }
+    }
+
+    /// Leader duties for one term.
+    async fn lead(self, term: Term) {
+        if let Err(e) = self.resume_rollouts(&term).await {
+            tracing::warn!(error = %e, "could not resume rollouts");
+        }
+        let mut first = true;
+        loop {
+            if let Err(e) = self.reconcile(&term, first).await {
+                tracing::debug!(error = %e, "reconcile pass failed");
+            } else {
+                first = false;
+            }
+            tokio::select! {
+                _ = term.lost.cancelled() => return,
+                _ = tokio::time::sleep(self.inner.opts.reconcile_interval) => {}
+            }
+        }
+    }
+
+    async fn services(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = self
+            .inner
+            .store
+            .list(keys::SERVICES)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(keys::SERVICES)?.strip_suffix("/meta").map(str::to_owned))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn resume_rollouts(&self, term: &Term) -> Result<(), StoreError> {
+        for service in self.services().await? {
+            let key = keys::rollout(&service);
+            let Some(e) = self.inner.store.get(&key).await? else { continue };
+            let rec: RolloutRecord = decode(&key, &e)?;
+            if rec.state.is_terminal() {
+                continue;
+            }
+            // The dead leader's lock lives until its lease expires.
+            let lock = loop {
+                match self.inner.store.try_lock(term, &service, rec.id.as_bytes()).await? {
+                    LockAttempt::Acquired(l) => break l,
+                    LockAttempt::Held(_) => {
+                        if term.lost.is_cancelled() {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            tracing::info!(%service, rollout = %rec.id, state = rec.state.as_str(), stage = rec.stage, "resuming rollout of the previous leader");
+            self.spawn_driver(term.clone(), lock, rec);
+        }
+        Ok(())
+    }
+
+    /// Brings every registered node of every idle service to the stable
+    /// version. On the first pass of a term it pushes to every node, so each
+    /// one learns the new fencing token before anything else happens.
+    async fn reconcile(&self, term: &Term, fence_all: bool) -> Result<(), StoreError> {
+        for service in self.services().await? {
+            let meta = self.meta(&service).await?.map(|(m, _)| m).unwrap_or_default();
+            self.inner.metrics.stable_version.with_label_values(&[&service]).set(meta.stable_version as i64);
+            let nodes = self.nodes(&service).await?;
+            let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
+            self.inner.metrics.nodes.with_label_values(&[&service, "healthy"]).set(healthy);
+            self.inner.metrics.nodes.with_label_values(&[&service, "unhealthy"]).set(nodes.len() as i64 - healthy);
+            if meta.stable_version == 0 || self.inner.drivers.lock().expect("drivers").contains_key(&service) {
+                continue;
+            }
+            let Some(stable) = self.version(&service, meta.stable_version).await? else { continue };
+            for node in nodes {
+                let on_stable = node.sha256 == stable.sha256 && node.version == stable.version;
+                if on_stable && !fence_all {
+                    continue;
+                }
+                let key = format!("{service}/{}", node.id);
+                if !self.inner.reconciling.lock().expect("reconciling").insert(key.clone()) {
+                    continue;
+                }
+                let (me, term, stable, service) = (self.clone(), term.clone(), stable.clone(), service.clone());
+                tokio::spawn(async move {
+                    if !on_stable {
+                        tracing::info!(%service, node = %node.id, from = node.version, to = stable.version, "reconciling node to the stable version");
+                    }
+                    let timeout = me.inner.opts.default_policy.apply_timeout;
+                    let r = me.push(&term, &service, &node.id, &node.address, &stable, "reconcile", timeout).await;
+                    if let Err(e) = r {
+                        tracing::debug!(%service, node = %node.id, error = %e, "reconcile push failed");
+                    }
+                    me.inner.reconciling.lock().expect("reconciling").remove(&key);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn push(
+        &self,
+        term: &Term,
+        service: &str,
+        node: &str,
+        address: &str,
+        v: &VersionRecord,
+        rollout_id: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if term.lost.is_cancelled() {
+            return Err("leadership lost: not pushing".into());
+        }
+        let req = pb::ApplyRequest {
+            service: service.to_owned(),
+            version: v.version,
+            content: v.content.as_bytes().to_vec(),
+            sha256: v.sha256.clone(),
+            fencing_token: term.token,
+            rollout_id: rollout_id.to_owned(),
+        };
+        match self.inner.agents.apply(node, address, req, timeout).await {
+            Ok(r) if r.applied => Ok(()),
+            Ok(r) => {
+                Err(r.report.map(|r| format!("{}: {}", r.status, r.error)).unwrap_or_else(|| "not applied".into()))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    // ---- reads (any replica) ----
+
+    /// Meta of a service and its revision.
+    pub async fn meta(&self, service: &str) -> Result<Option<(ServiceMeta, u64)>, StoreError> {
+        let key = keys::meta(service);
+        match self.inner.store.get(&key).await? {
+            Some(e) => Ok(Some((decode(&key, &e)?, e.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// One version record.
+    pub async fn version(&self, service: &str, v: u64) -> Result<Option<VersionRecord>, StoreError> {
+        let key = keys::version(service, v);
+        self.inner.store.get(&key).await?.map(|e| decode(&key, &e)).transpose()
+    }
+
+    /// Every version record, newest first.
+    pub async fn versions(&self, service: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        let mut out = Vec::new();
+        for (k, e) in self.inner.store.list(&keys::versions(service)).await? {
+            out.push(decode::<VersionRecord>(&k, &e)?);
+        }
+        out.sort_by_key(|v| std::cmp::Reverse(v.version));
+        Ok(out)
+    }
+
+    /// The rollout record of a service.
+    pub async fn rollout(&self, service: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        let key = keys::rollout(service);
+        self.inner.store.get(&key).await?.map(|e| decode(&key, &e)).transpose()
+    }
+
+    /// Registered nodes of a service.
+    pub async fn nodes(&self, service: &str) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut out = Vec::new();
+        for (k, e) in self.inner.store.list(&keys::nodes(service)).await? {
+            out.push(decode::<NodeRecord>(&k, &e)?);
+        }
+        Ok(out)
+    }
+
+    // ---- membership (any replica) ----
+
+    /// Registers a node; returns its registration id.
+    pub async fn register(&self, service: &str, rec: NodeRecord) -> Result<u64, ApiError> {
+        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        if rec.id.is_empty() || rec.address.is_empty() {
+            return Err(ApiError::InvalidArgument("node_id and agent_address are required".into()));
+        }
+        let key = keys::node(&service, &rec.id);
+        let id = self.inner.store.register(&key, &encode(&rec), self.inner.opts.registration_ttl).await?;
+        self.inner.reg_writes.lock().expect("reg").insert(key, (Instant::now(), rec));
+        Ok(id)
+    }
+
+    /// A heartbeat. `NotFound` when the registration expired.
+    pub async fn heartbeat(&self, service: &str, registration: u64, rec: NodeRecord) -> Result<(), ApiError> {
+        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let key = keys::node(&service, &rec.id);
+        let rewrite = {
+            let map = self.inner.reg_writes.lock().expect("reg");
+            match map.get(&key) {
+                Some((at, old)) => {
+                    at.elapsed() >= Duration::from_secs(5)
+                        || (old.version, &old.sha256, old.healthy, &old.address)
+                            != (rec.version, &rec.sha256, rec.healthy, &rec.address)
+                }
+                None => true,
+            }
+        };
+        let value = rewrite.then(|| encode(&rec));
+        if !self.inner.store.refresh(registration, &key, value.as_deref()).await? {
+            return Err(ApiError::NotFound(format!(
+                "registration {registration} of node {} expired: register again",
+                rec.id
+            )));
+        }
+        if rewrite {
+            self.inner.reg_writes.lock().expect("reg").insert(key, (Instant::now(), rec));
+        }
+        Ok(())
+    }
+
+    // ---- writes (leader) ----
+
+    fn leading(&self) -> Result<Arc<Term>, ApiError> {
+        self.term().ok_or(ApiError::NotLeader(None))
+    }
+
+    fn policy(&self, p: Option<&pb::RolloutPolicy>) -> Result<Policy, ApiError> {
+        let mut policy = self.inner.opts.default_policy.clone();
+        let Some(p) = p else { return Ok(policy) };
+        let dur = |name: &str, s: &Option<String>, into: &mut Duration| -> Result<(), ApiError> {
+            if let Some(s) = s.as_deref().filter(|s| !s.is_empty()) {
+                *into = humantime::parse_duration(s)
+                    .map_err(|e| ApiError::InvalidArgument(format!("policy.{name} `{s}`: {e}")))?;
+            }
+            Ok(())
+        };
+        if !p.stages.is_empty() {
+            policy.stages = p
+                .stages
+                .iter()
+                .map(|s| s.parse().map_err(|e: String| ApiError::InvalidArgument(format!("policy.stages: {e}"))))
+                .collect::<Result<_, _>>()?;
+        }
+        dur("bake", &p.bake, &mut policy.bake)?;
+        dur("health_interval", &p.health_interval, &mut policy.health_interval)?;
+        dur("apply_timeout", &p.apply_timeout, &mut policy.apply_timeout)?;
+        if let Some(t) = p.failure_threshold {
+            if t == 0 {
+                return Err(ApiError::InvalidArgument("policy.failure_threshold must be at least 1".into()));
+            }
+            policy.failure_threshold = t;
+        }
+        if policy.apply_timeout.is_zero() || policy.health_interval.is_zero() {
+            return Err(ApiError::InvalidArgument(
+                "policy.apply_timeout and policy.health_interval must be > 0".into(),
+            ));
+        }
+        Ok(policy)
+    }
+
+    /// Checks a candidate and, unless it is a dry run, versions it and starts
+    /// its rollout. Checks run on any replica; the write needs the leader.
+    pub async fn submit(&self, req: Submit) -> Result<SubmitOutcome, ApiError> {
+        let service = service_name(&req.service).map_err(ApiError::InvalidArgument)?;
+        let policy = self.policy(req.policy.as_ref())?;
+        if req.content.len() > MAX_CONFIG_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "config is {} bytes; the limit is {MAX_CONFIG_BYTES} bytes",
+                req.content.len()
+            )));
+        }
+        let mut checks = Vec::new();
+        let check = |name: &str, ok: bool, detail: String| pb::Check { name: name.into(), ok, detail };
+        // 1. parse (types, unknown keys, business rules)
+        let config = Config::parse(req.content.as_bytes())
+            .map_err(|e| ApiError::InvalidArgument(format!("parse check failed: {e}")))?;
+        checks.push(check("parse", true, "valid YAML/JSON, types, keys and rules".into()));
+        // 2. JSON Schema of the node config
+        let doc: serde_json::Value = serde_yaml_ng_value(&req.content)?;
+        let errors: Vec<String> =
+            self.inner.schema.iter_errors(&doc).map(|e| format!("at `{}`: {e}", e.instance_path())).collect();
+        if !errors.is_empty() {
+            return Err(ApiError::InvalidArgument(format!("schema check failed: {}", errors.join("; "))));
+        }
+        checks.push(check("schema", true, "matches the node config JSON Schema".into()));
+        // 3. dry run on one live node
+        let nodes = self.nodes(&service).await?;
+        let order = canary_order(&service, nodes.iter().filter(|n| n.healthy).map(|n| n.id.clone()));
+        match order.first().and_then(|id| nodes.iter().find(|n| &n.id == id)) {
+            None => checks.push(check("node_validation", true, "skipped: no live node registered".into())),
+            Some(n) => match self.inner.agents.validate(&n.address, &service, &req.content).await {
+                Ok(v) if v.valid => checks.push(check("node_validation", true, format!("node {} accepts it", n.id))),
+                Ok(v) => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "node_validation check failed on node {}: {}",
+                        n.id,
+                        v.errors.join("; ")
+                    )));
+                }
+                Err(e) => {
+                    checks.push(check("node_validation", true, format!("skipped: node {} unreachable ({e})", n.id)))
+                }
+            },
+        }
+        // 4. diff against the stable version
+        let (meta, meta_rev) = match self.meta(&service).await? {
+            Some((m, r)) => (m, Some(r)),
+            None => (ServiceMeta::default(), None),
+        };
+        let base = match meta.stable_version {
+            0 => None,
+            v => self.version(&service, v).await?,
+        };
+        let diff = match &base {
+            Some(b) => match Config::parse(b.content.as_bytes()) {
+                Ok(old) => ConfigDiff::between(&old, &config).changes,
+                Err(_) => Vec::new(),
+            },
+            None => ConfigDiff::between(&config, &config).changes,
+        };
+        checks.push(check("diff", true, format!("{} field(s) changed against v{}", diff.len(), meta.stable_version)));
+        let sha256 = sha256_hex(req.content.as_bytes());
+        let mut out = SubmitOutcome {
+            diff,
+            checks,
+            sha256: sha256.clone(),
+            base_version: meta.stable_version,
+            ..Default::default()
+        };
+        if req.dry_run {
+            return Ok(out);
+        }
+        let term = self.leading()?;
+        let rollout_id = format!("{service}-{:08x}", rand::rng().random::<u32>());
+        let lock = self.lock_service(&term, &service, &rollout_id).await?;
+        let version = meta.latest_version + 1;
+        let record = VersionRecord {
+            version,
+            sha256,
+            content: req.content,
+            author: req.author,
+            message: req.message,
+            created_at: now_rfc3339(),
+            state: VersionState::RollingOut,
+            reason: String::new(),
+            failing_node: String::new(),
+            rollout_id: rollout_id.clone(),
+        };
+        let rec =
+            self.new_rollout(&service, &rollout_id, RolloutKind::Submit, version, meta.stable_version, policy, &nodes);
+        let new_meta = ServiceMeta { latest_version: version, desired_version: version, ..meta };
+        let cond = match meta_rev {
+            Some(r) => Cond::ModRevision(keys::meta(&service), r),
+            None => Cond::Absent(keys::meta(&service)),
+        };
+        let ops = vec![
+            Op::Put(keys::meta(&service), encode(&new_meta)),
+            Op::Put(keys::version(&service, version), encode(&record)),
+            Op::Put(keys::rollout(&service), encode(&rec)),
+        ];
+        let written = self.inner.store.txn(Some(Fence { term: &term, lock: Some(&lock) }), vec![cond], ops).await;
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = self.inner.store.unlock(&lock).await;
+                return Err(ApiError::Unavailable("the service changed concurrently; retry".into()));
+            }
+            Err(e) => {
+                let _ = self.inner.store.unlock(&lock).await;
+                return Err(e.into());
+            }
+        }
+        tracing::info!(%service, version, rollout = %rollout_id, nodes = rec.order.len(), "version stored; rollout starting");
+        self.inner.metrics.desired_version.with_label_values(&[&service]).set(version as i64);
+        self.spawn_driver((*term).clone(), lock, rec);
+        out.version = version;
+        out.rollout_id = rollout_id;
+        Ok(out)
+    }
+
+    async fn lock_service(&self, term: &Term, service: &str, rollout_id: &str) -> Result<Lock, ApiError> {
+        match self.inner.store.try_lock(term, service, rollout_id.as_bytes()).await? {
+            LockAttempt::Acquired(l) => {
+                // The lock is free, but a rollout of a dead leader may wait
+                // for resumption: refuse rather than race it.
+                if let Some(r) = self.rollout(service).await?
+                    && !r.state.is_terminal()
+                {
+                    let _ = self.inner.store.unlock(&l).await;
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "rollout {} of version {} is {} for service `{service}`",
+                        r.id,
+                        r.version,
+                        r.state.as_str().to_lowercase()
+                    )));
+                }
+                Ok(l)
+            }
+            LockAttempt::Held(holder) => {
+                let holder = String::from_utf8_lossy(&holder).into_owned();
+                let detail = match self.rollout(service).await? {
+                    Some(r) if r.id == holder => {
+                        format!(
+                            " (version {}, stage {}/{}, {})",
+                            r.version,
+                            r.stage + 1,
+                            r.targets.len(),
+                            r.state.as_str()
+                        )
+                    }
+                    _ => String::new(),
+                };
+                Err(ApiError::FailedPrecondition(format!(
+                    "rollout {holder}{detail} is running for service `{service}`; wait for it or abort it"
+                )))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_rollout(
+        &self,
+        service: &str,
+        id: &str,
+        kind: RolloutKind,
+        version: u64,
+        from_version: u64,
+        policy: Policy,
+        nodes: &[NodeRecord],
+    ) -> RolloutRecord {
+        let order = canary_order(service, nodes.iter().map(|n| n.id.clone()));
+        let now = now_rfc3339();
+        RolloutRecord {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            kind,
+            version,
+            from_version,
+            targets: stage_targets(&policy.stages, order.len()),
+            policy,
+            order,
+            stage: 0,
+            state: RolloutState::Running,
+            touched: Default::default(),
+            reason: String::new(),
+            failing_node: String::new(),
+            started_at: now.clone(),
+            updated_at: now,
+            applied: 0,
+        }
+    }
+
+    /// Rolls the whole service to an earlier stored version, all nodes at once.
+    pub async fn rollback(&self, service: &str, to_version: u64) -> Result<(String, u64), ApiError> {
+        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let term = self.leading()?;
+        let target = self
+            .version(&service, to_version)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("service `{service}` has no version {to_version}")))?;
+        let (meta, meta_rev) =
+            self.meta(&service).await?.ok_or_else(|| ApiError::NotFound(format!("no service `{service}`")))?;
+        if meta.stable_version == to_version {
+            return Err(ApiError::FailedPrecondition(format!("version {to_version} is already the stable version")));
+        }
+        let rollout_id = format!("{service}-rb-{:08x}", rand::rng().random::<u32>());
+        let lock = self.lock_service(&term, &service, &rollout_id).await?;
+        let nodes = self.nodes(&service).await?;
+        let policy = Policy::all_at_once(self.inner.opts.default_policy.apply_timeout);
+        let rec = self.new_rollout(
+            &service,
+            &rollout_id,
+            RolloutKind::Rollback,
+            target.version,
+            meta.stable_version,
+            policy,
+            &nodes,
+        );
+        let new_meta = ServiceMeta { desired_version: to_version, ..meta };
+        let ok = self
+            .inner
+            .store
+            .txn(
+                Some(Fence { term: &term, lock: Some(&lock) }),
+                vec![Cond::ModRevision(keys::meta(&service), meta_rev)],
+                vec![Op::Put(keys::meta(&service), encode(&new_meta)), Op::Put(keys::rollout(&service), encode(&rec))],
+            )
+            .await;
+        if !matches!(ok, Ok(true)) {
+            let _ = self.inner.store.unlock(&lock).await;
+            return Err(ok.err().map(Into::into).unwrap_or(ApiError::Unavailable("concurrent change; retry".into())));
+        }
+        tracing::info!(%service, to_version, rollout = %rollout_id, "manual rollback starting");
+        self.spawn_driver((*term).clone(), lock, rec);
+        Ok((rollout_id, to_version))
+    }
+
+    /// Aborts the running rollout of a service.
+    pub async fn abort(&self, service: &str, reason: &str) -> Result<String, ApiError> {
+        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        self.leading()?;
+        let drivers = self.inner.drivers.lock().expect("drivers");
+        let h = drivers
+            .get(&service)
+            .ok_or_else(|| ApiError::FailedPrecondition(format!("no rollout is running for service `{service}`")))?;
+        let reason = if reason.is_empty() { "requested by an operator" } else { reason };
+        let _ = h.abort.send(reason.to_owned());
+        Ok(h.rollout_id.clone())
+    }
+
+    fn spawn_driver(&self, term: Term, lock: Lock, rec: RolloutRecord) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let service = rec.service.clone();
+        self.inner
+            .drivers
+            .lock()
+            .expect("drivers")
+            .insert(service.clone(), DriverHandle { rollout_id: rec.id.clone(), abort: tx });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let id = rec.id.clone();
+            me.drive(term, lock, rec, rx).await;
+            let mut d = me.inner.drivers.lock().expect("drivers");
+            if d.get(&service).is_some_and(|h| h.rollout_id == id) {
+                d.remove(&service);
+            }
+        });
+    }
+
+    /// Runs one rollout to its end (or until leadership is lost).
+    async fn drive(&self, term: Term, lock: Lock, rec: RolloutRecord, mut abort: mpsc::UnboundedReceiver<String>) {
+        let started = Instant::now();
+        let service = rec.service.clone();
+        let metrics = &self.inner.metrics;
+        let (new, old) = match self.load_versions(&rec).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(%service, error = %e, "cannot load the versions of the rollout");
+                return;
+            }
+        };
+        let mut addresses: HashMap<String, String> = HashMap::new();
+        let mut engine = Engine::new(rec);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+        let mut wake: Option<u64> = None;
+        let mut actions = engine.start(now_ms());
+        loop {
+            for action in std::mem::take(&mut actions) {
+                match action {
+                    Action::Persist => {
+                        engine.touch(now_rfc3339());
+                        let r = engine.record();
+                        metrics.rollout_stage.with_label_values(&[&service]).set(r.stage as i64);
+                        if let Err(e) = self.persist(&term, &lock, r).await {
+                            tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
+                            return;
+                        }
+                    }
+                    Action::Push(node) | Action::Revert(node) if term.lost.is_cancelled() => {
+                        tracing::warn!(%service, %node, "leadership lost; not pushing");
+                        return;
+                    }
+                    Action::Push(node) => {
+                        let addr = self.address(&service, &node, &mut addresses).await;
+                        self.spawn_push(&term, &engine, &node, addr, new.clone(), tx.clone(), true);
+                    }
+                    Action::Revert(node) => {
+                        let addr = self.address(&service, &node, &mut addresses).await;
+                        match &old {
+                            Some(old) => self.spawn_push(&term, &engine, &node, addr, old.clone(), tx.clone(), false),
+                            None => {
+                                let _ = tx.send(Input::Reverted { node, result: Err("no previous version".into()) });
+                            }
+                        }
+                    }
+                    Action::CheckHealth(nodes) => {
+                        for node in nodes {
+                            let addr = self.address(&service, &node, &mut addresses).await;
+                            let (agents, tx, timeout) =
+                                (self.clone(), tx.clone(), engine.record().policy.apply_timeout);
+                            tokio::spawn(async move {
+                                let result = match addr {
+                                    None => Err("node is no longer registered".to_owned()),
+                                    Some(a) => match agents.inner.agents.health(&a, timeout).await {
+                                        Ok(h) if h.healthy => Ok(()),
+                                        Ok(h) => Err(h
+                                            .components
+                                            .iter()
+                                            .filter(|c| !c.healthy)
+                                            .map(|c| format!("{}: {}", c.component, c.error))
+                                            .collect::<Vec<_>>()
+                                            .join("; ")),
+                                        Err(e) => Err(e.to_string()),
+                                    },
+                                };
+                                let _ = tx.send(Input::Health { node, result });
+                            });
+                        }
+                    }
+                    Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
+                    Action::Finished(state) => {
+                        self.finish(&term, &lock, engine.record(), state, started.elapsed()).await;
+                        return;
+                    }
+                }
+            }
+            let sleep = async {
+                match wake {
+                    Some(t) => tokio::time::sleep(Duration::from_millis(t.saturating_sub(now_ms()))).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term.lost.cancelled() => {
+                    tracing::warn!(%service, rollout = %engine.record().id, "leadership lost mid-rollout; the next leader resumes it");
+                    return;
+                }
+                Some(input) = rx.recv() => actions = engine.step(now_ms(), input),
+                Some(reason) = abort.recv() => actions = engine.step(now_ms(), Input::Abort { reason }),
+                _ = sleep => {
+                    wake = None;
+                    actions = engine.step(now_ms(), Input::Tick);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_push(
+        &self,
+        term: &Term,
+        engine: &Engine,
+        node: &str,
+        addr: Option<String>,
+        v: Arc<VersionRecord>,
+        tx: mpsc::UnboundedSender<Input>,
+        forward: bool,
+    ) {
+        let (me, term, node) = (self.clone(), term.clone(), node.to_owned());
+        let (service, rollout, timeout) =
+            (engine.record().service.clone(), engine.record().id.clone(), engine.record().policy.apply_timeout);
+        tokio::spawn(async move {
+            let result = match addr {
+                None => Err("node is no longer registered".to_owned()),
+                Some(a) => me.push(&term, &service, &node, &a, &v, &rollout, timeout).await,
+            };
+            let input = if forward { Input::Applied { node, result } } else { Input::Reverted { node, result } };
+            let _ = tx.send(input);
+        });
+    }
+
+    async fn address(&self, service: &str, node: &str, cache: &mut HashMap<String, String>) -> Option<String> {
+        if let Some(a) = cache.get(node) {
+            return Some(a.clone());
+        }
+        let key = keys::node(service, node);
+        let rec: NodeRecord = decode(&key, &self.inner.store.get(&key).await.ok()??).ok()?;
+        cache.insert(node.to_owned(), rec.address.clone());
+        Some(rec.address)
+    }
+
+    async fn load_versions(
+        &self,
+        rec: &RolloutRecord,
+    ) -> Result<(Arc<VersionRecord>, Option<Arc<VersionRecord>>), StoreError> {
+        let new = self.version(&rec.service, rec.version).await?.ok_or_else(|| StoreError::Corrupt {
+            key: keys::version(&rec.service, rec.version),
+            message: "version of a rollout is missing".into(),
+        })?;
+        let old = match rec.from_version {
+            0 => None,
+            v => self.version(&rec.service, v).await?.map(Arc::new),
+        };
+        Ok((Arc::new(new), old))
+    }
+
+    async fn persist(&self, term: &Term, lock: &Lock, rec: &RolloutRecord) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let r = self
+                .inner
+                .store
+                .txn(
+                    Some(Fence { term, lock: Some(lock) }),
+                    vec![],
+                    vec![Op::Put(keys::rollout(&rec.service), encode(rec))],
+                )
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Unavailable(e)) if !term.lost.is_cancelled() => {
+                    tracing::warn!(error = %e, "persist failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Records the outcome: version state, stable/desired versions; releases the lock.
+    async fn finish(&self, term: &Term, lock: &Lock, rec: &RolloutRecord, state: RolloutState, took: Duration) {
+        let service = &rec.service;
+        for _ in 0..20 {
+            let r = self.finish_once(term, lock, rec, state).await;
+            match r {
+                Ok(true) => break,
+                Ok(false) => continue,
+                Err(StoreError::Unavailable(_)) if !term.lost.is_cancelled() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "cannot record the rollout outcome; the next leader will");
+                    return;
+                }
+            }
+        }
+        let _ = self.inner.store.unlock(lock).await;
+        let m = &self.inner.metrics;
+        let outcome = state.as_str().to_lowercase();
+        m.rollouts_total.with_label_values(&[service, &outcome]).inc();
+        m.rollout_duration.observe(took.as_secs_f64());
+        m.rollout_stage.with_label_values(&[service]).set(-1);
+        if let Ok(Some((meta, _))) = self.meta(service).await {
+            m.stable_version.with_label_values(&[service]).set(meta.stable_version as i64);
+            m.desired_version.with_label_values(&[service]).set(meta.desired_version as i64);
+        }
+        tracing::info!(%service, rollout = %rec.id, version = rec.version, outcome, reason = %rec.reason, took_ms = took.as_millis() as u64, "rollout finished");
+    }
+
+    async fn finish_once(
+        &self,
+        term: &Term,
+        lock: &Lock,
+        rec: &RolloutRecord,
+        state: RolloutState,
+    ) -> Result<bool, StoreError> {
+        let service = &rec.service;
+        let (mut meta, meta_rev) = self.meta(service).await?.unwrap_or_default();
+        let mut ops = Vec::new();
+        let set_state = |v: Option<VersionRecord>, s: VersionState, reason: &str, node: &str, ops: &mut Vec<Op>| {
+            if let Some(mut v) = v {
+                v.state = s;
+                v.reason = reason.to_owned();
+                v.failing_node = node.to_owned();
+                ops.push(Op::Put(keys::version(service, v.version), encode(&v)));
+            }
+        };
+        match (state, rec.kind) {
+            (RolloutState::Succeeded, RolloutKind::Submit) => {
+                meta.stable_version = rec.version;
+                meta.desired_version = rec.version;
+                set_state(self.version(service, rec.version).await?, VersionState::RolledOut, "", "", &mut ops);
+            }
+            (RolloutState::Succeeded, RolloutKind::Rollback) => {
+                let reason = format!("rolled back by hand to version {}", rec.version);
+                set_state(
+                    self.version(service, rec.from_version).await?,
+                    VersionState::RolledBack,
+                    &reason,
+                    "",
+                    &mut ops,
+                );
+                meta.stable_version = rec.version;
+                meta.desired_version = rec.version;
+            }
+            (s, RolloutKind::Submit) => {
+                meta.desired_version = meta.stable_version;
+                let vs = if s == RolloutState::Aborted { VersionState::Aborted } else { VersionState::RolledBack };
+                set_state(self.version(service, rec.version).await?, vs, &rec.reason, &rec.failing_node, &mut ops);
+            }
+            (_, RolloutKind::Rollback) => meta.desired_version = meta.stable_version,
+        }
+        ops.push(Op::Put(keys::meta(service), encode(&meta)));
+        self.inner
+            .store
+            .txn(Some(Fence { term, lock: Some(lock) }), vec![Cond::ModRevision(keys::meta(service), meta_rev)], ops)
+            .await
+    }
+}
+
+fn serde_yaml_ng_value(content: &str) -> Result<serde_json::Value, ApiError> {
+    if content.trim_start().starts_with('{') {
+        serde_json::from_str(content).map_err(|e| ApiError::InvalidArgument(format!("schema check: {e}")))
+    } else {
+        confroll_node::config::yaml_to_json(content)
+            .map_err(|e| ApiError::InvalidArgument(format!("schema check: {e}")))
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}

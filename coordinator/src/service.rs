@@ -1,0 +1,377 @@
+//! `confroll.v1.Coordinator` over gRPC.
+//!
+//! Reads are answered by whichever replica is called. Writes run on the
+//! leader: a follower forwards them (with the caller's metadata) and, if the
+//! leader cannot be reached, answers `UNAVAILABLE` with the leader's address
+//! in `x-confroll-leader` (and its id in `x-confroll-leader-id`). Mutating
+//! RPCs need `authorization: Bearer <token>` when a token is configured.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use confroll_proto::v1::{
+    self as pb,
+    coordinator_client::CoordinatorClient,
+    coordinator_server::{Coordinator, CoordinatorServer},
+};
+use tokio::net::TcpListener;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tonic::{Request, Response, Status, metadata::MetadataValue};
+
+use crate::{
+    engine::RolloutRecord,
+    model::{NodeRecord, keys, now_rfc3339, service_name},
+    pb_impl::summary,
+    replica::{ApiError, Replica, Submit},
+    store::{Member, WatchEvent},
+};
+
+/// Metadata key of the leader hint.
+pub const LEADER_HINT: &str = "x-confroll-leader";
+/// Metadata key of the leader's id.
+pub const LEADER_ID_HINT: &str = "x-confroll-leader-id";
+
+/// The `Coordinator` implementation of one replica.
+pub struct CoordinatorServiceImpl {
+    replica: Replica,
+    /// Bearer token mutating RPCs must carry (`None`: no auth).
+    token: Option<Arc<str>>,
+}
+
+impl CoordinatorServiceImpl {
+    /// Serves `replica`.
+    pub fn new(replica: Replica, token: Option<String>) -> Self {
+        Self { replica, token: token.map(Into::into) }
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.token else { return Ok(()) };
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if given.strip_prefix("Bearer ").is_some_and(|t| t.as_bytes() == token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("this RPC needs `authorization: Bearer <token>`"))
+        }
+    }
+
+    async fn leader_client(&self) -> Result<(CoordinatorClient<tonic::transport::Channel>, Member), Status> {
+        let leader = self
+            .replica
+            .leader()
+            .await
+            .map_err(to_status)?
+            .ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
+        let url = format!("http://{}", leader.address);
+        let ch = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| with_leader_hint(Status::unavailable(format!("leader unreachable: {e}")), &leader))?;
+        Ok((CoordinatorClient::new(ch), leader))
+    }
+}
+
+fn with_leader_hint(mut s: Status, leader: &Member) -> Status {
+    if let Ok(v) = MetadataValue::try_from(leader.address.as_str()) {
+        s.metadata_mut().insert(LEADER_HINT, v);
+    }
+    if let Ok(v) = MetadataValue::try_from(leader.id.as_str()) {
+        s.metadata_mut().insert(LEADER_ID_HINT, v);
+    }
+    s
+}
+
+/// Maps an API error to a status (leader hints are added by the caller).
+pub fn to_status(e: ApiError) -> Status {
+    match e {
+        ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+        ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ApiError::NotFound(m) => Status::not_found(m),
+        ApiError::NotLeader(Some(l)) => with_leader_hint(Status::unavailable("not the leader"), &l),
+        ApiError::NotLeader(None) => Status::unavailable("not the leader, and no leader is known"),
+        ApiError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+fn forward_request<T>(req: Request<T>) -> Request<T> {
+    let (meta, ext, msg) = req.into_parts();
+    let mut r = Request::from_parts(meta, ext, msg);
+    r.set_timeout(Duration::from_secs(30));
+    r
+}
+
+/// Runs `local` when this replica leads, else forwards with `remote`.
+macro_rules! on_leader {
+    ($self:ident, $req:ident, $local:expr, $remote:ident) => {{
+        if $self.replica.term().is_some() {
+            match $local.await {
+                Err(ApiError::NotLeader(_)) => {}
+                other => return other.map(Response::new).map_err(to_status),
+            }
+        }
+        let (mut client, leader) = $self.leader_client().await?;
+        if leader.id == $self.replica.id() {
+            return Err(Status::unavailable("leadership is changing hands; retry shortly"));
+        }
+        client
+            .$remote(forward_request($req))
+            .await
+            .map_err(|s| if s.code() == tonic::Code::Unavailable { with_leader_hint(s, &leader) } else { s })
+    }};
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorServiceImpl {
+    async fn submit_config(
+        &self,
+        req: Request<pb::SubmitConfigRequest>,
+    ) -> Result<Response<pb::SubmitConfigResponse>, Status> {
+        let r = req.get_ref().clone();
+        if !r.dry_run {
+            self.authorize(&req)?;
+        }
+        let submit = Submit {
+            service: r.service,
+            content: r.content,
+            author: r.author,
+            message: r.message,
+            dry_run: r.dry_run,
+            policy: r.policy,
+        };
+        let to_pb = |o: crate::replica::SubmitOutcome| pb::SubmitConfigResponse {
+            version: o.version,
+            rollout_id: o.rollout_id,
+            diff: o.diff.iter().map(Into::into).collect(),
+            checks: o.checks,
+            sha256: o.sha256,
+            dry_run: submit.dry_run,
+            base_version: o.base_version,
+        };
+        if submit.dry_run {
+            return self.replica.submit(submit.clone()).await.map(|o| Response::new(to_pb(o))).map_err(to_status);
+        }
+        on_leader!(self, req, async { self.replica.submit(submit.clone()).await.map(to_pb) }, submit_config)
+    }
+
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
+        let r = &self.replica;
+        let leader = r.leader().await.map_err(to_status)?;
+        let meta = r.meta(&service).await.map_err(|e| to_status(e.into()))?.map(|m| m.0).unwrap_or_default();
+        let rollout = r.rollout(&service).await.map_err(|e| to_status(e.into()))?;
+        let mut nodes = r.nodes(&service).await.map_err(|e| to_status(e.into()))?;
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::GetStatusResponse {
+            service,
+            leader_id: leader.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
+            leader_address: leader.map(|l| l.address).unwrap_or_default(),
+            stable_version: meta.stable_version,
+            desired_version: meta.desired_version,
+            rollout: rollout.as_ref().map(Into::into),
+            nodes: nodes.iter().map(Into::into).collect(),
+            answered_by: r.id().to_owned(),
+        }))
+    }
+
+    async fn list_versions(
+        &self,
+        req: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
+        let v = self.replica.versions(&service).await.map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(pb::ListVersionsResponse { versions: v.iter().map(Into::into).collect() }))
+    }
+
+    async fn get_version(
+        &self,
+        req: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::GetVersionResponse>, Status> {
+        let r = req.into_inner();
+        let service = service_name(&r.service).map_err(Status::invalid_argument)?;
+        let v = self
+            .replica
+            .version(&service, r.version)
+            .await
+            .map_err(|e| to_status(e.into()))?
+            .ok_or_else(|| Status::not_found(format!("service `{service}` has no version {}", r.version)))?;
+        Ok(Response::new(pb::GetVersionResponse { info: Some((&v).into()), content: v.content }))
+    }
+
+    async fn diff_versions(
+        &self,
+        req: Request<pb::DiffVersionsRequest>,
+    ) -> Result<Response<pb::DiffVersionsResponse>, Status> {
+        let r = req.into_inner();
+        let service = service_name(&r.service).map_err(Status::invalid_argument)?;
+        let mut docs = Vec::new();
+        for v in [r.from_version, r.to_version] {
+            let rec = self
+                .replica
+                .version(&service, v)
+                .await
+                .map_err(|e| to_status(e.into()))?
+                .ok_or_else(|| Status::not_found(format!("service `{service}` has no version {v}")))?;
+            docs.push(
+                confroll_node::Config::parse(rec.content.as_bytes())
+                    .map_err(|e| Status::internal(format!("stored version {v} no longer parses: {e}")))?,
+            );
+        }
+        let d = confroll_node::diff::ConfigDiff::between(&docs[0], &docs[1]);
+        Ok(Response::new(pb::DiffVersionsResponse { diff: d.changes.iter().map(Into::into).collect() }))
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.get_ref().clone();
+        on_leader!(
+            self,
+            req,
+            async {
+                self.replica
+                    .rollback(&r.service, r.to_version)
+                    .await
+                    .map(|(rollout_id, version)| pb::RollbackResponse { rollout_id, version })
+            },
+            rollback
+        )
+    }
+
+    async fn abort_rollout(
+        &self,
+        req: Request<pb::AbortRolloutRequest>,
+    ) -> Result<Response<pb::AbortRolloutResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.get_ref().clone();
+        on_leader!(
+            self,
+            req,
+            async {
+                self.replica
+                    .abort(&r.service, &r.reason)
+                    .await
+                    .map(|rollout_id| pb::AbortRolloutResponse { rollout_id })
+            },
+            abort_rollout
+        )
+    }
+
+    type WatchRolloutStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::RolloutEvent, Status>> + Send + 'static>>;
+
+    async fn watch_rollout(
+        &self,
+        req: Request<pb::WatchRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
+        let key = keys::rollout(&service);
+        let store = self.replica.store().clone();
+        // Watch first, then read, so no change falls in between.
+        let mut watch = store.watch(&key).await.map_err(|e| to_status(e.into()))?;
+        let current = self.replica.rollout(&service).await.map_err(|e| to_status(e.into()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let event = |r: &RolloutRecord| pb::RolloutEvent { rollout: Some(r.into()), summary: summary(r) };
+            if let Some(r) = &current
+                && (tx.send(Ok(event(r))).await.is_err() || r.state.is_terminal())
+            {
+                return;
+            }
+            let mut last = current.map(|r| (r.state, r.stage, r.applied, r.updated_at));
+            while let Some(ev) = watch.next().await {
+                let rec = match ev {
+                    Ok(WatchEvent::Put { key: k, value, .. }) if k == key => {
+                        serde_json::from_slice::<RolloutRecord>(&value).ok()
+                    }
+                    Ok(WatchEvent::Reset) => {
+                        store.get(&key).await.ok().flatten().and_then(|e| serde_json::from_slice(&e.value).ok())
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let Some(rec) = rec else { continue };
+                let now = Some((rec.state, rec.stage, rec.applied, rec.updated_at.clone()));
+                if now == last {
+                    continue;
+                }
+                last = now;
+                if tx.send(Ok(event(&rec))).await.is_err() || rec.state.is_terminal() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let rec = NodeRecord {
+            id: r.node_id,
+            address: r.agent_address,
+            version: r.version,
+            sha256: r.sha256,
+            healthy: r.healthy,
+            last_seen: now_rfc3339(),
+        };
+        let id = self.replica.register(&r.service, rec).await.map_err(to_status)?;
+        Ok(Response::new(pb::RegisterResponse {
+            registration_id: id,
+            heartbeat_interval_ms: self.replica.options().heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let rec = NodeRecord {
+            id: r.node_id,
+            address: r.agent_address,
+            version: r.version,
+            sha256: r.sha256,
+            healthy: r.healthy,
+            last_seen: now_rfc3339(),
+        };
+        self.replica.heartbeat(&r.service, r.registration_id, rec).await.map_err(to_status)?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+}
+
+/// Why the gRPC server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection descriptor set is broken (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the Coordinator API (with reflection v1/v1alpha and health) on
+/// `listener` until `shutdown`.
+pub async fn run(
+    replica: Replica,
+    token: Option<String>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<CoordinatorServer<CoordinatorServiceImpl>>().await;
+    let refl = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(confroll_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = refl(tonic_reflection::server::Builder::configure()).build_v1()?;
+    let v1alpha = refl(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(CoordinatorServer::new(CoordinatorServiceImpl::new(replica, token)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

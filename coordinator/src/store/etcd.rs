@@ -1,0 +1,360 @@
+//! The etcd backend of [`Store`].
+//!
+//! * Election: etcd's election API on a lease of our own; the fencing token
+//!   is the leader key's creation revision (`LeaderKey::rev`), which only
+//!   grows cluster-wide.
+//! * Keep-alive: every TTL/3. When no keep-alive has succeeded for TTL/2 the
+//!   term is given up (`Term::lost`), well before etcd can expire the lease
+//!   and elect someone else.
+//! * Fenced writes: a nested transaction. The outer one compares the leader
+//!   key's (and lock key's) creation revision with ours; the inner one holds
+//!   the caller's conditions. So "fenced out" and "condition failed" are told
+//!   apart in one round trip.
+//! * Locks: a key created in a transaction only if absent, on the leader's
+//!   lease; its creation revision is the lock's token.
+//! * Watches: resumed from the last seen revision + 1 after a disconnect; a
+//!   compaction or cancellation is reported as [`WatchEvent::Reset`].
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent, WatchStream,
+};
+
+const ELECTION: &str = "/confroll/election";
+const LOCKS: &str = "/confroll/locks/";
+
+/// etcd-backed store.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    /// Leader lease TTL.
+    ttl: Duration,
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`http://127.0.0.1:2379`, …). `lease_ttl` is
+    /// the leader lease (etcd raises anything under ~2 s).
+    pub async fn connect(endpoints: &[String], lease_ttl: Duration) -> Result<Self, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
+        Ok(Self { client, ttl: lease_ttl.max(Duration::from_secs(2)) })
+    }
+
+    fn c(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Keeps `lease` alive until `lost` fires; fires it after TTL/2 without a
+    /// successful keep-alive.
+    fn keep_alive(&self, lease: i64, lost: CancellationToken) {
+        let (mut client, ttl) = (self.c(), self.ttl);
+        tokio::spawn(async move {
+            let mut last_ok = Instant::now();
+            let mut keeper = None;
+            loop {
+                tokio::select! {
+                    _ = lost.cancelled() => return,
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                }
+                let attempt = async {
+                    if keeper.is_none() {
+                        keeper = Some(client.lease_keep_alive(lease).await?);
+                    }
+                    let (k, s) = keeper.as_mut().expect("set above");
+                    k.keep_alive().await?;
+                    Ok::<_, etcd_client::Error>(s.message().await?.map_or(0, |r| r.ttl()))
+                };
+                match tokio::time::timeout(ttl / 3, attempt).await {
+                    Ok(Ok(left)) if left > 0 => last_ok = Instant::now(),
+                    Ok(Ok(_)) => {
+                        tracing::warn!(lease, "leader lease expired");
+                        lost.cancel();
+                        return;
+                    }
+                    other => {
+                        keeper = None;
+                        tracing::warn!(lease, error = ?other.err().map(|_| "timeout"), "lease keep-alive failed");
+                    }
+                }
+                if last_ok.elapsed() >= ttl / 2 {
+                    tracing::warn!(lease, ?ttl, "no keep-alive for half the lease TTL: stepping down");
+                    lost.cancel();
+                    return;
+                }
+            }
+        });
+    }
+
+    fn fence_compares(fence: &Fence<'_>) -> Vec<Compare> {
+        let TermHandle::Etcd { key, .. } = &fence.term.handle;
+        let mut cmp = vec![Compare::create_revision(key.clone(), CompareOp::Equal, fence.term.token as i64)];
+        if let Some(lock) = fence.lock {
+            cmp.push(Compare::create_revision(lock_key(&lock.name), CompareOp::Equal, lock.token as i64));
+        }
+        cmp
+    }
+}
+
+fn lock_key(name: &str) -> String {
+    format!("{LOCKS}{name}")
+}
+
+fn entry(kv: &etcd_client::KeyValue) -> Entry {
+    Entry {
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision() as u64,
+        create_revision: kv.create_revision() as u64,
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    fn backend(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
+        let value = serde_json::to_vec(me).expect("member serializes");
+        loop {
+            let lease = self.c().lease_grant(self.ttl.as_secs() as i64, None).await.map_err(unavailable)?.id();
+            let lost = CancellationToken::new();
+            self.keep_alive(lease, lost.clone());
+            let mut client = self.c();
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    lost.cancel();
+                    let _ = self.c().lease_revoke(lease).await;
+                    return Ok(None);
+                }
+                _ = lost.cancelled() => {
+                    // The lease died while we waited: start over with a new one.
+                    continue;
+                }
+                r = client.campaign(ELECTION, value.clone(), lease) => {
+                    let resp = match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            lost.cancel();
+                            let _ = self.c().lease_revoke(lease).await;
+                            return Err(unavailable(e));
+                        }
+                    };
+                    let key = resp.leader().ok_or_else(|| StoreError::Unavailable("campaign answered no leader key".into()))?;
+                    return Ok(Some(Term {
+                        token: key.rev() as u64,
+                        lost,
+                        handle: TermHandle::Etcd { key: key.key().to_vec(), lease },
+                    }));
+                }
+            }
+        }
+    }
+
+    async fn resign(&self, term: &Term) -> Result<(), StoreError> {
+        let TermHandle::Etcd { key, lease } = &term.handle;
+        term.lost.cancel();
+        // Deleting the leader key hands over at once; revoking the lease also
+        // drops every lock held on it.
+        let mut c = self.c();
+        let _ = c.delete(key.clone(), None).await;
+        c.lease_revoke(*lease).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn leader(&self) -> Result<Option<Member>, StoreError> {
+        match self.c().leader(ELECTION).await {
+            Ok(r) => Ok(r.kv().and_then(|kv| serde_json::from_slice(kv.value()).ok())),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let r = self.c().get(key, None).await.map_err(unavailable)?;
+        Ok(r.kvs().first().map(entry))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
+        let r = self.c().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
+        Ok(r.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), entry(kv))).collect())
+    }
+
+    async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
+        if let Some(f) = &fence
+            && f.term.lost.is_cancelled()
+        {
+            return Err(StoreError::FencedOut("leadership was given up".into()));
+        }
+        let cmps: Vec<Compare> = conds
+            .into_iter()
+            .map(|c| match c {
+                Cond::Absent(k) => Compare::create_revision(k, CompareOp::Equal, 0),
+                Cond::ModRevision(k, r) => Compare::mod_revision(k, CompareOp::Equal, r as i64),
+            })
+            .collect();
+        let ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|o| match o {
+                Op::Put(k, v) => TxnOp::put(k, v, None),
+                Op::Delete(k) => TxnOp::delete(k, None),
+            })
+            .collect();
+        let inner = Txn::new().when(cmps).and_then(ops);
+        let Some(fence) = fence else {
+            return Ok(self.c().txn(inner).await.map_err(unavailable)?.succeeded());
+        };
+        let outer = Txn::new().when(Self::fence_compares(&fence)).and_then([TxnOp::txn(inner)]);
+        let r = self.c().txn(outer).await.map_err(unavailable)?;
+        if !r.succeeded() {
+            return Err(StoreError::FencedOut(format!(
+                "leader key (token {}) or lock is gone: a newer leader may be acting",
+                fence.term.token
+            )));
+        }
+        match r.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Txn(t)) => Ok(t.succeeded()),
+            _ => Err(StoreError::Unavailable("nested transaction answered nothing".into())),
+        }
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (client, prefix) = (self.c(), prefix.to_owned());
+        // Start revision: "now", so the caller can list after watching.
+        let start = client.clone().get(prefix.clone(), Some(GetOptions::new().with_count_only())).await;
+        let mut next = start.ok().and_then(|r| r.header().map(|h| h.revision() + 1)).unwrap_or(0);
+        tokio::spawn(async move {
+            let mut client = client;
+            loop {
+                let mut opts = WatchOptions::new().with_prefix();
+                if next > 0 {
+                    opts = opts.with_start_revision(next);
+                }
+                let mut stream = match client.watch(prefix.clone(), Some(opts)).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) => {
+                            if resp.compact_revision() > 0 || resp.canceled() {
+                                next = 0;
+                                if tx.send(Ok(WatchEvent::Reset)).await.is_err() {
+                                    return;
+                                }
+                                break;
+                            }
+                            for ev in resp.events() {
+                                let Some(kv) = ev.kv() else { continue };
+                                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                                let revision = kv.mod_revision() as u64;
+                                next = kv.mod_revision() + 1;
+                                let e = match ev.event_type() {
+                                    EventType::Put => WatchEvent::Put { key, value: kv.value().to_vec(), revision },
+                                    EventType::Delete => WatchEvent::Delete { key, revision },
+                                };
+                                if tx.send(Ok(e)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {
+                            // Disconnected: resume from the next revision.
+                            if tx.is_closed() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {
+        let TermHandle::Etcd { key: leader_key, lease } = &term.handle;
+        let key = lock_key(name);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(leader_key.clone(), CompareOp::Equal, term.token as i64),
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(key.clone(), holder.to_vec(), Some(PutOptions::new().with_lease(*lease)))])
+            .or_else([TxnOp::get(key.clone(), None), TxnOp::get(leader_key.clone(), None)]);
+        let r = self.c().txn(txn).await.map_err(unavailable)?;
+        if r.succeeded() {
+            let rev = r.header().map(|h| h.revision()).unwrap_or_default() as u64;
+            return Ok(LockAttempt::Acquired(Lock { name: name.to_owned(), token: rev }));
+        }
+        let mut resps = r.op_responses().into_iter();
+        let held = match resps.next() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        };
+        let leader_alive = match resps.next() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().is_some_and(|kv| kv.create_revision() as u64 == term.token),
+            _ => false,
+        };
+        if !leader_alive {
+            return Err(StoreError::FencedOut("leader key is gone".into()));
+        }
+        Ok(LockAttempt::Held(held.unwrap_or_default()))
+    }
+
+    async fn unlock(&self, lock: &Lock) -> Result<(), StoreError> {
+        let key = lock_key(&lock.name);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, lock.token as i64)])
+            .and_then([TxnOp::delete(key, None)]);
+        self.c().txn(txn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn register(&self, key: &str, value: &[u8], ttl: Duration) -> Result<u64, StoreError> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let mut c = self.c();
+        let lease = c.lease_grant(secs, None).await.map_err(unavailable)?.id();
+        c.put(key, value.to_vec(), Some(PutOptions::new().with_lease(lease))).await.map_err(unavailable)?;
+        Ok(lease as u64)
+    }
+
+    async fn refresh(&self, id: u64, key: &str, value: Option<&[u8]>) -> Result<bool, StoreError> {
+        let mut c = self.c();
+        let (mut keeper, mut stream) = c.lease_keep_alive(id as i64).await.map_err(unavailable)?;
+        keeper.keep_alive().await.map_err(unavailable)?;
+        let left = stream.message().await.map_err(unavailable)?.map_or(0, |r| r.ttl());
+        if left <= 0 {
+            return Ok(false);
+        }
+        if let Some(v) = value {
+            match c.put(key, v.to_vec(), Some(PutOptions::new().with_lease(id as i64))).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("lease not found") => return Ok(false),
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,120 @@
+//! Membership: the node registers with a coordinator replica (any of them)
+//! and heartbeats its version, checksum and health. When a replica stops
+//! answering it moves to the next; when its registration expired it
+//! registers again. The coordinator brings a (re)registered node to the
+//! service's stable version by pushing it through `NodeAgent.Apply`; without
+//! any coordinator the node keeps running its last applied config.
+
+use std::time::Duration;
+
+use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::node::Node;
+
+/// Where and how to register.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    /// Coordinator gRPC URLs (`http://host:port`), tried in turn.
+    pub coordinators: Vec<String>,
+    /// The NodeAgent address coordinators dial.
+    pub agent_address: String,
+    /// Bearer token, when the coordinators require one.
+    pub token: Option<String>,
+}
+
+async fn connect(url: &str) -> Option<CoordinatorClient<Channel>> {
+    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
+    let ch = Endpoint::from_shared(url).ok()?.connect_timeout(Duration::from_secs(2)).connect().await.ok()?;
+    Some(CoordinatorClient::new(ch))
+}
+
+impl Membership {
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(Duration::from_secs(5));
+        if let Some(t) = &self.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    /// Registers and heartbeats until `shutdown`.
+    pub async fn run(self, node: Node, shutdown: CancellationToken) {
+        let mut next = 0usize;
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            let url = &self.coordinators[next % self.coordinators.len().max(1)];
+            next += 1;
+            let Some(mut client) = connect(url).await else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            };
+            let (version, sha256, healthy) = state(&node).await;
+            let reg = client
+                .register(self.request(pb::RegisterRequest {
+                    service: node.service().to_owned(),
+                    node_id: node.id().to_owned(),
+                    agent_address: self.agent_address.clone(),
+                    version,
+                    sha256,
+                    healthy,
+                }))
+                .await;
+            let reg = match reg {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    tracing::warn!(coordinator = %url, error = %s.message(), "registration refused");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            tracing::info!(coordinator = %url, registration = reg.registration_id, "registered with the coordinator");
+            let interval = Duration::from_millis(reg.heartbeat_interval_ms.clamp(100, 10_000));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let (version, sha256, healthy) = state(&node).await;
+                let hb = client
+                    .heartbeat(self.request(pb::HeartbeatRequest {
+                        service: node.service().to_owned(),
+                        node_id: node.id().to_owned(),
+                        registration_id: reg.registration_id,
+                        version,
+                        sha256,
+                        healthy,
+                        agent_address: self.agent_address.clone(),
+                    }))
+                    .await;
+                match hb {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        tracing::info!("registration expired; registering again");
+                        next -= 1; // same coordinator
+                        break;
+                    }
+                    Err(s) => {
+                        tracing::warn!(coordinator = %url, error = %s.message(), "heartbeat failed; trying the next coordinator");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn state(node: &Node) -> (u64, String, bool) {
+    let live = node.config();
+    let healthy = node.health().await.healthy;
+    (live.version, live.sha256.clone(), healthy)
+}
