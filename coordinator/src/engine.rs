@@ -261,8 +261,12 @@ impl Engine {
                 self.rec.applied = self.live.applied.len();
                 let stage_done = self.stage_nodes(self.rec.stage).iter().all(|n| self.live.applied.contains(n));
                 if stage_done && self.live.baking_since.is_none() {
+                    // The stage is on the new version and starts baking:
+                    // worth recording (watchers see it; a new leader re-checks).
                     self.live.baking_since = Some(now);
-                    return self.health_round();
+                    let mut a = vec![Action::Persist];
+                    a.extend(self.health_round());
+                    return a;
                 }
                 vec![]
             }
@@ -472,7 +476,8 @@ mod tests {
         let a = e.start(0);
         assert_eq!(a[0], Action::Persist, "persist before any push");
         assert_eq!(pushes(&a), vec![order[0].clone()]);
-        assert_eq!(e.step(10, ok(&order[0])), vec![Action::CheckHealth(vec![order[0].clone()])]);
+        assert_eq!(e.step(10, ok(&order[0])), vec![Action::Persist, Action::CheckHealth(vec![order[0].clone()])]);
+        assert_eq!(e.record().applied, 1, "the applied count is persisted when the stage starts baking");
         // Healthy, but the bake is not over: wake at the next interval.
         assert_eq!(e.step(20, healthy(&order[0])), vec![Action::WakeAt(120)]);
         assert_eq!(e.step(120, Input::Tick), vec![Action::CheckHealth(vec![order[0].clone()])]);
@@ -582,7 +587,7 @@ mod tests {
         // Health is re-checked for every node with the new version before promotion.
         let a = e2.step(5002, ok(&order[1]));
         match &a[..] {
-            [Action::CheckHealth(nodes)] => assert_eq!(nodes.len(), 2),
+            [Action::Persist, Action::CheckHealth(nodes)] => assert_eq!(nodes.len(), 2),
             other => panic!("{other:?}"),
         }
         // An unhealthy one found now still rolls back.

@@ -1,0 +1,289 @@
+//! Test harness: a real etcd per test (free loopback ports, temp data dir),
+//! real `confroll-coordinator` and `confroll-node` processes; everything a
+//! test starts is killed when the test ends (Drop), pass or fail.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
+
+use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient};
+use tonic::transport::Channel;
+
+/// Cluster tests start many processes; on a 2-core machine they run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for_port(port: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn target_dir() -> PathBuf {
+    // target/debug/deps/<test> → target/debug
+    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// The node binary, built once per test process (it belongs to another package).
+pub fn node_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-q", "-p", "confroll-node", "--bin", "confroll-node"])
+                .status()
+                .expect("cargo build confroll-node");
+            assert!(status.success(), "building confroll-node failed");
+            target_dir().join("confroll-node")
+        })
+        .clone()
+}
+
+pub fn coordinator_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_confroll-coordinator"))
+}
+
+/// A child process killed (and reaped) when dropped, even if the test panics.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A single-member etcd on free loopback ports.
+pub struct Etcd {
+    pub endpoint: String,
+    _proc: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("t=http://127.0.0.1:{peer}")])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd on PATH (scripts/test.sh installs etcd-server)");
+        let p = Proc(child);
+        wait_for_port(client, Duration::from_secs(20), "etcd");
+        Etcd { endpoint: format!("http://127.0.0.1:{client}"), _proc: p, dir }
+    }
+}
+
+/// A `confroll-coordinator` process.
+pub struct Coord {
+    pub id: String,
+    pub port: u16,
+    pub http_port: u16,
+    pub log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Coord {
+    pub fn start(etcd: &Etcd, id: &str, dir: &Path, extra: &[&str]) -> Coord {
+        let (port, http_port) = (free_port(), free_port());
+        let log = dir.join(format!("{id}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(coordinator_bin())
+            .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoint, "--lease-ttl", "2s"])
+            .args(["--default-bake", "200ms", "--default-health-interval", "100ms", "--registration-ttl", "3s"])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let c = Coord { id: id.into(), port, http_port, log, proc: Some(Proc(child)) };
+        wait_for_port(port, Duration::from_secs(20), "coordinator");
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(self.url()).await.expect("coordinator reachable")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").0.id()
+    }
+
+    /// SIGKILL: no resignation, the lease has to expire.
+    pub fn kill9(&mut self) {
+        self.proc.take();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A `confroll-node` process registered with the coordinators.
+pub struct NodeProc {
+    pub id: String,
+    pub http_port: u16,
+    pub agent_port: u16,
+    pub log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl NodeProc {
+    pub fn start(id: &str, config: &Path, dir: &Path, coordinators: &[&Coord], extra: &[&str]) -> NodeProc {
+        let (http_port, agent_port) = (free_port(), free_port());
+        let log = dir.join(format!("{id}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let urls: Vec<String> = coordinators.iter().map(|c| c.url()).collect();
+        let child = Command::new(node_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
+            .arg("--state-dir")
+            .arg(dir.join(format!("{id}.state")))
+            .args(["--id", id, "--no-watch", "--coordinator", &urls.join(",")])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let n = NodeProc { id: id.into(), http_port, agent_port, log, proc: Some(Proc(child)) };
+        wait_for_port(http_port, Duration::from_secs(20), "node");
+        n
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/api/v2/config/status", self.http_port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn version(&self) -> u64 {
+        self.status().await["version"].as_u64().unwrap()
+    }
+
+    pub async fn agent(&self) -> NodeAgentClient<Channel> {
+        NodeAgentClient::connect(format!("http://127.0.0.1:{}", self.agent_port)).await.unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        self.proc.take();
+    }
+}
+
+/// Polls until `f` returns Some, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A lite config (no database/Redis) whose cache TTL tells versions apart.
+pub fn lite(ttl_secs: u32) -> String {
+    format!("profile: lite\nlog: {{level: info}}\ncache: {{ttl: {ttl_secs}s}}\n")
+}
+
+pub fn submit_req(content: &str, bake: &str) -> pb::SubmitConfigRequest {
+    pb::SubmitConfigRequest {
+        content: content.into(),
+        author: "test".into(),
+        message: "test".into(),
+        policy: Some(pb::RolloutPolicy { bake: Some(bake.into()), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Waits until `n` nodes are registered.
+pub async fn wait_registered(c: &Coord, n: usize) {
+    let mut client = c.client().await;
+    eventually(Duration::from_secs(20), &format!("{n} registered nodes"), || {
+        let mut client = client.clone();
+        async move {
+            let s = client.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            (s.nodes.len() >= n).then_some(())
+        }
+    })
+    .await;
+    let _ = &mut client;
+}
+
+/// Follows WatchRollout until it ends; returns every event.
+pub async fn watch_to_end(url: String) -> Vec<pb::RolloutEvent> {
+    use tokio_stream::StreamExt;
+    let mut client = CoordinatorClient::connect(url).await.unwrap();
+    let mut s = client.watch_rollout(pb::WatchRolloutRequest::default()).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, s.next()).await {
+        out.push(ev.unwrap());
+    }
+    out
+}
+
+/// Waits for the rollout record to reach a terminal state.
+pub async fn wait_rollout_done(c: &Coord, within: Duration) -> pb::RolloutInfo {
+    let client = c.client().await;
+    eventually(within, "the rollout to end", || {
+        let mut client = client.clone();
+        async move {
+            let s = client.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            let r = s.rollout?;
+            matches!(r.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED").then_some(r)
+        }
+    })
+    .await
+}
