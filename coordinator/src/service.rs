@@ -25,6 +25,9 @@ use crate::{
     store::{Member, WatchEvent},
 };
 
+/// Largest gRPC message accepted or sent (a 4 MiB config plus envelope).
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Metadata key of the leader hint.
 pub const LEADER_HINT: &str = "x-confroll-leader";
 /// Metadata key of the leader's id.
@@ -67,7 +70,10 @@ impl CoordinatorServiceImpl {
             .connect()
             .await
             .map_err(|e| with_leader_hint(Status::unavailable(format!("leader unreachable: {e}")), &leader))?;
-        Ok((CoordinatorClient::new(ch), leader))
+        let client = CoordinatorClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok((client, leader))
     }
 }
 
@@ -370,7 +376,13 @@ pub async fn run(
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
-        .add_service(CoordinatorServer::new(CoordinatorServiceImpl::new(replica, token)))
+        .add_service(
+            // Room above the 4 MiB config limit, so an oversized config gets
+            // our clear INVALID_ARGUMENT rather than a transport error.
+            CoordinatorServer::new(CoordinatorServiceImpl::new(replica, token))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

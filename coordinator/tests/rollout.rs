@@ -20,7 +20,7 @@ fn env(k: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let (c1, c2) = (Coord::start(&etcd, "c1", dir.path(), &[]), Coord::start(&etcd, "c2", dir.path(), &[]));
@@ -81,7 +81,7 @@ async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_cannot_apply_rolls_the_cluster_back() {
-    let _serial = serial();
+    let _serial = serial().await;
     let (db, redis) = (env("CONFROLL_TEST_DATABASE_URL"), env("CONFROLL_TEST_REDIS_URL"));
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
@@ -119,7 +119,7 @@ async fn a_canary_that_cannot_apply_rolls_the_cluster_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
-    let _serial = serial();
+    let _serial = serial().await;
     let (db, redis) = (env("CONFROLL_TEST_DATABASE_URL"), env("CONFROLL_TEST_REDIS_URL"));
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
@@ -178,7 +178,7 @@ async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_concurrent_submits_start_exactly_one_rollout_and_abort_reverts_it() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let (c1, c2) = (Coord::start(&etcd, "c1", dir.path(), &[]), Coord::start(&etcd, "c2", dir.path(), &[]));

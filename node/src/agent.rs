@@ -116,7 +116,10 @@ pub async fn run(node: Node, listener: TcpListener, shutdown: impl Future<Output
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(NodeAgentServer::new(NodeAgentServiceImpl::new(node)))
+        .add_service(
+            // A 4 MiB config plus its envelope.
+            NodeAgentServer::new(NodeAgentServiceImpl::new(node)).max_decoding_message_size(8 * 1024 * 1024),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Mutex, MutexGuard, OnceLock},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -14,9 +14,9 @@ use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient, node
 use tonic::transport::Channel;
 
 /// Cluster tests start many processes; on a 2-core machine they run one at a time.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static M: Mutex<()> = Mutex::new(());
-    M.lock().unwrap_or_else(|e| e.into_inner())
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static M: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    M.lock().await
 }
 
 pub fn free_port() -> u16 {
@@ -183,7 +183,8 @@ impl NodeProc {
             .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
             .arg("--state-dir")
             .arg(dir.join(format!("{id}.state")))
-            .args(["--id", id, "--no-watch", "--coordinator", &urls.join(",")])
+            .args(["--id", id, "--no-watch"])
+            .args(if urls.is_empty() { vec![] } else { vec!["--coordinator".to_owned(), urls.join(",")] })
             .args(extra)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -230,6 +231,19 @@ where
         assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until some replica leads; returns its id.
+pub async fn leader_of(c: &Coord) -> String {
+    let client = c.client().await;
+    eventually(Duration::from_secs(20), "a leader", || {
+        let mut c = client.clone();
+        async move {
+            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            (!s.leader_id.is_empty()).then_some(s.leader_id)
+        }
+    })
+    .await
 }
 
 /// A lite config (no database/Redis) whose cache TTL tells versions apart.

@@ -1,0 +1,261 @@
+//! The public API as clients see it: reflection (what grpcurl uses), health,
+//! auth, validation, dry runs, history, manual rollback, forwarding.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use common::*;
+use confroll_proto::v1 as pb;
+use prost::Message;
+use tokio_stream::StreamExt;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// Raw protobuf bytes in and out, as a reflection-driven client sends them.
+#[derive(Default, Clone)]
+struct RawCodec;
+struct Raw;
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut v = vec![0; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().connect().await.unwrap()
+}
+
+async fn reflect_v1(
+    url: &str,
+    req: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient};
+    let mut c = ServerReflectionClient::new(channel(url).await);
+    let out = tokio_stream::iter(vec![ServerReflectionRequest { host: String::new(), message_request: Some(req) }]);
+    let mut s = c.server_reflection_info(out).await.unwrap().into_inner();
+    s.next().await.unwrap().unwrap().message_response.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_discoverable_and_callable_through_reflection() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest as Req, server_reflection_response::MessageResponse as Resp,
+    };
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = Coord::start(&etcd, "c1", dir.path(), &[]);
+    assert_eq!(leader_of(&c1).await, "c1");
+    let mut client = c1.client().await;
+    client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
+    wait_rollout_done(&c1, Duration::from_secs(20)).await;
+
+    // `grpcurl -plaintext HOST:PORT list`
+    let Resp::ListServicesResponse(list) = reflect_v1(&c1.url(), Req::ListServices(String::new())).await else {
+        panic!("not a service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["confroll.v1.Coordinator", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+        assert!(names.iter().any(|n| n == want), "{want} not listed: {names:?}");
+    }
+    // v1alpha answers too (older grpcurl).
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut c = ServerReflectionClient::new(channel(&c1.url()).await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut s = c.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let r = s.next().await.unwrap().unwrap().message_response.unwrap();
+        assert!(
+            matches!(r, MessageResponse::ListServicesResponse(l) if l.service.iter().any(|s| s.name == "confroll.v1.Coordinator"))
+        );
+    }
+    // `grpcurl describe confroll.v1.Coordinator`
+    let Resp::FileDescriptorResponse(files) =
+        reflect_v1(&c1.url(), Req::FileContainingSymbol("confroll.v1.Coordinator".into())).await
+    else {
+        panic!("no descriptor")
+    };
+    let fds: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|b| prost_types::FileDescriptorProto::decode(b.as_slice()).unwrap())
+        .collect();
+    let svc =
+        fds.iter().flat_map(|f| f.service.iter()).find(|s| s.name() == "Coordinator").expect("service in descriptor");
+    let methods: Vec<&str> = svc.method.iter().map(|m| m.name()).collect();
+    for m in ["SubmitConfig", "GetStatus", "ListVersions", "GetVersion", "Rollback", "AbortRollout", "WatchRollout"] {
+        assert!(methods.contains(&m), "{m} missing: {methods:?}");
+    }
+    let get_status = svc.method.iter().find(|m| m.name() == "GetStatus").unwrap();
+    assert_eq!(get_status.input_type(), ".confroll.v1.GetStatusRequest");
+    // `grpcurl -d '{}' HOST:PORT confroll.v1.Coordinator/GetStatus`: a call
+    // built from the descriptor alone (empty request message, raw bytes).
+    let ch = tonic::transport::Endpoint::from_shared(c1.url()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    let path = format!("/confroll.v1.{}/{}", svc.name(), get_status.name()).parse().unwrap();
+    let raw = grpc.unary(tonic::Request::new(Vec::new()), path, RawCodec).await.unwrap().into_inner();
+    let status = pb::GetStatusResponse::decode(raw.as_slice()).unwrap();
+    assert_eq!((status.service.as_str(), status.stable_version, status.leader_id.as_str()), ("default", 1, "c1"));
+
+    // grpc.health.v1
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel(&c1.url()).await);
+    let r = h.check(tonic_health::pb::HealthCheckRequest { service: "confroll.v1.Coordinator".into() }).await.unwrap();
+    assert_eq!(r.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submits_are_checked_history_is_kept_and_rollback_works() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cr3t-token\n").unwrap();
+    let tok = ["--auth-token-file", token.to_str().unwrap()];
+    let (c1, c2) = (Coord::start(&etcd, "c1", dir.path(), &tok), Coord::start(&etcd, "c2", dir.path(), &tok));
+    let cfg = dir.path().join("base.yaml");
+    std::fs::write(&cfg, lite(30)).unwrap();
+    let tok_node = ["--coordinator-token-file", token.to_str().unwrap()];
+    let nodes: Vec<NodeProc> =
+        (1..=2).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1, &c2], &tok_node)).collect();
+    wait_registered(&c1, 2).await;
+    let mut client = c2.client().await;
+    let authed = |m: pb::SubmitConfigRequest| {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
+        r
+    };
+
+    // No token: refused. A dry run needs none.
+    let e = client.submit_config(submit_req(&lite(30), "0s")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut dry = submit_req(&lite(30), "0s");
+    dry.dry_run = true;
+    let d = client.submit_config(dry).await.unwrap().into_inner();
+    assert!(d.dry_run && d.version == 0);
+    assert_eq!(
+        d.checks.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["parse", "schema", "node_validation", "diff"]
+    );
+    assert!(client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions.is_empty());
+
+    // Bad input: a clear error naming the cause; nothing stored.
+    for (content, needle) in [
+        ("profile: lite\ncache: {ttl: 5s, size: 3}\n".to_owned(), "unknown field `size`"),
+        ("profile: lite\nlog: {level: loud}\n".to_owned(), "`log.level` must be one of"),
+        ("".to_owned(), "config is empty"),
+        (format!("profile: lite\n# {}\n", "x".repeat(5 << 20)), "the limit is 4194304 bytes"),
+    ] {
+        let e = client.submit_config(authed(submit_req(&content, "0s"))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(needle), "`{}` does not name `{needle}`", e.message());
+    }
+    let mut bad_policy = submit_req(&lite(30), "0s");
+    bad_policy.policy.as_mut().unwrap().stages = vec!["0%".into()];
+    let e = client.submit_config(authed(bad_policy)).await.unwrap_err();
+    assert!(e.message().contains("invalid stage `0%`"), "{}", e.message());
+    // A restart-only change is caught by the dry run on a live node.
+    let e = client.submit_config(authed(submit_req("profile: standard\n", "0s"))).await.unwrap_err();
+    assert!(e.message().contains("node_validation") || e.message().contains("database"), "{}", e.message());
+    assert!(client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions.is_empty());
+
+    // Two versions through the follower (forwarded to the leader).
+    let v1 = client.submit_config(authed(submit_req(&lite(30), "0s"))).await.unwrap().into_inner();
+    wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    let v2 = client.submit_config(authed(submit_req(&lite(40), "0s"))).await.unwrap().into_inner();
+    wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    assert_eq!((v1.version, v2.version), (1, 2));
+    let diff = client
+        .diff_versions(pb::DiffVersionsRequest { from_version: 1, to_version: 2, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .diff;
+    assert_eq!(diff.len(), 1);
+    assert_eq!(
+        (diff[0].path.as_str(), diff[0].old_value.as_deref(), diff[0].new_value.as_deref()),
+        ("cache.ttl", Some("\"30s\""), Some("\"40s\""))
+    );
+    let got =
+        client.get_version(pb::GetVersionRequest { version: 1, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(got.content, lite(30));
+    let e = client.get_version(pb::GetVersionRequest { version: 9, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // Manual rollback to v1: every node returns; v2 is recorded ROLLED_BACK.
+    let mut rb = tonic::Request::new(pb::RollbackRequest { to_version: 1, ..Default::default() });
+    rb.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
+    let r = client.rollback(rb).await.unwrap().into_inner();
+    assert_eq!(r.version, 1);
+    assert_eq!(wait_rollout_done(&c1, Duration::from_secs(20)).await.state, "SUCCEEDED");
+    for n in &nodes {
+        assert_eq!(n.version().await, 1);
+    }
+    let versions = client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions;
+    assert_eq!(versions[0].version, 2);
+    assert_eq!(versions[0].state, "ROLLED_BACK");
+    assert!(versions[0].reason.contains("by hand"), "{:?}", versions[0]);
+    let st = client.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
+    assert_eq!(st.stable_version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_cannot_reach_the_leader_answers_with_a_leader_hint() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    // c1 leads but advertises an address nobody listens on.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let c1 = Coord::start(&etcd, "c1", dir.path(), &["--advertise", &dead]);
+    let mut c1c = c1.client().await;
+    eventually(Duration::from_secs(10), "c1 to lead", || {
+        let mut c = c1c.clone();
+        async move {
+            (c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().leader_id == "c1").then_some(())
+        }
+    })
+    .await;
+    let c2 = Coord::start(&etcd, "c2", dir.path(), &[]);
+    let e = c2.client().await.submit_config(submit_req(&lite(30), "0s")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(e.metadata().get("x-confroll-leader").unwrap().to_str().unwrap(), dead);
+    assert_eq!(e.metadata().get("x-confroll-leader-id").unwrap().to_str().unwrap(), "c1");
+    // Reads are served by any replica.
+    let st = c2.client().await.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
+    assert_eq!((st.leader_id.as_str(), st.answered_by.as_str()), ("c1", "c2"));
+    let _ = c1c.get_status(pb::GetStatusRequest::default()).await.unwrap();
+}

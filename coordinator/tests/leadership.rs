@@ -1,0 +1,184 @@
+//! Leadership: failover mid-rollout, a paused ex-leader fenced out by the
+//! nodes, reconciliation of nodes that join or come back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use confroll_proto::v1 as pb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_finishes_a_rollout_after_the_leader_is_sigkilled() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut coords: Vec<Coord> = (1..=3).map(|i| Coord::start(&etcd, &format!("c{i}"), dir.path(), &[])).collect();
+    let cfg = dir.path().join("base.yaml");
+    std::fs::write(&cfg, lite(30)).unwrap();
+    let refs: Vec<&Coord> = coords.iter().collect();
+    let nodes: Vec<NodeProc> =
+        (1..=4).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &refs, &[])).collect();
+    wait_registered(&coords[0], 4).await;
+    let mut client = coords[0].client().await;
+    client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
+    wait_rollout_done(&coords[0], Duration::from_secs(30)).await;
+
+    let v2 = client.submit_config(submit_req(&lite(60), "1500ms")).await.unwrap().into_inner();
+    // Let the canary apply, then SIGKILL the leader in the middle of the bake.
+    eventually(Duration::from_secs(20), "the canary to apply", || {
+        let mut c = client.clone();
+        async move {
+            let r = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().rollout?;
+            (r.applied_nodes >= 1).then_some(())
+        }
+    })
+    .await;
+    let old = leader_of(&coords[0]).await;
+    let idx = coords.iter().position(|c| c.id == old).unwrap();
+    coords[idx].kill9();
+    let killed_at = Instant::now();
+    let survivor = &coords[(idx + 1) % 3];
+    let new = eventually(Duration::from_secs(20), "a new leader", || async {
+        let l = leader_of(survivor).await;
+        (l != old).then_some(l)
+    })
+    .await;
+    let failover = killed_at.elapsed();
+    let done = wait_rollout_done(survivor, Duration::from_secs(60)).await;
+    assert_eq!(done.state, "SUCCEEDED", "{done:?}");
+    assert_eq!(done.id, v2.rollout_id, "the new leader finished the same rollout");
+    for n in &nodes {
+        assert_eq!(n.version().await, 2, "node {} did not converge", n.id);
+    }
+    let survivor_log = coords.iter().find(|c| c.id == new).unwrap().log_text();
+    assert!(survivor_log.contains("resuming rollout of the previous leader"), "{survivor_log}");
+    // Lease TTL is 2 s: failover within TTL + 1 s (+ slack for a loaded CI machine).
+    assert!(failover < Duration::from_secs(6), "failover took {failover:?}");
+    eprintln!("leader {old} SIGKILLed; {new} leads after {failover:?}; rollout {} finished", done.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let coords: Vec<Coord> = (1..=2).map(|i| Coord::start(&etcd, &format!("c{i}"), dir.path(), &[])).collect();
+    let cfg = dir.path().join("base.yaml");
+    std::fs::write(&cfg, lite(30)).unwrap();
+    let refs: Vec<&Coord> = coords.iter().collect();
+    let nodes: Vec<NodeProc> =
+        (1..=3).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &refs, &[])).collect();
+    wait_registered(&coords[0], 3).await;
+    let mut client = coords[0].client().await;
+    client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
+    wait_rollout_done(&coords[0], Duration::from_secs(30)).await;
+    let old_token = nodes[0].status().await["highest_fencing_token"].as_u64().unwrap();
+    assert!(old_token > 0);
+
+    // Pause the leader (a GC pause, a frozen VM): it cannot know it was paused.
+    let old = leader_of(&coords[0]).await;
+    let paused = coords.iter().find(|c| c.id == old).unwrap();
+    let other = coords.iter().find(|c| c.id != old).unwrap();
+    let sig = |s: &str| std::process::Command::new("kill").args([s, &paused.pid().to_string()]).status().unwrap();
+    assert!(sig("-STOP").success());
+    let new = eventually(Duration::from_secs(20), "a new leader", || async {
+        let l = leader_of(other).await;
+        (l != old).then_some(l)
+    })
+    .await;
+    assert_eq!(new, other.id);
+    // The new leader's first reconciliation pass fences every node with its token.
+    let new_token = eventually(Duration::from_secs(20), "nodes to learn the new token", || async {
+        let mut tokens = Vec::new();
+        for n in &nodes {
+            tokens.push(n.status().await["highest_fencing_token"].as_u64().unwrap());
+        }
+        (tokens.iter().all(|t| *t > old_token)).then(|| tokens[0])
+    })
+    .await;
+    // The new leader rolls out v2 while the old one is frozen.
+    let mut c2 = other.client().await;
+    c2.submit_config(submit_req(&lite(45), "0s")).await.unwrap();
+    assert_eq!(wait_rollout_done(other, Duration::from_secs(30)).await.state, "SUCCEEDED");
+
+    // The old leader wakes up. Whatever it still tries carries its old
+    // token: a push with that token is refused by every node.
+    assert!(sig("-CONT").success());
+    for n in &nodes {
+        let content = lite(99);
+        let err = n
+            .agent()
+            .await
+            .apply(pb::ApplyRequest {
+                service: "default".into(),
+                version: 1,
+                sha256: String::new(),
+                content: content.into_bytes(),
+                fencing_token: old_token,
+                rollout_id: "stale".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains(&format!("stale fencing token {old_token}")), "{}", err.message());
+        assert_eq!(n.version().await, 2, "node {} was changed by a stale push", n.id);
+    }
+    // It notices it lost its lease and steps down; it never pushed anything.
+    eventually(Duration::from_secs(10), "the old leader to step down", || async {
+        let log = paused.log_text();
+        (log.contains("stepping down") || log.contains("lost leadership")).then_some(())
+    })
+    .await;
+    assert_eq!(leader_of(paused).await, new);
+    eprintln!("paused {old}: token {old_token} refused by all nodes; {new} leads with token {new_token}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_and_returning_nodes_are_brought_to_the_stable_version() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = Coord::start(&etcd, "c1", dir.path(), &[]);
+    let cfg = dir.path().join("base.yaml");
+    std::fs::write(&cfg, lite(30)).unwrap();
+    let mut n1 = NodeProc::start("n1", &cfg, dir.path(), &[&c1], &[]);
+    wait_registered(&c1, 1).await;
+    let mut client = c1.client().await;
+    client.submit_config(submit_req(&lite(77), "0s")).await.unwrap();
+    wait_rollout_done(&c1, Duration::from_secs(30)).await;
+    assert_eq!(n1.version().await, 1);
+
+    // A node that joins later, with a local config of its own, converges.
+    let n2 = NodeProc::start("n2", &cfg, dir.path(), &[&c1], &[]);
+    eventually(Duration::from_secs(20), "n2 on the stable version", || async {
+        let s = n2.status().await;
+        (s["version"] == 1 && s["config"]["cache"]["ttl"] == "1m 17s").then_some(())
+    })
+    .await;
+
+    // n1 dies; v2 rolls out without it; n1 comes back on its state dir and is brought to v2.
+    n1.kill9();
+    eventually(Duration::from_secs(20), "n1's registration to expire", || {
+        let mut c = client.clone();
+        async move {
+            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            (s.nodes.len() == 1).then_some(())
+        }
+    })
+    .await;
+    client.submit_config(submit_req(&lite(88), "0s")).await.unwrap();
+    assert_eq!(wait_rollout_done(&c1, Duration::from_secs(30)).await.state, "SUCCEEDED");
+    let n1 = NodeProc::start("n1", &cfg, dir.path(), &[&c1], &[]);
+    assert_eq!(n1.version().await, 1, "a restarted node boots on its last applied config");
+    eventually(Duration::from_secs(20), "n1 reconciled to v2", || async { (n1.version().await == 2).then_some(()) })
+        .await;
+
+    // With no coordinator at all, a restarted node still serves its last config.
+    drop(c1);
+    let mut n1 = n1;
+    n1.kill9();
+    let n1 = NodeProc::start("n1", &cfg, dir.path(), &[], &[]);
+    assert_eq!(n1.version().await, 2);
+    drop(n2);
+}
