@@ -110,6 +110,10 @@ pub struct RolloutRecord {
     /// Number of nodes confirmed on the new version (informational).
     #[serde(default)]
     pub applied: usize,
+    /// When the failure that started the rollback was seen (ms since the
+    /// Unix epoch; 0 when it never rolled back).
+    #[serde(default)]
+    pub rollback_started_ms: u64,
 }
 
 /// A result the runtime reports.
@@ -271,7 +275,7 @@ impl Engine {
                 vec![]
             }
             (RolloutState::Running, Input::Applied { node, result: Err(e) }) => {
-                self.roll_back(format!("apply failed on node {node}: {e}"), node)
+                self.roll_back(now, format!("apply failed on node {node}: {e}"), node)
             }
             (RolloutState::Running, Input::Health { node, result }) => {
                 if !self.live.pending_health.remove(&node) {
@@ -285,7 +289,7 @@ impl Engine {
                         let f = self.live.failures.entry(node.clone()).or_default();
                         *f += 1;
                         if *f >= self.rec.policy.failure_threshold.max(1) {
-                            return self.roll_back(format!("node {node} failed its health check: {e}"), node);
+                            return self.roll_back(now, format!("node {node} failed its health check: {e}"), node);
                         }
                     }
                 }
@@ -300,7 +304,7 @@ impl Engine {
             }
             (RolloutState::Running, Input::Abort { reason }) => {
                 self.live.aborting = true;
-                self.roll_back(format!("aborted: {reason}"), String::new())
+                self.roll_back(now, format!("aborted: {reason}"), String::new())
             }
             (RolloutState::RollingBack, Input::Reverted { node, result }) => {
                 match result {
@@ -347,8 +351,9 @@ impl Engine {
         a
     }
 
-    fn roll_back(&mut self, reason: String, node: String) -> Vec<Action> {
+    fn roll_back(&mut self, now: u64, reason: String, node: String) -> Vec<Action> {
         self.rec.state = RolloutState::RollingBack;
+        self.rec.rollback_started_ms = now;
         self.rec.reason = reason;
         self.rec.failing_node = node;
         self.live.pending_health.clear();
@@ -433,6 +438,7 @@ mod tests {
             started_at: String::new(),
             updated_at: String::new(),
             applied: 0,
+            rollback_started_ms: 0,
         }
     }
 
@@ -532,6 +538,7 @@ mod tests {
         want.sort();
         assert_eq!(reverts, want, "the failing node too: it may hold part of the new version");
         assert_eq!(e.record().state, RolloutState::RollingBack);
+        assert_eq!(e.record().rollback_started_ms, 5);
         assert_eq!(e.record().failing_node, order[1]);
         assert!(e.record().reason.contains("apply failed"), "{}", e.record().reason);
         // A late push result changes nothing.

@@ -570,14 +570,27 @@ impl Replica {
                 }
             },
         }
-        // 4. diff against the stable version
-        let (meta, meta_rev) = match self.meta(&service).await? {
-            Some((m, r)) => (m, Some(r)),
-            None => (ServiceMeta::default(), None),
+        // 4. diff against the stable version. A real submit takes the lock
+        // first, so the version pointers it reads cannot move under it.
+        let mut lock = None;
+        if !req.dry_run {
+            let term = self.leading()?;
+            let rollout_id = format!("{service}-{:08x}", rand::rng().random::<u32>());
+            lock = Some((term.clone(), self.lock_service(&term, &service, &rollout_id).await?, rollout_id));
+        }
+        let (meta, meta_rev) = match self.meta(&service).await {
+            Ok(Some((m, r))) => (m, Some(r)),
+            Ok(None) => (ServiceMeta::default(), None),
+            Err(e) => {
+                if let Some((_, l, _)) = &lock {
+                    let _ = self.inner.store.unlock(l).await;
+                }
+                return Err(e.into());
+            }
         };
         let base = match meta.stable_version {
             0 => None,
-            v => self.version(&service, v).await?,
+            v => self.version(&service, v).await.ok().flatten(),
         };
         let diff = match &base {
             Some(b) => match Config::parse(b.content.as_bytes()) {
@@ -595,12 +608,9 @@ impl Replica {
             base_version: meta.stable_version,
             ..Default::default()
         };
-        if req.dry_run {
+        let Some((term, lock, rollout_id)) = lock else {
             return Ok(out);
-        }
-        let term = self.leading()?;
-        let rollout_id = format!("{service}-{:08x}", rand::rng().random::<u32>());
-        let lock = self.lock_service(&term, &service, &rollout_id).await?;
+        };
         let version = meta.latest_version + 1;
         let record = VersionRecord {
             version,
@@ -715,6 +725,7 @@ impl Replica {
             started_at: now.clone(),
             updated_at: now,
             applied: 0,
+            rollback_started_ms: 0,
         }
     }
 
@@ -726,13 +737,24 @@ impl Replica {
             .version(&service, to_version)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("service `{service}` has no version {to_version}")))?;
-        let (meta, meta_rev) =
-            self.meta(&service).await?.ok_or_else(|| ApiError::NotFound(format!("no service `{service}`")))?;
-        if meta.stable_version == to_version {
-            return Err(ApiError::FailedPrecondition(format!("version {to_version} is already the stable version")));
-        }
         let rollout_id = format!("{service}-rb-{:08x}", rand::rng().random::<u32>());
         let lock = self.lock_service(&term, &service, &rollout_id).await?;
+        // Read the pointers under the lock, so they cannot move under us.
+        let meta = match self.meta(&service).await {
+            Ok(Some(m)) if m.0.stable_version != to_version => Ok(m),
+            Ok(Some(_)) => {
+                Err(ApiError::FailedPrecondition(format!("version {to_version} is already the stable version")))
+            }
+            Ok(None) => Err(ApiError::NotFound(format!("no service `{service}`"))),
+            Err(e) => Err(e.into()),
+        };
+        let (meta, meta_rev) = match meta {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = self.inner.store.unlock(&lock).await;
+                return Err(e);
+            }
+        };
         let nodes = self.nodes(&service).await?;
         let policy = Policy::all_at_once(self.inner.opts.default_policy.apply_timeout);
         let rec = self.new_rollout(
@@ -815,6 +837,9 @@ impl Replica {
         loop {
             for action in std::mem::take(&mut actions) {
                 match action {
+                    // The final record is written by `finish`, atomically
+                    // with the stable version and the lock release.
+                    Action::Persist if engine.record().state.is_terminal() => {}
                     Action::Persist => {
                         engine.touch(now_rfc3339());
                         let r = engine.record();
@@ -867,6 +892,7 @@ impl Replica {
                     }
                     Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
                     Action::Finished(state) => {
+                        engine.touch(now_rfc3339());
                         self.finish(&term, &lock, engine.record(), state, started.elapsed()).await;
                         return;
                     }
@@ -979,11 +1005,11 @@ impl Replica {
                 }
                 Err(e) => {
                     tracing::warn!(%service, error = %e, "cannot record the rollout outcome; the next leader will");
+                    let _ = self.inner.store.unlock(lock).await;
                     return;
                 }
             }
         }
-        let _ = self.inner.store.unlock(lock).await;
         let m = &self.inner.metrics;
         let outcome = state.as_str().to_lowercase();
         m.rollouts_total.with_label_values(&[service, &outcome]).inc();
@@ -1040,6 +1066,10 @@ impl Replica {
             (_, RolloutKind::Rollback) => meta.desired_version = meta.stable_version,
         }
         ops.push(Op::Put(keys::meta(service), encode(&meta)));
+        // One transaction: the final rollout record, the versions, the
+        // stable pointer and the lock release are seen together or not at all.
+        ops.push(Op::Put(keys::rollout(service), encode(rec)));
+        ops.push(Op::ReleaseLock(lock.name.clone()));
         self.inner
             .store
             .txn(Some(Fence { term, lock: Some(lock) }), vec![Cond::ModRevision(keys::meta(service), meta_rev)], ops)

@@ -372,6 +372,14 @@ pub async fn run(
     };
     let v1 = refl(tonic_reflection::server::Builder::configure()).build_v1()?;
     let v1alpha = refl(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+    // tonic sets TCP_NODELAY only on sockets it accepts itself; these come
+    // from our listener, so set it here (else small responses wait ~40 ms
+    // for a delayed ACK).
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(s)
+    });
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(v1)
@@ -383,7 +391,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -235,6 +235,8 @@ struct Inner {
     file_sha: ArcSwapOption<String>,
     /// Keeps the tracing subscriber alive when it is not the global one.
     dispatch: tracing::Dispatch,
+    /// Live version, for [`Node::watch_version`].
+    version_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl Node {
@@ -287,6 +289,7 @@ impl Node {
                 file_sha: ArcSwapOption::new(file_sha.map(Arc::new)),
                 state,
                 dispatch,
+                version_tx: tokio::sync::watch::Sender::new(version),
                 opts,
             }),
         };
@@ -324,6 +327,12 @@ impl Node {
     /// across an `.await`).
     pub fn config_guard(&self) -> arc_swap::Guard<Arc<Applied>> {
         self.inner.live.load()
+    }
+
+    /// A receiver that sees the live version change (apply and rollback),
+    /// for code that must wait for a config instead of polling.
+    pub fn watch_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.version_tx.subscribe()
     }
 
     /// The live PostgreSQL pool (`None` with `profile: lite`).
@@ -552,7 +561,9 @@ impl Node {
                     source: trigger,
                 });
                 self.inner.metrics.config_version.set(next.version as i64);
+                let v = next.version;
                 self.inner.live.store(next);
+                self.inner.version_tx.send_replace(v);
                 None
             }
             Command::Prepare(kinds) => {
@@ -611,6 +622,7 @@ impl Node {
             Command::RollBack(kinds) => {
                 self.inner.metrics.config_version.set(prev.version as i64);
                 self.inner.live.store(prev.clone());
+                self.inner.version_tx.send_replace(prev.version);
                 for k in kinds {
                     if let Some(inst) = run.previous.remove(&k) {
                         c.discard(c.swap(inst));

@@ -211,6 +211,7 @@ impl Store for EtcdStore {
             .map(|o| match o {
                 Op::Put(k, v) => TxnOp::put(k, v, None),
                 Op::Delete(k) => TxnOp::delete(k, None),
+                Op::ReleaseLock(name) => TxnOp::delete(lock_key(&name), None),
             })
             .collect();
         let inner = Txn::new().when(cmps).and_then(ops);

@@ -104,6 +104,8 @@ pub enum Op {
     Put(String, Vec<u8>),
     /// Delete a key.
     Delete(String),
+    /// Release a lock (by name) in the same transaction.
+    ReleaseLock(String),
 }
 
 /// One change seen by a watch.

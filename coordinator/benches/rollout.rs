@@ -1,0 +1,428 @@
+//! Rollout benchmark: how close a rollout gets to the store's own floor.
+//!
+//! 1. Floor: an etcd put until N watchers are notified (N = 10, 100, 1000).
+//! 2. Rollout: N in-process node agents (real `confroll-node` nodes, each with
+//!    its own NodeAgent gRPC server on loopback), an in-process coordinator on
+//!    the same etcd, zero bake; one stage (100%) and four stages (1, 25%, 50%,
+//!    100%): from SubmitConfig sent (checks, version write and rollout all
+//!    included) to every node running the version.
+//! 3. Rollback: 100 nodes run v2 (Redis on a server of the bench's own); that
+//!    Redis dies; from the failed health check seen by the coordinator to all
+//!    100 nodes back on v1. Needs PostgreSQL and Redis (scripts/bench.sh).
+//! 4. Failover: three coordinator processes; the leader is SIGKILLed; until a
+//!    survivor accepts a write. Lease TTL 2 s.
+//!
+//! Run: `bash scripts/bench.sh` (starts PostgreSQL, Redis; etcd is started
+//! here). Without `--bench` (cargo test --all-targets) it runs a smoke pass.
+#![allow(clippy::print_stdout, missing_docs)]
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+use confroll_coordinator::{
+    model::{NodeRecord, now_rfc3339},
+    replica::{Replica, ReplicaOptions},
+    store::{Store, etcd::EtcdStore},
+};
+use confroll_node::{Node, NodeOptions};
+use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use tokio_util::sync::CancellationToken;
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(p: u16) {
+    for _ in 0..1000 {
+        if std::net::TcpStream::connect(("127.0.0.1", p)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("port {p} never opened");
+}
+
+fn start_etcd(dir: &std::path::Path) -> (Guard, String) {
+    let (c, p) = (free_port(), free_port());
+    let child = Command::new("etcd")
+        .args(["--name", "b", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+        .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
+        .args(["--initial-cluster", &format!("b=http://127.0.0.1:{p}"), "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd on PATH");
+    wait_port(c);
+    (Guard(child), format!("http://127.0.0.1:{c}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let p = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+    (p(0.5), p(0.99))
+}
+
+/// A put until `n` watchers (each its own watch stream) have the event.
+async fn floor(endpoint: &str, n: usize, iters: usize) -> anyhow::Result<Vec<f64>> {
+    let client = etcd_client::Client::connect([endpoint], None).await?;
+    let key = format!("/bench/floor/{n}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (mut c, key, tx) = (client.clone(), key.clone(), tx.clone());
+        let mut stream = c.watch(key.clone(), None).await?;
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(r)) = stream.message().await {
+                for ev in r.events() {
+                    if let Some(kv) = ev.kv() {
+                        let seq: u64 = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
+                        let _ = tx.send((seq, Instant::now()));
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut out = Vec::new();
+    for i in 0..iters {
+        let seq = i as u64 + 1;
+        let t0 = Instant::now();
+        client.clone().put(key.clone(), seq.to_string(), None).await?;
+        let mut got = 0;
+        let mut last = t0;
+        while got < n {
+            let (s, at) = rx.recv().await.context("watchers gone")?;
+            if s == seq {
+                got += 1;
+                last = at;
+            }
+        }
+        out.push(last.duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(out)
+}
+
+fn lite(ttl: u64) -> String {
+    format!("profile: lite\nlog: {{level: warn}}\ncache: {{ttl: {ttl}s}}\n")
+}
+
+struct Fleet {
+    nodes: Vec<Node>,
+    shutdown: CancellationToken,
+}
+
+/// `n` in-process nodes of `service`, each serving NodeAgent on its own port,
+/// registered with the replica.
+async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> anyhow::Result<Fleet> {
+    let shutdown = CancellationToken::new();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let mut o = NodeOptions::new(format!("{service}-n{i}"));
+        o.service = service.into();
+        o.initial_config = Some(content.as_bytes().to_vec());
+        let node = Node::start(o).await?;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?.to_string();
+        tokio::spawn(confroll_node::agent::run(node.clone(), l, shutdown.clone().cancelled_owned()));
+        let live = node.config();
+        replica
+            .register(
+                service,
+                NodeRecord {
+                    id: node.id().into(),
+                    address: addr,
+                    version: live.version,
+                    sha256: live.sha256.clone(),
+                    healthy: true,
+                    last_seen: now_rfc3339(),
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        nodes.push(node);
+    }
+    Ok(Fleet { nodes, shutdown })
+}
+
+async fn all_on(nodes: &[Node], v: u64) {
+    futures::future::join_all(nodes.iter().map(|n| async move {
+        let mut rx = n.watch_version();
+        let _ = rx.wait_for(|x| *x == v).await;
+    }))
+    .await;
+}
+
+async fn wait_done(client: &mut CoordinatorClient<tonic::transport::Channel>, service: &str) -> pb::RolloutInfo {
+    loop {
+        let s = client.get_status(pb::GetStatusRequest { service: service.into() }).await.unwrap().into_inner();
+        if let Some(r) = s.rollout
+            && matches!(r.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED")
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn submit(service: &str, content: String, stages: &[&str], bake: &str, interval: &str) -> pb::SubmitConfigRequest {
+    pb::SubmitConfigRequest {
+        service: service.into(),
+        content,
+        author: "bench".into(),
+        policy: Some(pb::RolloutPolicy {
+            stages: stages.iter().map(|s| s.to_string()).collect(),
+            bake: Some(bake.into()),
+            health_interval: Some(interval.into()),
+            apply_timeout: Some("30s".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let sizes: Vec<usize> = if smoke { vec![10] } else { vec![10, 100, 1000] };
+    let dir = tempfile::tempdir()?;
+    let (_etcd, endpoint) = start_etcd(dir.path());
+
+    // 1. Floor.
+    let mut floors = Vec::new();
+    for &n in &sizes {
+        let iters = if smoke {
+            3
+        } else if n >= 1000 {
+            30
+        } else {
+            50
+        };
+        floors.push(stats(floor(&endpoint, n, iters).await?));
+    }
+
+    // 2. Rollouts through an in-process coordinator.
+    let store: Arc<dyn Store> =
+        Arc::new(EtcdStore::connect(std::slice::from_ref(&endpoint), Duration::from_secs(2)).await?);
+    let mut opts = ReplicaOptions::new("bench-c1", "127.0.0.1:0");
+    opts.registration_ttl = Duration::from_secs(3600);
+    opts.reconcile_interval = Duration::from_secs(3600);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    opts.address = addr.to_string();
+    let replica = Replica::new(opts, store);
+    let stop = CancellationToken::new();
+    tokio::spawn(confroll_coordinator::service::run(replica.clone(), None, l, stop.clone().cancelled_owned()));
+    tokio::spawn(replica.clone().run(stop.clone()));
+    while replica.term().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut client = CoordinatorClient::connect(format!("http://{addr}")).await?.max_decoding_message_size(8 << 20);
+    let mut rows = Vec::new();
+    let mut ttl = 1000u64;
+    for &n in &sizes {
+        let service = format!("bench-{n}");
+        let f = fleet(&replica, &service, n, &lite(1)).await?;
+        client.submit_config(submit(&service, lite(ttl), &["100%"], "0s", "10ms")).await?;
+        ttl += 1;
+        wait_done(&mut client, &service).await;
+        for (label, stages) in [("1 stage", vec!["100%"]), ("4 stages", vec!["1", "25%", "50%", "100%"])] {
+            let iters = if smoke {
+                2
+            } else if n >= 1000 {
+                10
+            } else {
+                20
+            };
+            let mut samples = Vec::new();
+            for _ in 0..iters {
+                // From the request being sent: includes the submit checks and
+                // the fenced version write (the rollout may end before the
+                // response arrives).
+                let t0 = Instant::now();
+                let r = client.submit_config(submit(&service, lite(ttl), &stages, "0s", "10ms")).await?.into_inner();
+                ttl += 1;
+                all_on(&f.nodes, r.version).await;
+                samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+                let done = wait_done(&mut client, &service).await;
+                anyhow::ensure!(done.state == "SUCCEEDED", "rollout ended {}: {}", done.state, done.reason);
+            }
+            rows.push((n, label, stats(samples)));
+        }
+        f.shutdown.cancel();
+    }
+
+    // 3. Failed health → every node back.
+    let rollback = match (std::env::var("CONFROLL_TEST_DATABASE_URL"), std::env::var("CONFROLL_TEST_REDIS_URL")) {
+        (Ok(db), Ok(redis)) => {
+            let (n, iters) = if smoke { (10, 1) } else { (100, 5) };
+            Some(bench_rollback(&replica, &mut client, &db, &redis, n, iters).await?)
+        }
+        _ => None,
+    };
+    stop.cancel();
+
+    // 4. Leader SIGKILL → a survivor accepts writes.
+    let failover = bench_failover(&endpoint, dir.path(), if smoke { 1 } else { 5 }).await?;
+
+    println!("\nconfroll rollout benchmark (etcd backend; milliseconds)\n");
+    println!(
+        "| N | floor: put → N watchers (p50 / p99) | rollout, 1 stage (p50 / p99) | rollout, 4 stages (p50 / p99) | p50 ÷ floor p50: 1 stage / 4 stages |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (i, &n) in sizes.iter().enumerate() {
+        let (f50, f99) = floors[i];
+        let one = rows.iter().find(|r| r.0 == n && r.1 == "1 stage").unwrap().2;
+        let four = rows.iter().find(|r| r.0 == n && r.1 == "4 stages").unwrap().2;
+        println!(
+            "| {n} | {f50:.2} / {f99:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            one.0,
+            one.1,
+            four.0,
+            four.1,
+            one.0 / f50,
+            four.0 / f50
+        );
+    }
+    match rollback {
+        Some((n, (p50, p99))) => println!(
+            "\nfailed health seen → all {n} nodes back on the old version: p50 {p50:.1} ms, p99 {p99:.1} ms (goal ≤ 100 ms)"
+        ),
+        None => println!("\nrollback timing skipped: CONFROLL_TEST_DATABASE_URL / CONFROLL_TEST_REDIS_URL not set"),
+    }
+    let (f50, f99) = failover;
+    println!(
+        "leader SIGKILL → a survivor accepts a write: p50 {f50:.0} ms, p99 {f99:.0} ms (lease TTL 2000 ms; goal ≤ 3000 ms)"
+    );
+    if smoke {
+        println!("(smoke run without --bench: N = 10 only, few iterations, debug build; run `bash scripts/bench.sh`)");
+    }
+    Ok(())
+}
+
+fn standard(db: &str, redis: &str, ttl: u64) -> String {
+    format!(
+        "log: {{level: warn}}\ndatabase: {{url: \"{db}\", max_conns: 2, min_conns: 0, acquire_timeout: 2s}}\n\
+         redis: {{url: \"{redis}\", pool_size: 2, timeout: 300ms}}\ncache: {{ttl: {ttl}s}}\n"
+    )
+}
+
+async fn bench_rollback(
+    replica: &Replica,
+    client: &mut CoordinatorClient<tonic::transport::Channel>,
+    db: &str,
+    redis: &str,
+    n: usize,
+    iters: usize,
+) -> anyhow::Result<(usize, (f64, f64))> {
+    let service = "bench-rollback";
+    let f = fleet(replica, service, n, &standard(db, redis, 1)).await?;
+    client.submit_config(submit(service, standard(db, redis, 2), &["100%"], "0s", "10ms")).await?;
+    wait_done(client, service).await;
+    let mut samples = Vec::new();
+    for i in 0..iters {
+        let port = free_port();
+        let mut own = Guard(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+        wait_port(port);
+        let v1 = replica.meta(service).await?.map(|m| m.0.stable_version).unwrap_or(0);
+        let v2 = standard(db, &format!("redis://127.0.0.1:{port}/0"), 100 + i as u64);
+        let r = client.submit_config(submit(service, v2, &["100%"], "60s", "20ms")).await?.into_inner();
+        all_on(&f.nodes, r.version).await;
+        // Every node runs v2 and bakes: now its Redis dies.
+        let _ = own.0.kill();
+        let _ = own.0.wait();
+        all_on(&f.nodes, v1).await;
+        let back = now_ms();
+        let done = wait_done(client, service).await;
+        anyhow::ensure!(done.state == "ROLLED_BACK", "expected a rollback, got {}", done.state);
+        let rec = replica.rollout(service).await?.context("rollout record")?;
+        samples.push(back.saturating_sub(rec.rollback_started_ms) as f64);
+    }
+    f.shutdown.cancel();
+    Ok((n, stats(samples)))
+}
+
+async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> anyhow::Result<(f64, f64)> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_confroll-coordinator"));
+    let spawn = |id: &str, port: u16| -> anyhow::Result<Guard> {
+        let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
+        Ok(Guard(
+            Command::new(&bin)
+                .args(["--id", id, "--listen", &format!("127.0.0.1:{port}"), "--etcd-endpoints", endpoint])
+                .args(["--lease-ttl", "2s"])
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?,
+        ))
+    };
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut procs: Vec<Option<Guard>> = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        procs.push(Some(spawn(&format!("f{i}"), *p)?));
+        wait_port(*p);
+    }
+    let mut samples = Vec::new();
+    for it in 0..iters {
+        let leader = loop {
+            let mut c = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[it % 3])).await?;
+            let s = c.get_status(pb::GetStatusRequest::default()).await?.into_inner();
+            if !s.leader_id.is_empty() {
+                break s.leader_id;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let idx: usize = leader.trim_start_matches('f').parse()?;
+        // The leader accepts writes before it is killed.
+        let mut lc = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[idx])).await?;
+        lc.submit_config(submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms")).await?;
+        procs[idx] = None; // SIGKILL
+        let t0 = Instant::now();
+        let survivors: Vec<u16> = ports.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, p)| *p).collect();
+        'outer: loop {
+            for p in &survivors {
+                if let Ok(mut sc) = CoordinatorClient::connect(format!("http://127.0.0.1:{p}")).await {
+                    let req = submit("failover", lite(10_001 + it as u64 * 2), &["100%"], "0s", "10ms");
+                    if sc.submit_config(req).await.is_ok() {
+                        break 'outer;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        procs[idx] = Some(spawn(&format!("f{idx}"), ports[idx])?);
+        wait_port(ports[idx]);
+    }
+    Ok(stats(samples))
+}
