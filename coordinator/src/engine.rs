@@ -261,9 +261,15 @@ impl Engine {
     pub fn step(&mut self, now: u64, input: Input) -> Vec<Action> {
         match (self.rec.state, input) {
             (RolloutState::Running, Input::Applied { node, result: Ok(()) }) => {
+                // Only nodes of the current stage are ever pushed, so the
+                // stage is done when as many have applied as it holds (O(1)).
+                if !self.rec.touched.contains(&node) {
+                    return vec![];
+                }
                 self.live.applied.insert(node);
                 self.rec.applied = self.live.applied.len();
-                let stage_done = self.stage_nodes(self.rec.stage).iter().all(|n| self.live.applied.contains(n));
+                let target = self.rec.targets.get(self.rec.stage).copied().unwrap_or(0);
+                let stage_done = self.live.applied.len() >= target;
                 if stage_done && self.live.baking_since.is_none() {
                     // The stage is on the new version and starts baking:
                     // worth recording (watchers see it; a new leader re-checks).
