@@ -66,6 +66,43 @@ pub struct ServiceMeta {
     pub stable_version: u64,
     /// Version being rolled out, else the stable one.
     pub desired_version: u64,
+    /// The service's own rollout defaults (over the coordinator's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyOverrides>,
+}
+
+/// Policy fields a service (or a submit) sets; unset ones are inherited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyOverrides {
+    /// Stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageSize>>,
+    /// Bake, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_ms: Option<u64>,
+    /// Health interval, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_interval_ms: Option<u64>,
+    /// Failure threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+    /// Apply timeout, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_timeout_ms: Option<u64>,
+}
+
+impl PolicyOverrides {
+    /// `base` with these overrides applied.
+    pub fn apply_to(&self, base: &Policy) -> Policy {
+        let ms = Duration::from_millis;
+        Policy {
+            stages: self.stages.clone().unwrap_or_else(|| base.stages.clone()),
+            bake: self.bake_ms.map(ms).unwrap_or(base.bake),
+            health_interval: self.health_interval_ms.map(ms).unwrap_or(base.health_interval),
+            failure_threshold: self.failure_threshold.unwrap_or(base.failure_threshold),
+            apply_timeout: self.apply_timeout_ms.map(ms).unwrap_or(base.apply_timeout),
+        }
+    }
 }
 
 /// Lifecycle of a version.

@@ -4,8 +4,21 @@ use confroll_proto::v1 as pb;
 
 use crate::{
     engine::RolloutRecord,
-    model::{NodeRecord, VersionRecord},
+    model::{NodeRecord, Policy, VersionRecord},
 };
+
+impl From<&Policy> for pb::RolloutPolicy {
+    fn from(p: &Policy) -> Self {
+        let d = |d: std::time::Duration| Some(humantime::format_duration(d).to_string());
+        pb::RolloutPolicy {
+            stages: p.stages.iter().map(ToString::to_string).collect(),
+            bake: d(p.bake),
+            health_interval: d(p.health_interval),
+            failure_threshold: Some(p.failure_threshold),
+            apply_timeout: d(p.apply_timeout),
+        }
+    }
+}
 
 impl From<&VersionRecord> for pb::VersionInfo {
     fn from(v: &VersionRecord) -> Self {

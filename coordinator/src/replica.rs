@@ -32,6 +32,7 @@ use crate::{
     agents::{AgentError, Agents},
     engine::{Action, Engine, Input, RolloutKind, RolloutRecord, RolloutState, canary_order, stage_targets},
     metrics::CoordinatorMetrics,
+    model::PolicyOverrides,
     model::{NodeRecord, Policy, ServiceMeta, VersionRecord, VersionState, keys, now_rfc3339, service_name},
     store::{Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term},
 };
@@ -492,45 +493,79 @@ impl Replica {
         self.term().ok_or(ApiError::NotLeader(None))
     }
 
-    fn policy(&self, p: Option<&pb::RolloutPolicy>) -> Result<Policy, ApiError> {
-        let mut policy = self.inner.opts.default_policy.clone();
-        let Some(p) = p else { return Ok(policy) };
-        let dur = |name: &str, s: &Option<String>, into: &mut Duration| -> Result<(), ApiError> {
-            if let Some(s) = s.as_deref().filter(|s| !s.is_empty()) {
-                *into = humantime::parse_duration(s)
-                    .map_err(|e| ApiError::InvalidArgument(format!("policy.{name} `{s}`: {e}")))?;
+    /// Parses a wire policy into overrides (unset fields stay unset).
+    pub fn overrides(p: Option<&pb::RolloutPolicy>) -> Result<PolicyOverrides, ApiError> {
+        let Some(p) = p else { return Ok(PolicyOverrides::default()) };
+        let dur = |name: &str, s: &Option<String>| -> Result<Option<u64>, ApiError> {
+            match s.as_deref().filter(|s| !s.is_empty()) {
+                None => Ok(None),
+                Some(s) => humantime::parse_duration(s)
+                    .map(|d| Some(d.as_millis() as u64))
+                    .map_err(|e| ApiError::InvalidArgument(format!("policy.{name} `{s}`: {e}"))),
             }
-            Ok(())
         };
-        if !p.stages.is_empty() {
-            policy.stages = p
-                .stages
-                .iter()
-                .map(|s| s.parse().map_err(|e: String| ApiError::InvalidArgument(format!("policy.stages: {e}"))))
-                .collect::<Result<_, _>>()?;
+        let stages = if p.stages.is_empty() {
+            None
+        } else {
+            Some(
+                p.stages
+                    .iter()
+                    .map(|s| s.parse().map_err(|e: String| ApiError::InvalidArgument(format!("policy.stages: {e}"))))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        let o = PolicyOverrides {
+            stages,
+            bake_ms: dur("bake", &p.bake)?,
+            health_interval_ms: dur("health_interval", &p.health_interval)?,
+            failure_threshold: p.failure_threshold,
+            apply_timeout_ms: dur("apply_timeout", &p.apply_timeout)?,
+        };
+        if o.failure_threshold == Some(0) {
+            return Err(ApiError::InvalidArgument("policy.failure_threshold must be at least 1".into()));
         }
-        dur("bake", &p.bake, &mut policy.bake)?;
-        dur("health_interval", &p.health_interval, &mut policy.health_interval)?;
-        dur("apply_timeout", &p.apply_timeout, &mut policy.apply_timeout)?;
-        if let Some(t) = p.failure_threshold {
-            if t == 0 {
-                return Err(ApiError::InvalidArgument("policy.failure_threshold must be at least 1".into()));
-            }
-            policy.failure_threshold = t;
-        }
-        if policy.apply_timeout.is_zero() || policy.health_interval.is_zero() {
+        if o.apply_timeout_ms == Some(0) || o.health_interval_ms == Some(0) {
             return Err(ApiError::InvalidArgument(
                 "policy.apply_timeout and policy.health_interval must be > 0".into(),
             ));
         }
-        Ok(policy)
+        Ok(o)
+    }
+
+    /// The policy a service's submits get by default.
+    pub fn service_policy(&self, meta: &ServiceMeta) -> Policy {
+        let base = &self.inner.opts.default_policy;
+        meta.policy.as_ref().map_or_else(|| base.clone(), |o| o.apply_to(base))
+    }
+
+    /// Sets the service's default policy; returns the effective defaults.
+    pub async fn set_policy(&self, service: &str, p: Option<&pb::RolloutPolicy>) -> Result<Policy, ApiError> {
+        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let o = Self::overrides(p)?;
+        let term = self.leading()?;
+        for _ in 0..10 {
+            let (meta, rev) = match self.meta(&service).await? {
+                Some((m, r)) => (m, Some(r)),
+                None => (ServiceMeta::default(), None),
+            };
+            let cond = match rev {
+                Some(r) => Cond::ModRevision(keys::meta(&service), r),
+                None => Cond::Absent(keys::meta(&service)),
+            };
+            let meta = ServiceMeta { policy: Some(o.clone()), ..meta };
+            let ops = vec![Op::Put(keys::meta(&service), encode(&meta))];
+            if self.inner.store.txn(Some(Fence { term: &term, lock: None }), vec![cond], ops).await? {
+                return Ok(self.service_policy(&meta));
+            }
+        }
+        Err(ApiError::Unavailable("the service kept changing; retry".into()))
     }
 
     /// Checks a candidate and, unless it is a dry run, versions it and starts
     /// its rollout. Checks run on any replica; the write needs the leader.
     pub async fn submit(&self, req: Submit) -> Result<SubmitOutcome, ApiError> {
         let service = service_name(&req.service).map_err(ApiError::InvalidArgument)?;
-        let policy = self.policy(req.policy.as_ref())?;
+        let submit_overrides = Self::overrides(req.policy.as_ref())?;
         if req.content.len() > MAX_CONFIG_BYTES {
             return Err(ApiError::InvalidArgument(format!(
                 "config is {} bytes; the limit is {MAX_CONFIG_BYTES} bytes",
@@ -625,6 +660,8 @@ impl Replica {
             failing_node: String::new(),
             rollout_id: rollout_id.clone(),
         };
+        // Coordinator defaults, then the service's, then this submit's.
+        let policy = submit_overrides.apply_to(&self.service_policy(&meta));
         let rec =
             self.new_rollout(&service, &rollout_id, RolloutKind::Submit, version, meta.stable_version, policy, &nodes);
         let new_meta = ServiceMeta { latest_version: version, desired_version: version, ..meta };

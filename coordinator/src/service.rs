@@ -164,6 +164,7 @@ impl Coordinator for CoordinatorServiceImpl {
         let r = &self.replica;
         let leader = r.leader().await.map_err(to_status)?;
         let meta = r.meta(&service).await.map_err(|e| to_status(e.into()))?.map(|m| m.0).unwrap_or_default();
+        let default_policy = Some((&r.service_policy(&meta)).into());
         let rollout = r.rollout(&service).await.map_err(|e| to_status(e.into()))?;
         let mut nodes = r.nodes(&service).await.map_err(|e| to_status(e.into()))?;
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -176,6 +177,7 @@ impl Coordinator for CoordinatorServiceImpl {
             rollout: rollout.as_ref().map(Into::into),
             nodes: nodes.iter().map(Into::into).collect(),
             answered_by: r.id().to_owned(),
+            default_policy,
         }))
     }
 
@@ -258,6 +260,25 @@ impl Coordinator for CoordinatorServiceImpl {
                     .map(|rollout_id| pb::AbortRolloutResponse { rollout_id })
             },
             abort_rollout
+        )
+    }
+
+    async fn set_service_policy(
+        &self,
+        req: Request<pb::SetServicePolicyRequest>,
+    ) -> Result<Response<pb::SetServicePolicyResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.get_ref().clone();
+        on_leader!(
+            self,
+            req,
+            async {
+                self.replica
+                    .set_policy(&r.service, r.policy.as_ref())
+                    .await
+                    .map(|p| pb::SetServicePolicyResponse { effective: Some((&p).into()) })
+            },
+            set_service_policy
         )
     }
 

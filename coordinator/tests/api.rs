@@ -193,9 +193,23 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
     assert!(e.message().contains("node_validation") || e.message().contains("database"), "{}", e.message());
     assert!(client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions.is_empty());
 
+    // Per-service defaults: all at once for this service; a submit that sets
+    // no stages gets them.
+    let mut sp = tonic::Request::new(pb::SetServicePolicyRequest {
+        policy: Some(pb::RolloutPolicy { stages: vec!["100%".into()], ..Default::default() }),
+        ..Default::default()
+    });
+    sp.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
+    let eff = client.set_service_policy(sp).await.unwrap().into_inner().effective.unwrap();
+    assert_eq!(eff.stages, ["100%"]);
+    assert_eq!(eff.bake.as_deref(), Some("200ms"), "unset fields inherit the coordinator's --default-bake");
+    let st = client.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
+    assert_eq!(st.default_policy.unwrap().stages, ["100%"]);
+
     // Two versions through the follower (forwarded to the leader).
     let v1 = client.submit_config(authed(submit_req(&lite(30), "0s"))).await.unwrap().into_inner();
-    wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    let done = wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    assert_eq!(done.stages, 1, "the service default (one stage) applies: {done:?}");
     let v2 = client.submit_config(authed(submit_req(&lite(40), "0s"))).await.unwrap().into_inner();
     wait_rollout_done(&c1, Duration::from_secs(20)).await;
     assert_eq!((v1.version, v2.version), (1, 2));

@@ -102,6 +102,21 @@ enum Cmd {
     },
     /// Follow the current rollout until it ends.
     Watch,
+    /// Set the service's default rollout policy (unset fields inherit the
+    /// coordinator's defaults).
+    Policy {
+        /// Stages, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        stages: Vec<String>,
+        #[arg(long)]
+        bake: Option<String>,
+        #[arg(long)]
+        health_interval: Option<String>,
+        #[arg(long)]
+        failure_threshold: Option<u32>,
+        #[arg(long)]
+        apply_timeout: Option<String>,
+    },
 }
 
 fn whoami() -> String {
@@ -253,6 +268,16 @@ async fn run() -> anyhow::Result<()> {
             ctx.print(&r, || println!("abort requested for rollout {}", r.rollout_id));
         }
         Cmd::Watch => return follow(&mut ctx, "").await,
+        Cmd::Policy { stages, bake, health_interval, failure_threshold, apply_timeout } => {
+            let policy = pb::RolloutPolicy { stages, bake, health_interval, failure_threshold, apply_timeout };
+            let req = pb::SetServicePolicyRequest { service: ctx.service.clone(), policy: Some(policy) };
+            let r = ctx.client.set_service_policy(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || {
+                if let Some(p) = &r.effective {
+                    println!("default policy: {}", policy_line(p));
+                }
+            });
+        }
     }
     Ok(())
 }
@@ -326,9 +351,23 @@ fn print_diff(diff: &[pb::FieldChange]) {
     }
 }
 
+fn policy_line(p: &pb::RolloutPolicy) -> String {
+    format!(
+        "stages {}  bake {}  health every {}  threshold {}  apply timeout {}",
+        p.stages.join(","),
+        p.bake.as_deref().unwrap_or("-"),
+        p.health_interval.as_deref().unwrap_or("-"),
+        p.failure_threshold.unwrap_or(1),
+        p.apply_timeout.as_deref().unwrap_or("-")
+    )
+}
+
 fn print_status(r: &pb::GetStatusResponse) {
     println!("service {}  leader {} ({})  answered by {}", r.service, r.leader_id, r.leader_address, r.answered_by);
     println!("stable v{}  desired v{}", r.stable_version, r.desired_version);
+    if let Some(p) = &r.default_policy {
+        println!("default policy: {}", policy_line(p));
+    }
     if let Some(ro) = &r.rollout {
         println!(
             "rollout {} v{} <- v{}: {} stage {}/{} ({} of {} nodes){}",
