@@ -335,8 +335,13 @@ impl Engine {
     fn after_round(&mut self, now: u64) -> Vec<Action> {
         let since = self.live.baking_since.unwrap_or(now);
         let bake_end = since + self.rec.policy.bake.as_millis() as u64;
-        if now >= bake_end {
+        // Promote only when every node's latest check passed (a failure under
+        // the threshold keeps the stage baking until it clears or trips it).
+        if now >= bake_end && self.live.failures.is_empty() {
             return self.promote();
+        }
+        if now >= bake_end {
+            return vec![Action::WakeAt(now + self.rec.policy.health_interval.as_millis().max(1) as u64)];
         }
         let next = (now + self.rec.policy.health_interval.as_millis().max(1) as u64).min(bake_end);
         vec![Action::WakeAt(next)]
@@ -568,6 +573,22 @@ mod tests {
         let a = e.step(120, bad());
         assert_eq!(a, vec![Action::Persist, Action::Revert(n.clone())]);
         assert!(e.record().reason.contains("database down"));
+    }
+
+    #[test]
+    fn a_recent_failure_under_the_threshold_blocks_promotion() {
+        let mut r = record(&["a", "b"], 0);
+        r.policy.failure_threshold = 3;
+        let mut e = Engine::new(r);
+        let n = e.record().order[0].clone();
+        e.start(0);
+        e.step(0, ok(&n));
+        let a = e.step(1, Input::Health { node: n.clone(), result: Err("flaky".into()) });
+        assert_eq!(a, vec![Action::WakeAt(101)], "bake is over, but the last check failed: keep checking");
+        e.step(101, Input::Tick);
+        let a = e.step(102, healthy(&n));
+        assert_eq!(a[0], Action::Persist, "cleared: promote");
+        assert_eq!(e.record().stage, 1);
     }
 
     #[test]

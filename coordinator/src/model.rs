@@ -241,7 +241,9 @@ impl Default for Policy {
             bake: Duration::from_secs(5),
             health_interval: Duration::from_secs(1),
             failure_threshold: 1,
-            apply_timeout: Duration::from_secs(10),
+            // Above the nodes' own reload timeout (10 s), so a slow node
+            // reports its outcome rather than being cut off.
+            apply_timeout: Duration::from_secs(15),
         }
     }
 }

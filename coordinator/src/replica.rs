@@ -274,15 +274,11 @@ impl Replica {
 
     /// Leader duties for one term.
     async fn lead(self, term: Term) {
-        if let Err(e) = self.resume_rollouts(&term).await {
-            tracing::warn!(error = %e, "could not resume rollouts");
-        }
-        let mut first = true;
+        // Nodes that acknowledged a push of this term (and so know its token).
+        let fenced: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
         loop {
-            if let Err(e) = self.reconcile(&term, first).await {
+            if let Err(e) = self.reconcile(&term, &fenced).await {
                 tracing::debug!(error = %e, "reconcile pass failed");
-            } else {
-                first = false;
             }
             tokio::select! {
                 _ = term.lost.cancelled() => return,
@@ -305,69 +301,85 @@ impl Replica {
         Ok(out)
     }
 
-    async fn resume_rollouts(&self, term: &Term) -> Result<(), StoreError> {
-        for service in self.services().await? {
-            let key = keys::rollout(&service);
-            let Some(e) = self.inner.store.get(&key).await? else { continue };
-            let rec: RolloutRecord = decode(&key, &e)?;
-            if rec.state.is_terminal() {
-                continue;
+    /// Resumes a rollout left unfinished by an earlier leader (or by a driver
+    /// of this one that stopped). Skips it while the old lock still lives.
+    async fn resume(&self, term: &Term, service: &str, rec: RolloutRecord) -> Result<(), StoreError> {
+        match self.inner.store.try_lock(term, service, rec.id.as_bytes()).await? {
+            LockAttempt::Acquired(lock) => {
+                tracing::info!(%service, rollout = %rec.id, state = rec.state.as_str(), stage = rec.stage, "resuming rollout of the previous leader");
+                self.spawn_driver(term.clone(), lock, rec);
             }
-            // The dead leader's lock lives until its lease expires.
-            let lock = loop {
-                match self.inner.store.try_lock(term, &service, rec.id.as_bytes()).await? {
-                    LockAttempt::Acquired(l) => break l,
-                    LockAttempt::Held(_) => {
-                        if term.lost.is_cancelled() {
-                            return Ok(());
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            };
-            tracing::info!(%service, rollout = %rec.id, state = rec.state.as_str(), stage = rec.stage, "resuming rollout of the previous leader");
-            self.spawn_driver(term.clone(), lock, rec);
+            // The previous leader's lock lives until its lease expires; the
+            // next reconcile pass tries again.
+            LockAttempt::Held(_) => {}
         }
         Ok(())
     }
 
-    /// Brings every registered node of every idle service to the stable
-    /// version. On the first pass of a term it pushes to every node, so each
-    /// one learns the new fencing token before anything else happens.
-    async fn reconcile(&self, term: &Term, fence_all: bool) -> Result<(), StoreError> {
+    /// One pass over every service: resume unfinished rollouts; bring every
+    /// node of an idle service to the stable version. Until a node has
+    /// acknowledged a push of this term it is pushed even when it already
+    /// runs stable, so it learns the new fencing token.
+    async fn reconcile(&self, term: &Term, fenced: &Arc<std::sync::Mutex<HashSet<String>>>) -> Result<(), StoreError> {
         for service in self.services().await? {
-            let meta = self.meta(&service).await?.map(|(m, _)| m).unwrap_or_default();
-            self.inner.metrics.stable_version.with_label_values(&[&service]).set(meta.stable_version as i64);
-            let nodes = self.nodes(&service).await?;
-            let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
-            self.inner.metrics.nodes.with_label_values(&[&service, "healthy"]).set(healthy);
-            self.inner.metrics.nodes.with_label_values(&[&service, "unhealthy"]).set(nodes.len() as i64 - healthy);
-            if meta.stable_version == 0 || self.inner.drivers.lock().expect("drivers").contains_key(&service) {
+            if let Err(e) = self.reconcile_service(term, fenced, &service).await {
+                tracing::debug!(%service, error = %e, "reconcile of a service failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile_service(
+        &self,
+        term: &Term,
+        fenced: &Arc<std::sync::Mutex<HashSet<String>>>,
+        service: &str,
+    ) -> Result<(), StoreError> {
+        let nodes = self.nodes(service).await?;
+        let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
+        self.inner.metrics.nodes.with_label_values(&[service, "healthy"]).set(healthy);
+        self.inner.metrics.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);
+        if self.inner.drivers.lock().expect("drivers").contains_key(service) {
+            return Ok(());
+        }
+        // The rollout record first, then the pointers: a rollout finishes in
+        // one transaction, so a finished record implies current pointers.
+        if let Some(rec) = self.rollout(service).await?
+            && !rec.state.is_terminal()
+        {
+            return self.resume(term, service, rec).await;
+        }
+        let meta = self.meta(service).await?.map(|(m, _)| m).unwrap_or_default();
+        self.inner.metrics.stable_version.with_label_values(&[service]).set(meta.stable_version as i64);
+        if meta.stable_version == 0 {
+            return Ok(());
+        }
+        let Some(stable) = self.version(service, meta.stable_version).await? else { return Ok(()) };
+        let stable = Arc::new(stable);
+        for node in nodes {
+            let key = format!("{service}/{}", node.id);
+            let on_stable = node.sha256 == stable.sha256 && node.version == stable.version;
+            if on_stable && fenced.lock().expect("fenced").contains(&key) {
                 continue;
             }
-            let Some(stable) = self.version(&service, meta.stable_version).await? else { continue };
-            for node in nodes {
-                let on_stable = node.sha256 == stable.sha256 && node.version == stable.version;
-                if on_stable && !fence_all {
-                    continue;
-                }
-                let key = format!("{service}/{}", node.id);
-                if !self.inner.reconciling.lock().expect("reconciling").insert(key.clone()) {
-                    continue;
-                }
-                let (me, term, stable, service) = (self.clone(), term.clone(), stable.clone(), service.clone());
-                tokio::spawn(async move {
-                    if !on_stable {
-                        tracing::info!(%service, node = %node.id, from = node.version, to = stable.version, "reconciling node to the stable version");
-                    }
-                    let timeout = me.inner.opts.default_policy.apply_timeout;
-                    let r = me.push(&term, &service, &node.id, &node.address, &stable, "reconcile", timeout).await;
-                    if let Err(e) = r {
-                        tracing::debug!(%service, node = %node.id, error = %e, "reconcile push failed");
-                    }
-                    me.inner.reconciling.lock().expect("reconciling").remove(&key);
-                });
+            if !self.inner.reconciling.lock().expect("reconciling").insert(key.clone()) {
+                continue;
             }
+            let (me, term, stable, service, fenced) =
+                (self.clone(), term.clone(), stable.clone(), service.to_owned(), fenced.clone());
+            tokio::spawn(async move {
+                if !on_stable {
+                    tracing::info!(%service, node = %node.id, from = node.version, to = stable.version, "reconciling node to the stable version");
+                }
+                let timeout = me.inner.opts.default_policy.apply_timeout;
+                match me.push(&term, &service, &node.id, &node.address, &stable, "reconcile", timeout).await {
+                    Ok(()) => {
+                        fenced.lock().expect("fenced").insert(key.clone());
+                    }
+                    Err(e) => tracing::debug!(%service, node = %node.id, error = %e, "reconcile push failed"),
+                }
+                me.inner.reconciling.lock().expect("reconciling").remove(&key);
+            });
         }
         Ok(())
     }
@@ -677,6 +689,8 @@ impl Replica {
         let written = self.inner.store.txn(Some(Fence { term: &term, lock: Some(&lock) }), vec![cond], ops).await;
         match written {
             Ok(true) => {}
+            // A timeout may hide a commit: if the rollout record is ours, it landed.
+            Err(StoreError::Unavailable(_)) if self.landed(&service, &rollout_id).await => {}
             Ok(false) => {
                 let _ = self.inner.store.unlock(&lock).await;
                 return Err(ApiError::Unavailable("the service changed concurrently; retry".into()));
@@ -694,12 +708,30 @@ impl Replica {
         Ok(out)
     }
 
+    /// After a fenced write of rollout `id` timed out: did it land anyway?
+    async fn landed(&self, service: &str, id: &str) -> bool {
+        for _ in 0..5 {
+            match self.rollout(service).await {
+                Ok(r) => return r.is_some_and(|r| r.id == id),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        false
+    }
+
     async fn lock_service(&self, term: &Term, service: &str, rollout_id: &str) -> Result<Lock, ApiError> {
         match self.inner.store.try_lock(term, service, rollout_id.as_bytes()).await? {
             LockAttempt::Acquired(l) => {
                 // The lock is free, but a rollout of a dead leader may wait
                 // for resumption: refuse rather than race it.
-                if let Some(r) = self.rollout(service).await?
+                let current = match self.rollout(service).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = self.inner.store.unlock(&l).await;
+                        return Err(e.into());
+                    }
+                };
+                if let Some(r) = current
                     && !r.state.is_terminal()
                 {
                     let _ = self.inner.store.unlock(&l).await;
@@ -793,7 +825,13 @@ impl Replica {
                 return Err(e);
             }
         };
-        let nodes = self.nodes(&service).await?;
+        let nodes = match self.nodes(&service).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = self.inner.store.unlock(&lock).await;
+                return Err(e.into());
+            }
+        };
         let policy = Policy::all_at_once(self.inner.opts.default_policy.apply_timeout);
         let rec = self.new_rollout(
             &service,
@@ -814,7 +852,12 @@ impl Replica {
                 vec![Op::Put(keys::meta(&service), encode(&new_meta)), Op::Put(keys::rollout(&service), encode(&rec))],
             )
             .await;
-        if !matches!(ok, Ok(true)) {
+        let landed = match &ok {
+            Ok(true) => true,
+            Err(StoreError::Unavailable(_)) => self.landed(&service, &rollout_id).await,
+            _ => false,
+        };
+        if !landed {
             let _ = self.inner.store.unlock(&lock).await;
             return Err(ok.err().map(Into::into).unwrap_or(ApiError::Unavailable("concurrent change; retry".into())));
         }
@@ -860,11 +903,17 @@ impl Replica {
         let started = Instant::now();
         let service = rec.service.clone();
         let metrics = &self.inner.metrics;
-        let (new, old) = match self.load_versions(&rec).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(%service, error = %e, "cannot load the versions of the rollout");
-                return;
+        let (new, old) = loop {
+            match self.load_versions(&rec).await {
+                Ok(v) => break v,
+                Err(e) if term.lost.is_cancelled() => {
+                    tracing::warn!(%service, error = %e, "leadership lost before the rollout could load its versions");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "cannot load the versions of the rollout; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         };
         // Every address in one range read (not one read per node).
@@ -1037,17 +1086,25 @@ impl Replica {
     /// Records the outcome: version state, stable/desired versions; releases the lock.
     async fn finish(&self, term: &Term, lock: &Lock, rec: &RolloutRecord, state: RolloutState, took: Duration) {
         let service = &rec.service;
-        for _ in 0..20 {
-            let r = self.finish_once(term, lock, rec, state).await;
-            match r {
+        // Until it is recorded (or leadership is gone: the next leader then
+        // resumes the unfinished record), never report it as finished.
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.finish_once(term, lock, rec, state).await {
                 Ok(true) => break,
+                // The meta moved (a policy change): re-read and retry.
                 Ok(false) => continue,
-                Err(StoreError::Unavailable(_)) if !term.lost.is_cancelled() => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(StoreError::Unavailable(e)) if !term.lost.is_cancelled() => {
+                    // A timeout may hide a commit.
+                    if matches!(self.rollout(service).await, Ok(Some(r)) if r.id == rec.id && r.state == state) {
+                        break;
+                    }
+                    tracing::warn!(%service, error = %e, "cannot record the rollout outcome yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
-                    tracing::warn!(%service, error = %e, "cannot record the rollout outcome; the next leader will");
-                    let _ = self.inner.store.unlock(lock).await;
+                    tracing::warn!(%service, error = %e, "leadership lost before the outcome was recorded; the next leader resumes the rollout");
                     return;
                 }
             }

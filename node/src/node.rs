@@ -388,6 +388,11 @@ impl Node {
 
     /// Reloads from the config file.
     pub async fn reload_from_file(&self, trigger: Trigger) -> ReloadReport {
+        let me = self.clone();
+        detached(async move { me.reload_from_file_inner(trigger).await }).await
+    }
+
+    async fn reload_from_file_inner(&self, trigger: Trigger) -> ReloadReport {
         let _g = self.inner.reload_lock.lock().await;
         let source = match &self.inner.opts.config_path {
             Some(p) => Source::File(p.clone()),
@@ -398,14 +403,26 @@ impl Node {
 
     /// Reloads from a document given in memory (local version: current + 1).
     pub async fn apply(&self, content: impl Into<Vec<u8>>) -> ReloadReport {
-        let _g = self.inner.reload_lock.lock().await;
-        self.run(Source::Bytes(content.into()), None, Trigger::Api).await
+        let (me, content) = (self.clone(), content.into());
+        detached(async move {
+            let _g = me.inner.reload_lock.lock().await;
+            me.run(Source::Bytes(content), None, Trigger::Api).await
+        })
+        .await
     }
 
     /// Applies a version pushed by the coordinator, after the fencing check:
     /// a token lower than the highest accepted is refused; a higher one is
     /// persisted before anything is applied.
+    ///
+    /// The reload runs to its end (rollback included) even when the caller
+    /// stops waiting, e.g. when the pusher's RPC deadline passes.
     pub async fn push(&self, push: Push) -> Result<ReloadReport, PushError> {
+        let me = self.clone();
+        detached(async move { me.push_inner(push).await }).await
+    }
+
+    async fn push_inner(&self, push: Push) -> Result<ReloadReport, PushError> {
         let _g = self.inner.reload_lock.lock().await;
         let service = if push.service.is_empty() { DEFAULT_SERVICE } else { push.service.as_str() };
         if service != self.service() {
@@ -788,6 +805,16 @@ struct Run {
 
 fn ms(d: &Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Runs `f` on its own task and waits for it: if the waiting future is
+/// dropped, the task still finishes, so a reload is never cut off halfway
+/// (live config stored, components half swapped).
+async fn detached<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    match tokio::spawn(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Hex SHA-256.

@@ -241,3 +241,42 @@ async fn secrets_never_reach_diffs_or_status() {
     let v = s.node.validate(cfg.yaml().replace("second-secret", "third-secret").as_bytes());
     assert!(!format!("{v:?}").contains("third-secret"));
 }
+
+#[tokio::test]
+async fn a_push_abandoned_by_its_caller_still_finishes_its_rollback() {
+    let s = Served::start(&Cfg::standard()).await;
+    let before_db = s.node.database().unwrap();
+    // A "database" that accepts connections and never answers: the new pool
+    // hangs in its connect until acquire_timeout (2 s).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    let mut cfg = Cfg::standard();
+    cfg.db_url = format!("postgres://app:pw@127.0.0.1:{port}/postgres");
+    let content = cfg.yaml();
+    let push = confroll_node::Push {
+        service: String::new(),
+        version: 50,
+        sha256: confroll_node::node::sha256_hex(content.as_bytes()),
+        content: content.into_bytes(),
+        fencing_token: 1,
+        rollout_id: "r".into(),
+    };
+    // The caller gives up after 200 ms (as a pusher's RPC deadline would).
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), s.node.push(push)).await;
+    assert!(gave_up.is_err(), "the push should still be running");
+    // The reload goes on and ends rolled back: old version, old pool.
+    let report = common::eventually(Duration::from_secs(15), "the abandoned reload to finish", || async {
+        s.node.last_report().filter(|r| r.to_version == 1 || r.status == ReloadStatus::RolledBack).map(|r| (*r).clone())
+    })
+    .await;
+    assert_eq!(report.status, ReloadStatus::RolledBack, "{report:?}");
+    assert_eq!(s.node.config().version, 1);
+    assert!(Arc::ptr_eq(&before_db, &s.node.database().unwrap()));
+    assert_eq!(s.work().await.status(), 200);
+}

@@ -56,8 +56,8 @@ struct Cli {
     /// Default health-check interval during the bake.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     default_health_interval: Duration,
-    /// Default per-node apply timeout.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Default per-node apply timeout (keep it above the nodes' --reload-timeout).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     default_apply_timeout: Duration,
     /// Default stages, comma-separated (`1,25%,50%,100%`).
     #[arg(long, value_delimiter = ',', default_value = "1,25%,50%,100%")]

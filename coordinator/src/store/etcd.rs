@@ -33,7 +33,11 @@ const LOCKS: &str = "/confroll/locks/";
 /// etcd-backed store.
 #[derive(Clone)]
 pub struct EtcdStore {
+    /// Unary requests, each bounded by a timeout.
     client: Client,
+    /// Long-lived calls (campaign, watch, keep-alive streams): a per-request
+    /// timeout would cut them off.
+    streams: Client,
     /// Leader lease TTL.
     ttl: Duration,
 }
@@ -46,54 +50,65 @@ impl EtcdStore {
     /// Connects to `endpoints` (`http://127.0.0.1:2379`, …). `lease_ttl` is
     /// the leader lease (etcd raises anything under ~2 s).
     pub async fn connect(endpoints: &[String], lease_ttl: Duration) -> Result<Self, StoreError> {
-        let opts = ConnectOptions::new()
+        let base = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
-        Ok(Self { client, ttl: lease_ttl.max(Duration::from_secs(2)) })
+        let client = Client::connect(endpoints, Some(base.clone().with_timeout(Duration::from_secs(5))))
+            .await
+            .map_err(unavailable)?;
+        let streams = Client::connect(endpoints, Some(base)).await.map_err(unavailable)?;
+        // Whole seconds: what etcd grants (and so what the timing must use).
+        let secs = lease_ttl.as_secs().max(2);
+        Ok(Self { client, streams, ttl: Duration::from_secs(secs) })
     }
 
     fn c(&self) -> Client {
         self.client.clone()
     }
 
-    /// Keeps `lease` alive until `lost` fires; fires it after TTL/2 without a
-    /// successful keep-alive.
-    fn keep_alive(&self, lease: i64, lost: CancellationToken) {
-        let (mut client, ttl) = (self.c(), self.ttl);
+    /// Keeps `lease` (granted for `granted`) alive until `lost` fires, and
+    /// fires `lost` once half the granted TTL has passed since the last
+    /// keep-alive that etcd acknowledged (measured from when it was sent), so
+    /// the leader stops acting well before etcd can expire the lease.
+    fn keep_alive(&self, lease: i64, granted: Duration, lost: CancellationToken) {
+        let mut client = self.streams.clone();
         tokio::spawn(async move {
+            let step_down_after = granted / 2;
             let mut last_ok = Instant::now();
             let mut keeper = None;
             loop {
-                tokio::select! {
-                    _ = lost.cancelled() => return,
-                    _ = tokio::time::sleep(ttl / 3) => {}
-                }
+                let sent = Instant::now();
                 let attempt = async {
                     if keeper.is_none() {
                         keeper = Some(client.lease_keep_alive(lease).await?);
                     }
                     let (k, s) = keeper.as_mut().expect("set above");
                     k.keep_alive().await?;
-                    Ok::<_, etcd_client::Error>(s.message().await?.map_or(0, |r| r.ttl()))
+                    Ok::<_, etcd_client::Error>(s.message().await?.map(|r| r.ttl()))
                 };
-                match tokio::time::timeout(ttl / 3, attempt).await {
-                    Ok(Ok(left)) if left > 0 => last_ok = Instant::now(),
-                    Ok(Ok(_)) => {
+                let left = step_down_after.saturating_sub(last_ok.elapsed()).max(Duration::from_millis(10));
+                match tokio::time::timeout(left.min(granted / 3), attempt).await {
+                    Ok(Ok(Some(t))) if t > 0 => last_ok = sent,
+                    Ok(Ok(Some(_))) => {
                         tracing::warn!(lease, "leader lease expired");
                         lost.cancel();
                         return;
                     }
-                    other => {
+                    // Stream closed or failed: reconnect on the next round.
+                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                         keeper = None;
-                        tracing::warn!(lease, error = ?other.err().map(|_| "timeout"), "lease keep-alive failed");
+                        tracing::warn!(lease, "lease keep-alive failed");
                     }
                 }
-                if last_ok.elapsed() >= ttl / 2 {
-                    tracing::warn!(lease, ?ttl, "no keep-alive for half the lease TTL: stepping down");
+                if last_ok.elapsed() >= step_down_after {
+                    tracing::warn!(lease, ?granted, "no acknowledged keep-alive for half the lease TTL: stepping down");
                     lost.cancel();
                     return;
+                }
+                let next = (granted / 3).min(step_down_after.saturating_sub(last_ok.elapsed()));
+                tokio::select! {
+                    _ = lost.cancelled() => return,
+                    _ = tokio::time::sleep(next) => {}
                 }
             }
         });
@@ -130,10 +145,11 @@ impl Store for EtcdStore {
     async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
         let value = serde_json::to_vec(me).expect("member serializes");
         loop {
-            let lease = self.c().lease_grant(self.ttl.as_secs() as i64, None).await.map_err(unavailable)?.id();
+            let g = self.c().lease_grant(self.ttl.as_secs() as i64, None).await.map_err(unavailable)?;
+            let (lease, granted) = (g.id(), Duration::from_secs(g.ttl().max(1) as u64));
             let lost = CancellationToken::new();
-            self.keep_alive(lease, lost.clone());
-            let mut client = self.c();
+            self.keep_alive(lease, granted, lost.clone());
+            let mut client = self.streams.clone();
             tokio::select! {
                 _ = cancel.cancelled() => {
                     lost.cancel();
@@ -142,6 +158,7 @@ impl Store for EtcdStore {
                 }
                 _ = lost.cancelled() => {
                     // The lease died while we waited: start over with a new one.
+                    let _ = self.c().lease_revoke(lease).await;
                     continue;
                 }
                 r = client.campaign(ELECTION, value.clone(), lease) => {
@@ -153,7 +170,11 @@ impl Store for EtcdStore {
                             return Err(unavailable(e));
                         }
                     };
-                    let key = resp.leader().ok_or_else(|| StoreError::Unavailable("campaign answered no leader key".into()))?;
+                    let Some(key) = resp.leader() else {
+                        lost.cancel();
+                        let _ = self.c().lease_revoke(lease).await;
+                        return Err(StoreError::Unavailable("campaign answered no leader key".into()));
+                    };
                     return Ok(Some(Term {
                         token: key.rev() as u64,
                         lost,
@@ -234,17 +255,17 @@ impl Store for EtcdStore {
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let (client, prefix) = (self.c(), prefix.to_owned());
+        let (unary, prefix) = (self.c(), prefix.to_owned());
         // Start revision: "now", so the caller can list after watching.
-        let start = client.clone().get(prefix.clone(), Some(GetOptions::new().with_count_only())).await;
-        let mut next = start.ok().and_then(|r| r.header().map(|h| h.revision() + 1)).unwrap_or(0);
+        let current = |mut c: Client, p: String| async move {
+            let r = c.get(p, Some(GetOptions::new().with_count_only())).await.map_err(unavailable)?;
+            Ok::<i64, StoreError>(r.header().map_or(0, |h| h.revision()))
+        };
+        let mut next = current(unary.clone(), prefix.clone()).await? + 1;
+        let mut client = self.streams.clone();
         tokio::spawn(async move {
-            let mut client = client;
             loop {
-                let mut opts = WatchOptions::new().with_prefix();
-                if next > 0 {
-                    opts = opts.with_start_revision(next);
-                }
+                let opts = WatchOptions::new().with_prefix().with_start_revision(next);
                 let mut stream = match client.watch(prefix.clone(), Some(opts)).await {
                     Ok(s) => s,
                     Err(_) => {
@@ -259,7 +280,15 @@ impl Store for EtcdStore {
                     match stream.message().await {
                         Ok(Some(resp)) => {
                             if resp.compact_revision() > 0 || resp.canceled() {
-                                next = 0;
+                                // Resume right after the revision the caller
+                                // re-reads at, so nothing falls in between.
+                                match current(unary.clone(), prefix.clone()).await {
+                                    Ok(r) => next = r + 1,
+                                    Err(_) => {
+                                        tokio::time::sleep(Duration::from_millis(200)).await;
+                                        break;
+                                    }
+                                }
                                 if tx.send(Ok(WatchEvent::Reset)).await.is_err() {
                                     return;
                                 }
