@@ -14,7 +14,7 @@ use confroll_proto::v1::{
     coordinator_server::{Coordinator, CoordinatorServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
@@ -335,14 +335,7 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let rec = NodeRecord {
-            id: r.node_id,
-            address: r.agent_address,
-            version: r.version,
-            sha256: r.sha256,
-            healthy: r.healthy,
-            last_seen: now_rfc3339(),
-        };
+        let rec = node_record(r.node_id, r.agent_address, r.version, r.sha256, r.healthy);
         let id = self.replica.register(&r.service, rec).await.map_err(to_status)?;
         Ok(Response::new(pb::RegisterResponse {
             registration_id: id,
@@ -353,17 +346,15 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let rec = NodeRecord {
-            id: r.node_id,
-            address: r.agent_address,
-            version: r.version,
-            sha256: r.sha256,
-            healthy: r.healthy,
-            last_seen: now_rfc3339(),
-        };
+        let rec = node_record(r.node_id, r.agent_address, r.version, r.sha256, r.healthy);
         self.replica.heartbeat(&r.service, r.registration_id, rec).await.map_err(to_status)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
+}
+
+/// A registration as the node reports it, seen now.
+fn node_record(id: String, address: String, version: u64, sha256: String, healthy: bool) -> NodeRecord {
+    NodeRecord { id, address, version, sha256, healthy, last_seen: now_rfc3339() }
 }
 
 /// Why the gRPC server stopped with an error.
@@ -393,14 +384,7 @@ pub async fn run(
     };
     let v1 = refl(tonic_reflection::server::Builder::configure()).build_v1()?;
     let v1alpha = refl(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
-    // tonic sets TCP_NODELAY only on sockets it accepts itself; these come
-    // from our listener, so set it here (else small responses wait ~40 ms
-    // for a delayed ACK).
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(s)
-    });
+    let incoming = confroll_node::net::nodelay_incoming(listener);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(v1)

@@ -14,7 +14,6 @@ use confroll_proto::v1::{
     node_agent_server::{NodeAgent, NodeAgentServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -112,14 +111,7 @@ pub async fn run(node: Node, listener: TcpListener, shutdown: impl Future<Output
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(confroll_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    // tonic sets TCP_NODELAY only on sockets it accepts itself; these come
-    // from our listener, so set it here (else small responses wait ~40 ms
-    // for a delayed ACK).
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(s)
-    });
+    let incoming = crate::net::nodelay_incoming(listener);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)

@@ -38,6 +38,7 @@ pub mod diff;
 pub mod http;
 pub mod membership;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod pb_impl;
 pub mod pipeline;
