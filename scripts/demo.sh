@@ -15,7 +15,11 @@ need=(); command -v protoc >/dev/null || need+=(protobuf-compiler); command -v c
 if [ ${#need[@]} -gt 0 ]; then $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null; fi
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-fail() { printf '\nDEMO FAILED: %s\n' "$*" >&2; exit 1; }
+fail() {
+  printf '\nDEMO FAILED: %s\n' "$*" >&2
+  if [ -f "${DIR:-/nonexistent}/node.log" ]; then echo "--- node log (last 30 lines)" >&2; tail -30 "$DIR/node.log" >&2; fi
+  exit 1
+}
 echo "building confroll-node ..."
 cargo build -q -p confroll-node
 BIN=target/debug/confroll-node
@@ -24,9 +28,9 @@ DIR=$(mktemp -d /tmp/confroll-demo.XXXXXX)
 NODE_PID=""
 cleanup() { [ -n "$NODE_PID" ] && kill "$NODE_PID" 2>/dev/null && wait "$NODE_PID" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT INT TERM
-port() { local p; while :; do p=$(( RANDOM % 30000 + 20000 )); (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }; done; }
-HTTP=$(port); AGENT=$(port)
-URL="http://127.0.0.1:$HTTP"
+# Ports below the kernel's ephemeral range (32768+), so no outgoing
+# connection can take one between the check and the bind; never the same twice.
+port() { local p; while :; do p=$(( RANDOM % 12000 + 20000 )); [ "$p" != "${HTTP:-}" ] || continue; (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }; done; }
 
 write_config() { # level ttl [extra]
   cat > "$DIR/config.yaml.tmp" <<YAML
@@ -45,12 +49,23 @@ wait_for() { # what expected-version
   fail "$1: node is on version $(field version), expected $2"
 }
 
-say "1. start a node on $URL (profile: lite: no database or Redis needed)"
+say "1. start a node (profile: lite: no database or Redis needed)"
 write_config info 30s
-$BIN --config "$DIR/config.yaml" --listen "127.0.0.1:$HTTP" --agent-listen "127.0.0.1:$AGENT" \
-     --state-dir "$DIR/state" --id demo-1 --watch-debounce 100ms > "$DIR/node.log" 2>&1 &
-NODE_PID=$!
-for _ in $(seq 1 100); do curl -sf "$URL/healthz" >/dev/null && break; sleep 0.1; done
+for attempt in 1 2 3; do
+  HTTP=""; HTTP=$(port); AGENT=$(port); URL="http://127.0.0.1:$HTTP"
+  $BIN --config "$DIR/config.yaml" --listen "127.0.0.1:$HTTP" --agent-listen "127.0.0.1:$AGENT" \
+       --state-dir "$DIR/state" --id demo-1 --watch-debounce 100ms > "$DIR/node.log" 2>&1 &
+  NODE_PID=$!
+  for _ in $(seq 1 150); do
+    curl -sf "$URL/healthz" >/dev/null && break
+    kill -0 "$NODE_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  curl -sf "$URL/healthz" >/dev/null && break
+  echo "node did not come up (attempt $attempt):"; tail -5 "$DIR/node.log"
+  kill "$NODE_PID" 2>/dev/null; wait "$NODE_PID" 2>/dev/null; NODE_PID=""
+done
+echo "node serving on $URL"
 curl -sf "$URL/work" || fail "node not serving"; echo
 [ "$(field version)" = 1 ] || fail "expected version 1"
 

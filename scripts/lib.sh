@@ -32,7 +32,8 @@ ensure_packages() {
 free_port() {
   local p
   while :; do
-    p=$(( (RANDOM << 15 | RANDOM) % 30000 + 20000 ))
+    # below the kernel's ephemeral range (32768+): no outgoing connection takes it
+    p=$(( (RANDOM << 15 | RANDOM) % 12000 + 20000 ))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
   done
 }

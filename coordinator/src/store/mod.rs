@@ -17,6 +17,7 @@
 //!   (keep-alives failing for half the TTL), so a leader stops acting early.
 
 pub mod etcd;
+pub mod raft_sm;
 
 use std::{pin::Pin, time::Duration};
 
@@ -37,7 +38,7 @@ pub struct Member {
 }
 
 /// A stored value and its revisions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// The value.
     pub value: Vec<u8>,
@@ -89,7 +90,7 @@ pub struct Fence<'a> {
 }
 
 /// A condition of a transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cond {
     /// The key does not exist.
     Absent(String),
@@ -98,7 +99,7 @@ pub enum Cond {
 }
 
 /// A write of a transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Put a value.
     Put(String, Vec<u8>),
@@ -109,7 +110,7 @@ pub enum Op {
 }
 
 /// One change seen by a watch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WatchEvent {
     /// A key was written.
     Put {
