@@ -33,17 +33,36 @@ pub const LEADER_HINT: &str = "x-confroll-leader";
 /// Metadata key of the leader's id.
 pub const LEADER_ID_HINT: &str = "x-confroll-leader-id";
 
+/// TLS of the Coordinator API (optional).
+#[derive(Clone)]
+pub struct Tls {
+    /// PEM certificate chain and key this replica serves with.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key.
+    pub key_pem: Vec<u8>,
+    /// PEM CA that signed the other replicas' certificates (for forwarding).
+    pub ca_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls { .. }")
+    }
+}
+
 /// The `Coordinator` implementation of one replica.
 pub struct CoordinatorServiceImpl {
     replica: Replica,
     /// Bearer token mutating RPCs must carry (`None`: no auth).
     token: Option<Arc<str>>,
+    /// When set, replicas talk to each other over TLS verified by this CA.
+    tls_ca: Option<Arc<[u8]>>,
 }
 
 impl CoordinatorServiceImpl {
     /// Serves `replica`.
     pub fn new(replica: Replica, token: Option<String>) -> Self {
-        Self { replica, token: token.map(Into::into) }
+        Self { replica, token: token.map(Into::into), tls_ca: None }
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -63,10 +82,16 @@ impl CoordinatorServiceImpl {
             .await
             .map_err(to_status)?
             .ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
-        let url = format!("http://{}", leader.address);
-        let ch = tonic::transport::Endpoint::from_shared(url)
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", leader.address))
             .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(ca) = &self.tls_ca {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca.as_ref()));
+            ep = ep.tls_config(tls).map_err(|e| Status::internal(format!("tls: {e}")))?;
+        }
+        let ch = ep
             .connect()
             .await
             .map_err(|e| with_leader_hint(Status::unavailable(format!("leader unreachable: {e}")), &leader))?;
@@ -376,6 +401,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with_tls(replica, token, None, listener, shutdown).await
+}
+
+/// [`run`], over TLS when `tls` is given (optional: plaintext otherwise).
+pub async fn run_with_tls(
+    replica: Replica,
+    token: Option<String>,
+    tls: Option<Tls>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<CoordinatorServer<CoordinatorServiceImpl>>().await;
     let refl = |b: tonic_reflection::server::Builder<'static>| {
@@ -385,14 +421,21 @@ pub async fn run(
     let v1 = refl(tonic_reflection::server::Builder::configure()).build_v1()?;
     let v1alpha = refl(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
     let incoming = confroll_node::net::nodelay_incoming(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let mut svc = CoordinatorServiceImpl::new(replica, token);
+    svc.tls_ca = tls.map(|t| t.ca_pem.into());
+    builder
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(
             // Room above the 4 MiB config limit, so an oversized config gets
             // our clear INVALID_ARGUMENT rather than a transport error.
-            CoordinatorServer::new(CoordinatorServiceImpl::new(replica, token))
+            CoordinatorServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )

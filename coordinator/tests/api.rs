@@ -273,3 +273,64 @@ async fn a_follower_that_cannot_reach_the_leader_answers_with_a_leader_hint() {
     assert_eq!((st.leader_id.as_str(), st.answered_by.as_str()), ("c1", "c2"));
     let _ = c1c.get_status(pb::GetStatusRequest::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_can_be_served_over_tls() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A self-signed certificate for the loopback address.
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_f, key_f) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_f, cert.cert.pem()).unwrap();
+    std::fs::write(&key_f, cert.signing_key.serialize_pem()).unwrap();
+    let tls = ["--tls-cert", cert_f.to_str().unwrap(), "--tls-key", key_f.to_str().unwrap()];
+    let c1 = Coord::start(&etcd, "c1", dir.path(), &tls);
+    let https = format!("https://127.0.0.1:{}", c1.port);
+
+    // A client verifying the certificate gets answers.
+    let ep = tonic::transport::Endpoint::from_shared(https.clone())
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem())),
+        )
+        .unwrap();
+    let mut client = pb::coordinator_client::CoordinatorClient::new(ep.connect().await.unwrap());
+    let leader = eventually(Duration::from_secs(20), "a leader over TLS", || {
+        let mut c = client.clone();
+        async move {
+            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            (!s.leader_id.is_empty()).then_some(s.leader_id)
+        }
+    })
+    .await;
+    assert_eq!(leader, "c1");
+    // A plaintext client is refused.
+    let plain = tonic::transport::Endpoint::from_shared(c1.url()).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        let r = pb::coordinator_client::CoordinatorClient::new(ch).get_status(pb::GetStatusRequest::default()).await;
+        assert!(r.is_err(), "plaintext accepted on a TLS port");
+    }
+    // A node registers over TLS; the CLI reads status over TLS.
+    let cfg = dir.path().join("base.yaml");
+    std::fs::write(&cfg, lite(30)).unwrap();
+    let node =
+        NodeProc::start_urls("n1", &cfg, dir.path(), &[https.clone()], &["--coordinator-ca", cert_f.to_str().unwrap()]);
+    let st = eventually(Duration::from_secs(20), "the node to register over TLS", || {
+        let mut c = client.clone();
+        async move {
+            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            (s.nodes.len() == 1).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(st.nodes[0].id, node.id);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_confroll"))
+        .args(["-c", &https, "--tls-ca", cert_f.to_str().unwrap(), "-o", "json", "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["leader_id"], "c1");
+}

@@ -47,6 +47,9 @@ struct Cli {
     /// File with the bearer token the coordinators require.
     #[arg(long)]
     coordinator_token_file: Option<PathBuf>,
+    /// PEM CA to verify `https://` coordinators with.
+    #[arg(long)]
+    coordinator_ca: Option<PathBuf>,
     /// Where the last applied config and highest fencing token persist.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -163,7 +166,16 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let m = confroll_node::membership::Membership { coordinators: cli.coordinator.clone(), agent_address, token };
+        let ca_pem = match &cli.coordinator_ca {
+            Some(f) => Some(std::fs::read(f).with_context(|| format!("read {}", f.display()))?),
+            None => None,
+        };
+        let m = confroll_node::membership::Membership {
+            coordinators: cli.coordinator.clone(),
+            agent_address,
+            token,
+            ca_pem,
+        };
         let (n, s) = (node.clone(), shutdown.clone());
         tasks.spawn(async move {
             m.run(n, s).await;

@@ -22,12 +22,21 @@ pub struct Membership {
     pub agent_address: String,
     /// Bearer token, when the coordinators require one.
     pub token: Option<String>,
+    /// PEM CA for `https://` coordinators.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
-async fn connect(url: &str) -> Option<CoordinatorClient<Channel>> {
+async fn connect(url: &str, ca: Option<&[u8]>) -> Option<CoordinatorClient<Channel>> {
     let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
-    let ch = Endpoint::from_shared(url).ok()?.connect_timeout(Duration::from_secs(2)).connect().await.ok()?;
-    Some(CoordinatorClient::new(ch))
+    let mut ep = Endpoint::from_shared(url.clone()).ok()?.connect_timeout(Duration::from_secs(2));
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        }
+        ep = ep.tls_config(tls).ok()?;
+    }
+    Some(CoordinatorClient::new(ep.connect().await.ok()?))
 }
 
 impl Membership {
@@ -49,7 +58,7 @@ impl Membership {
         while !shutdown.is_cancelled() {
             let url = &self.coordinators[next % self.coordinators.len().max(1)];
             next += 1;
-            let Some(mut client) = connect(url).await else {
+            let Some(mut client) = connect(url, self.ca_pem.as_deref()).await else {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

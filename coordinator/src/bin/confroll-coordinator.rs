@@ -47,6 +47,15 @@ struct Cli {
     /// Leader lease TTL (etcd raises values under ~2s).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
+    /// Serve the API over TLS with this PEM certificate (chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that signed the other replicas' certificates (default: --tls-cert itself).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// File holding the bearer token mutating RPCs must carry.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
@@ -102,6 +111,15 @@ async fn main() -> anyhow::Result<()> {
         apply_timeout: cli.default_apply_timeout,
     };
     let replica = Replica::new(opts, store);
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(c), Some(k)) => Some(confroll_coordinator::service::Tls {
+            cert_pem: read(c)?,
+            key_pem: read(k)?,
+            ca_pem: read(cli.tls_ca.as_ref().unwrap_or(c))?,
+        }),
+        _ => None,
+    };
     let grpc = TcpListener::bind(cli.listen).await.with_context(|| format!("bind {}", cli.listen))?;
     tracing::info!(id = %cli.id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
     let shutdown = CancellationToken::new();
@@ -109,7 +127,9 @@ async fn main() -> anyhow::Result<()> {
     {
         let (r, s) = (replica.clone(), shutdown.clone());
         tasks.spawn(async move {
-            confroll_coordinator::service::run(r, token, grpc, s.cancelled_owned()).await.context("gRPC server")
+            confroll_coordinator::service::run_with_tls(r, token, tls, grpc, s.cancelled_owned())
+                .await
+                .context("gRPC server")
         });
     }
     if let Some(addr) = cli.http_listen {

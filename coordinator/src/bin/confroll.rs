@@ -26,6 +26,9 @@ struct Cli {
     /// Coordinator URLs, comma-separated (any replica; tried in order).
     #[arg(short, long, env = "CONFROLL_COORDINATOR", value_delimiter = ',', default_value = "http://127.0.0.1:7001")]
     coordinator: Vec<String>,
+    /// PEM CA to verify `https://` coordinators with.
+    #[arg(long, env = "CONFROLL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// File with the bearer token for mutating commands.
     #[arg(long, env = "CONFROLL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -149,11 +152,19 @@ impl Ctx {
     }
 }
 
-async fn connect(urls: &[String]) -> anyhow::Result<CoordinatorClient<Channel>> {
+async fn connect(urls: &[String], ca: Option<&[u8]>) -> anyhow::Result<CoordinatorClient<Channel>> {
     let mut last = String::new();
     for u in urls {
         let url = if u.contains("://") { u.clone() } else { format!("http://{u}") };
-        match Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2)).connect().await {
+        let mut ep = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2));
+        if url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = ca {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            }
+            ep = ep.tls_config(tls)?;
+        }
+        match ep.connect().await {
             Ok(ch) => return Ok(CoordinatorClient::new(ch)),
             Err(e) => last = format!("{url}: {e}"),
         }
@@ -180,8 +191,16 @@ async fn run() -> anyhow::Result<()> {
         Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned()),
         None => None,
     };
-    let mut ctx =
-        Ctx { client: connect(&cli.coordinator).await?, token, out: cli.output, service: cli.service.clone() };
+    let ca = match &cli.tls_ca {
+        Some(f) => Some(std::fs::read(f).with_context(|| format!("read {}", f.display()))?),
+        None => None,
+    };
+    let mut ctx = Ctx {
+        client: connect(&cli.coordinator, ca.as_deref()).await?,
+        token,
+        out: cli.output,
+        service: cli.service.clone(),
+    };
     match cli.cmd {
         Cmd::Submit {
             file,

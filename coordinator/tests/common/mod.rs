@@ -172,10 +172,14 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn start(id: &str, config: &Path, dir: &Path, coordinators: &[&Coord], extra: &[&str]) -> NodeProc {
+        let urls: Vec<String> = coordinators.iter().map(|c| c.url()).collect();
+        Self::start_urls(id, config, dir, &urls, extra)
+    }
+
+    pub fn start_urls(id: &str, config: &Path, dir: &Path, urls: &[String], extra: &[&str]) -> NodeProc {
         let (http_port, agent_port) = (free_port(), free_port());
         let log = dir.join(format!("{id}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let urls: Vec<String> = coordinators.iter().map(|c| c.url()).collect();
         let child = Command::new(node_bin())
             .arg("--config")
             .arg(config)
