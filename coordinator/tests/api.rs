@@ -296,7 +296,7 @@ async fn the_api_can_be_served_over_tls() {
                 .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem())),
         )
         .unwrap();
-    let mut client = pb::coordinator_client::CoordinatorClient::new(ep.connect().await.unwrap());
+    let client = pb::coordinator_client::CoordinatorClient::new(ep.connect().await.unwrap());
     let leader = eventually(Duration::from_secs(20), "a leader over TLS", || {
         let mut c = client.clone();
         async move {
@@ -315,8 +315,13 @@ async fn the_api_can_be_served_over_tls() {
     // A node registers over TLS; the CLI reads status over TLS.
     let cfg = dir.path().join("base.yaml");
     std::fs::write(&cfg, lite(30)).unwrap();
-    let node =
-        NodeProc::start_urls("n1", &cfg, dir.path(), &[https.clone()], &["--coordinator-ca", cert_f.to_str().unwrap()]);
+    let node = NodeProc::start_urls(
+        "n1",
+        &cfg,
+        dir.path(),
+        std::slice::from_ref(&https),
+        &["--coordinator-ca", cert_f.to_str().unwrap()],
+    );
     let st = eventually(Duration::from_secs(20), "the node to register over TLS", || {
         let mut c = client.clone();
         async move {
