@@ -382,16 +382,8 @@ fn node_record(id: String, address: String, version: u64, sha256: String, health
     NodeRecord { id, address, version, sha256, healthy, last_seen: now_rfc3339() }
 }
 
-/// Why the gRPC server stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The reflection descriptor set is broken (a build problem).
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-}
+/// Why the gRPC server stopped with an error (shared with the node agent).
+pub use confroll_node::agent::ServeError;
 
 /// Serves the Coordinator API (with reflection v1/v1alpha and health) on
 /// `listener` until `shutdown`.

@@ -339,3 +339,62 @@ async fn the_api_can_be_served_over_tls() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["leader_id"], "c1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_watches_and_reports() {
+    let _serial = serial().await;
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = Coord::start(&etcd, "c1", dir.path(), &[]);
+    let cfg = dir.path().join("base.yaml");
+    std::fs::write(&cfg, lite(30)).unwrap();
+    let nodes: Vec<NodeProc> =
+        (1..=3).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1], &[])).collect();
+    wait_registered(&c1, 3).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_confroll"))
+            .args(["-c", &c1.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v2, lite(45)).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let v2_s = v2.to_str().unwrap();
+
+    let (code, out, err) = cli(&["submit", cfg_s, "-m", "first", "--bake", "0s", "--watch"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Dry run: checks and the diff, nothing stored.
+    let (code, out, _) = cli(&["validate", v2_s]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("cache.ttl") && out.contains("\"30s\" -> \"45s\"") && out.contains("dry run"), "{out}");
+    // A rollout followed live, stage by stage, to SUCCEEDED (exit 0).
+    let (code, out, err) = cli(&["submit", v2_s, "-m", "second", "--bake", "100ms", "--watch"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("RUNNING") && out.contains("stage 1/") && out.contains("SUCCEEDED"), "{out}");
+    for n in &nodes {
+        assert_eq!(n.version().await, 2);
+    }
+    // Scripts get JSON.
+    let (code, out, _) = cli(&["-o", "json", "versions"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["versions"][0]["version"], 2);
+    assert_eq!(v["versions"][0]["state"], "ROLLED_OUT");
+    let (_, out, _) = cli(&["diff", "1", "2"]);
+    assert!(out.contains("cache.ttl"), "{out}");
+    // A rollback followed live; a failing command exits non-zero with the reason.
+    let (code, out, err) = cli(&["rollback", "1", "--watch"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = cli(&["abort"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no rollout is running"), "{err}");
+    let (_, out, _) = cli(&["status"]);
+    assert!(out.contains("stable v1") && out.contains("n1") && out.contains("default policy"), "{out}");
+}
