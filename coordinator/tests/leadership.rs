@@ -26,14 +26,7 @@ async fn a_new_leader_finishes_a_rollout_after_the_leader_is_sigkilled() {
 
     let v2 = client.submit_config(submit_req(&lite(60), "1500ms")).await.unwrap().into_inner();
     // Let the canary apply, then SIGKILL the leader in the middle of the bake.
-    eventually(Duration::from_secs(20), "the canary to apply", || {
-        let mut c = client.clone();
-        async move {
-            let r = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().rollout?;
-            (r.applied_nodes >= 1).then_some(())
-        }
-    })
-    .await;
+    wait_applied(&client, 1).await;
     let old = leader_of(&coords[0]).await;
     let idx = coords.iter().position(|c| c.id == old).unwrap();
     coords[idx].kill9();

@@ -150,14 +150,7 @@ async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
     client.submit_config(req).await.unwrap();
     // … the canary bakes on it; stage 1 is promoted only after 20 s, so the
     // failure below lands during the first bake.
-    eventually(Duration::from_secs(20), "the canary to apply v2", || {
-        let mut c = client.clone();
-        async move {
-            let r = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().rollout?;
-            (r.applied_nodes >= 1).then_some(())
-        }
-    })
-    .await;
+    wait_applied(&client, 1).await;
     // … then that Redis dies: the canary fails its health check.
     own.kill();
     let done = wait_rollout_done(&c1, Duration::from_secs(30)).await;
@@ -218,14 +211,7 @@ async fn ten_concurrent_submits_start_exactly_one_rollout_and_abort_reverts_it()
     assert_eq!(versions.len(), 2, "a refused submit stored a version");
 
     // Abort: the canary returns to v1, the version is recorded ABORTED.
-    eventually(Duration::from_secs(20), "the canary to apply", || {
-        let mut c = client.clone();
-        async move {
-            let r = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().rollout?;
-            (r.applied_nodes >= 1).then_some(())
-        }
-    })
-    .await;
+    wait_applied(&client, 1).await;
     let a = client.abort_rollout(pb::AbortRolloutRequest { reason: "test".into(), ..Default::default() }).await;
     assert_eq!(a.unwrap().into_inner().rollout_id, winner.rollout_id);
     let done = wait_rollout_done(&c1, Duration::from_secs(20)).await;

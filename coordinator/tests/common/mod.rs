@@ -292,6 +292,18 @@ pub async fn watch_to_end(url: String) -> Vec<pb::RolloutEvent> {
     out
 }
 
+/// Waits until at least `n` nodes of the running rollout have applied it.
+pub async fn wait_applied(client: &CoordinatorClient<Channel>, n: u32) {
+    eventually(Duration::from_secs(20), &format!("{n} node(s) to apply the rollout"), || {
+        let mut c = client.clone();
+        async move {
+            let r = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().rollout?;
+            (r.applied_nodes >= n).then_some(())
+        }
+    })
+    .await
+}
+
 /// Waits for the rollout record to reach a terminal state.
 pub async fn wait_rollout_done(c: &Coord, within: Duration) -> pb::RolloutInfo {
     let client = c.client().await;
