@@ -8,13 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages
-WORK=$(mktemp -d /tmp/confroll-bench.XXXXXX)
-cleanup() { stop_postgres; stop_redis; rm -rf "$WORK"; }
-trap cleanup EXIT INT TERM
-start_postgres "$WORK"
-start_redis "$WORK"
-export CONFROLL_TEST_DATABASE_URL="$PG_URL" CONFROLL_TEST_REDIS_URL="$REDIS_URL"
+start_services bench
+
 which="${1:-all}"
 if [ "$which" = all ] || [ "$which" = node ]; then cargo bench -p confroll-node --bench reload; fi
 if [ "$which" = all ] || [ "$which" = rollout ]; then cargo bench -p confroll-coordinator --bench rollout; fi

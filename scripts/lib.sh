@@ -87,3 +87,17 @@ stop_redis() {
   [ -n "${REDIS_PIDFILE:-}" ] && [ -s "$REDIS_PIDFILE" ] && kill "$(cat "$REDIS_PIDFILE")" 2>/dev/null || true
   REDIS_PIDFILE=""
 }
+
+# start_services NAME: installs what is missing, starts a throwaway
+# PostgreSQL and Redis under a temp dir, exports their URLs as
+# CONFROLL_TEST_DATABASE_URL / CONFROLL_TEST_REDIS_URL, and arranges for both
+# to be stopped and the dir deleted when the calling script exits.
+start_services() {
+  ensure_packages
+  SERVICES_DIR=$(mktemp -d "/tmp/confroll-$1.XXXXXX")
+  trap 'stop_postgres; stop_redis; rm -rf "$SERVICES_DIR"' EXIT INT TERM
+  start_postgres "$SERVICES_DIR"
+  start_redis "$SERVICES_DIR"
+  export CONFROLL_TEST_DATABASE_URL="$PG_URL" CONFROLL_TEST_REDIS_URL="$REDIS_URL"
+  echo "postgres: $PG_URL  redis: $REDIS_URL" >&2
+}

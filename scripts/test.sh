@@ -6,15 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages
-WORK=$(mktemp -d /tmp/confroll-test.XXXXXX)
-cleanup() { stop_postgres; stop_redis; rm -rf "$WORK"; }
-trap cleanup EXIT INT TERM
-
-start_postgres "$WORK"
-start_redis "$WORK"
-export CONFROLL_TEST_DATABASE_URL="$PG_URL"
-export CONFROLL_TEST_REDIS_URL="$REDIS_URL"
-echo "postgres: $PG_URL  redis: $REDIS_URL" >&2
+start_services test
 
 cargo test --workspace --all-targets "$@"

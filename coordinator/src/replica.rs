@@ -93,16 +93,12 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => ApiError::Unavailable(m),
-            StoreError::FencedOut(m) => ApiError::NotLeader(None).with_context(m),
+            StoreError::FencedOut(m) => {
+                tracing::warn!(reason = %m, "lost leadership during a request");
+                ApiError::NotLeader(None)
+            }
             StoreError::Corrupt { .. } => ApiError::Unavailable(e.to_string()),
         }
-    }
-}
-
-impl ApiError {
-    fn with_context(self, m: String) -> Self {
-        tracing::warn!(reason = %m, "lost leadership during a request");
-        self
     }
 }
 

@@ -343,14 +343,8 @@ async fn the_api_can_be_served_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_submits_watches_and_reports() {
     let _serial = serial().await;
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let c1 = Coord::start(&etcd, "c1", dir.path(), &[]);
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, lite(30)).unwrap();
-    let nodes: Vec<NodeProc> =
-        (1..=3).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1], &[])).collect();
-    wait_registered(&c1, 3).await;
+    let cl = Cluster::start(1, 3, &lite(30)).await;
+    let (c1, nodes, cfg, dir) = (&cl.coords[0], &cl.nodes, &cl.cfg, cl.dir.path());
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_confroll"))
             .args(["-c", &c1.url()])
@@ -363,7 +357,7 @@ async fn the_cli_submits_watches_and_reports() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let v2 = dir.path().join("v2.yaml");
+    let v2 = dir.join("v2.yaml");
     std::fs::write(&v2, lite(45)).unwrap();
     let cfg_s = cfg.to_str().unwrap();
     let v2_s = v2.to_str().unwrap();
@@ -378,7 +372,7 @@ async fn the_cli_submits_watches_and_reports() {
     let (code, out, err) = cli(&["submit", v2_s, "-m", "second", "--bake", "100ms", "--watch"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("RUNNING") && out.contains("stage 1/") && out.contains("SUCCEEDED"), "{out}");
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(n.version().await, 2);
     }
     // Scripts get JSON.

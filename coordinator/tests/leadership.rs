@@ -11,18 +11,9 @@ use confroll_proto::v1 as pb;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_finishes_a_rollout_after_the_leader_is_sigkilled() {
     let _serial = serial().await;
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut coords: Vec<Coord> = (1..=3).map(|i| Coord::start(&etcd, &format!("c{i}"), dir.path(), &[])).collect();
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, lite(30)).unwrap();
-    let refs: Vec<&Coord> = coords.iter().collect();
-    let nodes: Vec<NodeProc> =
-        (1..=4).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &refs, &[])).collect();
-    wait_registered(&coords[0], 4).await;
-    let mut client = coords[0].client().await;
-    client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
-    wait_rollout_done(&coords[0], Duration::from_secs(30)).await;
+    let mut cl = Cluster::start(3, 4, &lite(30)).await;
+    let mut client = cl.rolled_out(&lite(30)).await;
+    let (coords, nodes) = (&mut cl.coords, &cl.nodes);
 
     let v2 = client.submit_config(submit_req(&lite(60), "1500ms")).await.unwrap().into_inner();
     // Let the canary apply, then SIGKILL the leader in the middle of the bake.
@@ -41,7 +32,7 @@ async fn a_new_leader_finishes_a_rollout_after_the_leader_is_sigkilled() {
     let done = wait_rollout_done(survivor, Duration::from_secs(60)).await;
     assert_eq!(done.state, "SUCCEEDED", "{done:?}");
     assert_eq!(done.id, v2.rollout_id, "the new leader finished the same rollout");
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(n.version().await, 2, "node {} did not converge", n.id);
     }
     let survivor_log = coords.iter().find(|c| c.id == new).unwrap().log_text();
@@ -54,18 +45,9 @@ async fn a_new_leader_finishes_a_rollout_after_the_leader_is_sigkilled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     let _serial = serial().await;
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let coords: Vec<Coord> = (1..=2).map(|i| Coord::start(&etcd, &format!("c{i}"), dir.path(), &[])).collect();
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, lite(30)).unwrap();
-    let refs: Vec<&Coord> = coords.iter().collect();
-    let nodes: Vec<NodeProc> =
-        (1..=3).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &refs, &[])).collect();
-    wait_registered(&coords[0], 3).await;
-    let mut client = coords[0].client().await;
-    client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
-    wait_rollout_done(&coords[0], Duration::from_secs(30)).await;
+    let cl = Cluster::start(2, 3, &lite(30)).await;
+    cl.rolled_out(&lite(30)).await;
+    let (coords, nodes) = (&cl.coords, &cl.nodes);
     let old_token = nodes[0].status().await["highest_fencing_token"].as_u64().unwrap();
     assert!(old_token > 0);
 
@@ -84,7 +66,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     // The new leader's first reconciliation pass fences every node with its token.
     let new_token = eventually(Duration::from_secs(20), "nodes to learn the new token", || async {
         let mut tokens = Vec::new();
-        for n in &nodes {
+        for n in nodes {
             tokens.push(n.status().await["highest_fencing_token"].as_u64().unwrap());
         }
         (tokens.iter().all(|t| *t > old_token)).then(|| tokens[0])
@@ -98,7 +80,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     // The old leader wakes up. Whatever it still tries carries its old
     // token: a push with that token is refused by every node.
     assert!(sig("-CONT").success());
-    for n in &nodes {
+    for n in nodes {
         let content = lite(99);
         let err = n
             .agent()

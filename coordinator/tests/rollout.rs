@@ -21,19 +21,13 @@ fn env(k: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
     let _serial = serial().await;
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (c1, c2) = (Coord::start(&etcd, "c1", dir.path(), &[]), Coord::start(&etcd, "c2", dir.path(), &[]));
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, lite(30)).unwrap();
-    let nodes: Vec<NodeProc> =
-        (1..=5).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1, &c2], &[])).collect();
-    wait_registered(&c1, 5).await;
+    let cl = Cluster::start(2, 5, &lite(30)).await;
+    let (c1, c2, nodes) = (&cl.coords[0], &cl.coords[1], &cl.nodes);
 
     let mut client = c2.client().await;
     let v1 = client.submit_config(submit_req(&lite(30), "0s")).await.unwrap().into_inner();
     assert_eq!(v1.version, 1);
-    assert_eq!(wait_rollout_done(&c1, Duration::from_secs(30)).await.state, "SUCCEEDED");
+    assert_eq!(wait_rollout_done(c1, Duration::from_secs(30)).await.state, "SUCCEEDED");
 
     let v2 = client.submit_config(submit_req(&lite(45), "300ms")).await.unwrap().into_inner();
     assert_eq!(v2.version, 2);
@@ -56,7 +50,7 @@ async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
     // The canary order is the deterministic one.
     let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
     assert_eq!(last.canary_order, confroll_coordinator::engine::canary_order("default", ids));
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(n.version().await, 2, "node {} not on v2", n.id);
     }
     let versions = client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions;
@@ -83,23 +77,15 @@ async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
 async fn a_canary_that_cannot_apply_rolls_the_cluster_back() {
     let _serial = serial().await;
     let (db, redis) = (env("CONFROLL_TEST_DATABASE_URL"), env("CONFROLL_TEST_REDIS_URL"));
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let c1 = Coord::start(&etcd, "c1", dir.path(), &[]);
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, standard(&db, &redis, 30)).unwrap();
-    let nodes: Vec<NodeProc> =
-        (1..=5).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1], &[])).collect();
-    wait_registered(&c1, 5).await;
-    let mut client = c1.client().await;
-    client.submit_config(submit_req(&standard(&db, &redis, 30), "0s")).await.unwrap();
-    assert_eq!(wait_rollout_done(&c1, Duration::from_secs(30)).await.state, "SUCCEEDED");
+    let cl = Cluster::start(1, 5, &standard(&db, &redis, 30)).await;
+    let (c1, nodes) = (&cl.coords[0], &cl.nodes);
+    let mut client = cl.rolled_out(&standard(&db, &redis, 30)).await;
 
     // v2 points the database at a dead port: statically valid, so it is
     // accepted and versioned; the canary cannot connect and refuses it.
     let dead = format!("postgres://app:pw@127.0.0.1:{}/postgres", free_port());
     let v2 = client.submit_config(submit_req(&standard(&dead, &redis, 31), "500ms")).await.unwrap().into_inner();
-    let done = wait_rollout_done(&c1, Duration::from_secs(30)).await;
+    let done = wait_rollout_done(c1, Duration::from_secs(30)).await;
     assert_eq!(done.state, "ROLLED_BACK", "{done:?}");
     let canary = done.canary_order[0].clone();
     assert_eq!(done.failing_node, canary);
@@ -112,7 +98,7 @@ async fn a_canary_that_cannot_apply_rolls_the_cluster_back() {
     assert_eq!(versions[0].failing_node, canary);
     let st = client.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((st.stable_version, st.desired_version), (1, 1));
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(n.version().await, 1, "node {} left the stable version", n.id);
     }
 }
@@ -121,17 +107,9 @@ async fn a_canary_that_cannot_apply_rolls_the_cluster_back() {
 async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
     let _serial = serial().await;
     let (db, redis) = (env("CONFROLL_TEST_DATABASE_URL"), env("CONFROLL_TEST_REDIS_URL"));
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let c1 = Coord::start(&etcd, "c1", dir.path(), &[]);
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, standard(&db, &redis, 30)).unwrap();
-    let nodes: Vec<NodeProc> =
-        (1..=4).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1], &[])).collect();
-    wait_registered(&c1, 4).await;
-    let mut client = c1.client().await;
-    client.submit_config(submit_req(&standard(&db, &redis, 30), "0s")).await.unwrap();
-    wait_rollout_done(&c1, Duration::from_secs(30)).await;
+    let cl = Cluster::start(1, 4, &standard(&db, &redis, 30)).await;
+    let (c1, nodes) = (&cl.coords[0], &cl.nodes);
+    let mut client = cl.rolled_out(&standard(&db, &redis, 30)).await;
 
     // v2 moves Redis to a server of the test's own: it applies fine…
     let port = free_port();
@@ -153,13 +131,13 @@ async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
     wait_applied(&client, 1).await;
     // … then that Redis dies: the canary fails its health check.
     own.kill();
-    let done = wait_rollout_done(&c1, Duration::from_secs(30)).await;
+    let done = wait_rollout_done(c1, Duration::from_secs(30)).await;
     assert_eq!(done.state, "ROLLED_BACK", "{done:?}");
     assert!(done.reason.contains("failed its health check"), "{}", done.reason);
     assert!(done.reason.contains("redis"), "{}", done.reason);
     let canary = done.canary_order[0].clone();
     // The canary had applied v2: it was pushed v1 again.
-    for n in &nodes {
+    for n in nodes {
         let s = n.status().await;
         assert_eq!(s["version"], 1, "node {} not back on v1: {s}", n.id);
         if n.id == canary {
@@ -172,17 +150,9 @@ async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_concurrent_submits_start_exactly_one_rollout_and_abort_reverts_it() {
     let _serial = serial().await;
-    let etcd = Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (c1, c2) = (Coord::start(&etcd, "c1", dir.path(), &[]), Coord::start(&etcd, "c2", dir.path(), &[]));
-    let cfg = dir.path().join("base.yaml");
-    std::fs::write(&cfg, lite(30)).unwrap();
-    let nodes: Vec<NodeProc> =
-        (1..=3).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1, &c2], &[])).collect();
-    wait_registered(&c1, 3).await;
-    let mut client = c1.client().await;
-    client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
-    wait_rollout_done(&c1, Duration::from_secs(30)).await;
+    let cl = Cluster::start(2, 3, &lite(30)).await;
+    let (c1, c2, nodes) = (&cl.coords[0], &cl.coords[1], &cl.nodes);
+    let mut client = cl.rolled_out(&lite(30)).await;
 
     let mut tasks = Vec::new();
     for i in 0..10u32 {
@@ -214,9 +184,9 @@ async fn ten_concurrent_submits_start_exactly_one_rollout_and_abort_reverts_it()
     wait_applied(&client, 1).await;
     let a = client.abort_rollout(pb::AbortRolloutRequest { reason: "test".into(), ..Default::default() }).await;
     assert_eq!(a.unwrap().into_inner().rollout_id, winner.rollout_id);
-    let done = wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    let done = wait_rollout_done(c1, Duration::from_secs(20)).await;
     assert_eq!(done.state, "ABORTED");
-    for n in &nodes {
+    for n in nodes {
         assert_eq!(n.version().await, 1);
     }
     let versions = client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions;

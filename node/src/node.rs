@@ -294,7 +294,7 @@ impl Node {
             }),
         };
         if persisted.is_none() {
-            node.persist(None);
+            node.persist(&node.config());
         }
         // The file changed while we were down: apply it now.
         if let (Some(_), Some(b)) = (&persisted, &file_bytes)
@@ -709,7 +709,7 @@ impl Node {
         if status.is_success() && status != ReloadStatus::Unchanged
             || (trigger == Trigger::File && status == ReloadStatus::Unchanged)
         {
-            self.persist(Some(&live));
+            self.persist(&live);
         }
         let components = machine
             .statuses()
@@ -761,16 +761,8 @@ impl Node {
     }
 
     /// Persists the live config (and the file's checksum) to the state dir.
-    fn persist(&self, live: Option<&Arc<Applied>>) {
+    fn persist(&self, live: &Applied) {
         let Some(state) = &self.inner.state else { return };
-        let owned;
-        let live = match live {
-            Some(l) => l,
-            None => {
-                owned = self.config();
-                &owned
-            }
-        };
         let p = PersistedConfig {
             version: live.version,
             sha256: live.sha256.clone(),

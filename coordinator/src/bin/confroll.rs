@@ -55,22 +55,9 @@ enum Cmd {
         /// Only run the checks and show the diff.
         #[arg(long)]
         dry_run: bool,
-        /// Stages, comma-separated (`1,25%,50%,100%`).
-        #[arg(long, value_delimiter = ',')]
-        stages: Vec<String>,
-        /// Bake time per stage (`5s`; `0s` for none).
-        #[arg(long)]
-        bake: Option<String>,
-        /// Health-check interval during the bake.
-        #[arg(long)]
-        health_interval: Option<String>,
-        /// Consecutive failed checks that fail the rollout.
-        #[arg(long)]
-        failure_threshold: Option<u32>,
-        /// Per-node apply timeout.
-        #[arg(long)]
-        apply_timeout: Option<String>,
-        /// Follow the rollout until it ends (exit 1 unless it succeeds).
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Follow the rollout until it ends (exit status 2 unless it succeeds).
         #[arg(short, long)]
         watch: bool,
     },
@@ -108,18 +95,42 @@ enum Cmd {
     /// Set the service's default rollout policy (unset fields inherit the
     /// coordinator's defaults).
     Policy {
-        /// Stages, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        stages: Vec<String>,
-        #[arg(long)]
-        bake: Option<String>,
-        #[arg(long)]
-        health_interval: Option<String>,
-        #[arg(long)]
-        failure_threshold: Option<u32>,
-        #[arg(long)]
-        apply_timeout: Option<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
+}
+
+/// Rollout policy flags (of `submit`, and of `policy` for the service
+/// defaults); unset ones are inherited.
+#[derive(clap::Args, Debug)]
+struct PolicyArgs {
+    /// Stages, comma-separated (`1,25%,50%,100%`).
+    #[arg(long, value_delimiter = ',')]
+    stages: Vec<String>,
+    /// Bake time per stage (`5s`; `0s` for none).
+    #[arg(long)]
+    bake: Option<String>,
+    /// Health-check interval during the bake.
+    #[arg(long)]
+    health_interval: Option<String>,
+    /// Consecutive failed checks that fail the rollout.
+    #[arg(long)]
+    failure_threshold: Option<u32>,
+    /// Per-node apply timeout.
+    #[arg(long)]
+    apply_timeout: Option<String>,
+}
+
+impl From<PolicyArgs> for pb::RolloutPolicy {
+    fn from(p: PolicyArgs) -> Self {
+        pb::RolloutPolicy {
+            stages: p.stages,
+            bake: p.bake,
+            health_interval: p.health_interval,
+            failure_threshold: p.failure_threshold,
+            apply_timeout: p.apply_timeout,
+        }
+    }
 }
 
 fn whoami() -> String {
@@ -202,20 +213,9 @@ async fn run() -> anyhow::Result<()> {
         service: cli.service.clone(),
     };
     match cli.cmd {
-        Cmd::Submit {
-            file,
-            author,
-            message,
-            dry_run,
-            stages,
-            bake,
-            health_interval,
-            failure_threshold,
-            apply_timeout,
-            watch,
-        } => {
+        Cmd::Submit { file, author, message, dry_run, policy, watch } => {
             let content = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
-            let policy = pb::RolloutPolicy { stages, bake, health_interval, failure_threshold, apply_timeout };
+            let policy = pb::RolloutPolicy::from(policy);
             let req = pb::SubmitConfigRequest {
                 service: ctx.service.clone(),
                 content,
@@ -287,9 +287,8 @@ async fn run() -> anyhow::Result<()> {
             ctx.print(&r, || println!("abort requested for rollout {}", r.rollout_id));
         }
         Cmd::Watch => return follow(&mut ctx, "").await,
-        Cmd::Policy { stages, bake, health_interval, failure_threshold, apply_timeout } => {
-            let policy = pb::RolloutPolicy { stages, bake, health_interval, failure_threshold, apply_timeout };
-            let req = pb::SetServicePolicyRequest { service: ctx.service.clone(), policy: Some(policy) };
+        Cmd::Policy { policy } => {
+            let req = pb::SetServicePolicyRequest { service: ctx.service.clone(), policy: Some(policy.into()) };
             let r = ctx.client.set_service_policy(ctx.req(req)).await.map_err(status_err)?.into_inner();
             ctx.print(&r, || {
                 if let Some(p) = &r.effective {

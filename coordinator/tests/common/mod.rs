@@ -317,3 +317,37 @@ pub async fn wait_rollout_done(c: &Coord, within: Duration) -> pb::RolloutInfo {
     })
     .await
 }
+
+/// etcd, coordinators `c1..`, and nodes `n1..` registered with all of them,
+/// started from `base` (fields drop in order: nodes, coordinators, etcd, dir).
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub coords: Vec<Coord>,
+    pub etcd: Etcd,
+    pub cfg: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub async fn start(coords: usize, nodes: usize, base: &str) -> Cluster {
+        let etcd = Etcd::start();
+        let dir = tempfile::tempdir().unwrap();
+        let coords: Vec<Coord> = (1..=coords).map(|i| Coord::start(&etcd, &format!("c{i}"), dir.path(), &[])).collect();
+        let cfg = dir.path().join("base.yaml");
+        std::fs::write(&cfg, base).unwrap();
+        let refs: Vec<&Coord> = coords.iter().collect();
+        let nodes: Vec<NodeProc> =
+            (1..=nodes).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &refs, &[])).collect();
+        wait_registered(&coords[0], nodes.len()).await;
+        Cluster { nodes, coords, etcd, cfg, dir }
+    }
+
+    /// Submits `content` with no bake and waits until it is rolled out.
+    pub async fn rolled_out(&self, content: &str) -> CoordinatorClient<Channel> {
+        let mut client = self.coords[0].client().await;
+        client.submit_config(submit_req(content, "0s")).await.unwrap();
+        let done = wait_rollout_done(&self.coords[0], Duration::from_secs(30)).await;
+        assert_eq!(done.state, "SUCCEEDED", "{done:?}");
+        client
+    }
+}

@@ -72,28 +72,6 @@ impl Cfg {
         }
     }
 
-    pub fn lite() -> Self {
-        Self { profile: "lite", ..Self::standard_unchecked() }
-    }
-
-    fn standard_unchecked() -> Self {
-        Self {
-            level: "info",
-            format: "text",
-            db_url: String::new(),
-            max_conns: 5,
-            min_conns: 1,
-            redis_url: String::new(),
-            pool_size: 4,
-            llm: None,
-            metrics_enabled: true,
-            labels: vec![],
-            ttl: "30s",
-            port: 8080,
-            profile: "lite",
-        }
-    }
-
     pub fn yaml(&self) -> String {
         let mut s = format!(
             "log:\n  level: {}\n  format: {}\nprofile: {}\nserver:\n  host: 127.0.0.1\n  port: {}\ncache:\n  ttl: {}\nmetrics:\n  enabled: {}\n",
