@@ -84,13 +84,17 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 /// A put until `n` watchers (each its own watch stream) have the event.
-async fn floor(endpoint: &str, n: usize, iters: usize) -> anyhow::Result<Vec<f64>> {
+/// `shared`: every stream on one client connection (etcd fans out over one
+/// socket); otherwise each watcher has its own connection, as `n` separate
+/// node processes watching etcd would.
+async fn floor(endpoint: &str, n: usize, iters: usize, shared: bool) -> anyhow::Result<Vec<f64>> {
     let client = etcd_client::Client::connect([endpoint], None).await?;
-    let key = format!("/bench/floor/{n}");
+    let key = format!("/bench/floor/{n}/{shared}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let (mut c, key, tx) = (client.clone(), key.clone(), tx.clone());
+        let mut c = if shared { client.clone() } else { etcd_client::Client::connect([endpoint], None).await? };
+        let (key, tx) = (key.clone(), tx.clone());
         let mut stream = c.watch(key.clone(), None).await?;
         tasks.push(tokio::spawn(async move {
             while let Ok(Some(r)) = stream.message().await {
@@ -210,12 +214,17 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let sizes: Vec<usize> = if smoke { vec![10] } else { vec![10, 100, 1000] };
+    // CONFROLL_BENCH_SIZES=100,1000 narrows a profiling run.
+    let sizes: Vec<usize> = match std::env::var("CONFROLL_BENCH_SIZES") {
+        Ok(s) => s.split(',').map(|n| n.trim().parse()).collect::<Result<_, _>>().context("CONFROLL_BENCH_SIZES")?,
+        Err(_) if smoke => vec![10],
+        Err(_) => vec![10, 100, 1000],
+    };
     let dir = tempfile::tempdir()?;
     let (_etcd, endpoint) = start_etcd(dir.path());
 
-    // 1. Floor.
-    let mut floors = Vec::new();
+    // 1. Floor, on one shared connection and on one connection per watcher.
+    let (mut floors, mut floors_own) = (Vec::new(), Vec::new());
     for &n in &sizes {
         let iters = if smoke {
             3
@@ -224,7 +233,8 @@ async fn main() -> anyhow::Result<()> {
         } else {
             50
         };
-        floors.push(stats(floor(&endpoint, n, iters).await?));
+        floors.push(stats(floor(&endpoint, n, iters, true).await?));
+        floors_own.push(stats(floor(&endpoint, n, iters, false).await?));
     }
 
     // 2. Rollouts through an in-process coordinator.
@@ -298,21 +308,24 @@ async fn main() -> anyhow::Result<()> {
     println!("\nconfroll rollout benchmark (etcd backend; milliseconds)\n");
     println!("Rollout from SubmitConfig accepted (version stored) to every node running it:\n");
     println!(
-        "| N | floor: put → N watchers (p50 / p99) | 1 stage (p50 / p99) | 4 stages (p50 / p99) | p50 ÷ floor p50: 1 stage / 4 stages |"
+        "| N | floor A: put → N watch streams on 1 connection (p50 / p99) | floor B: put → N watchers, 1 connection each (p50 / p99) | 1 stage (p50 / p99) | 4 stages (p50 / p99) | ÷ floor A: 1 stage / 4 stages | ÷ floor B: 1 stage / 4 stages |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for (i, &n) in sizes.iter().enumerate() {
         let (f50, f99) = floors[i];
+        let (g50, g99) = floors_own[i];
         let one = rows.iter().find(|r| r.0 == n && r.1 == "1 stage").unwrap().3;
         let four = rows.iter().find(|r| r.0 == n && r.1 == "4 stages").unwrap().3;
         println!(
-            "| {n} | {f50:.2} / {f99:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            "| {n} | {f50:.2} / {f99:.2} | {g50:.2} / {g99:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
             one.0,
             one.1,
             four.0,
             four.1,
             one.0 / f50,
-            four.0 / f50
+            four.0 / f50,
+            one.0 / g50,
+            four.0 / g50
         );
     }
     println!(
@@ -412,12 +425,14 @@ async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> 
         let leader = loop {
             let mut c = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[it % 3])).await?;
             let s = c.get_status(pb::GetStatusRequest::default()).await?.into_inner();
-            if !s.leader_id.is_empty() {
-                break s.leader_id;
+            // Until one of these three leads (the in-process replica of the
+            // earlier phases may still be handing over).
+            if let Some(Ok(i)) = s.leader_id.strip_prefix('f').map(str::parse::<usize>) {
+                break i;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let idx: usize = leader.trim_start_matches('f').parse()?;
+        let idx = leader;
         // The leader accepts writes before it is killed.
         let mut lc = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[idx])).await?;
         lc.submit_config(submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms")).await?;

@@ -2,15 +2,20 @@
 //!
 //! ```text
 //!  start ─▶ stage 0 pushes ─▶ all applied ─▶ health rounds through the bake ─▶ promote ─▶ … ─▶ SUCCEEDED
+//!                                   (zero bake: the health phase each node ran
+//!                                    after its swap is the stage's check)
 //!               │                  │                      │
 //!               └── apply failed ──┴──── unhealthy ───────┴──▶ ROLLING_BACK ─▶ revert every touched node ─▶ ROLLED_BACK
 //!                                       (abort: the same path, ending ABORTED)
 //! ```
 //!
 //! The engine does no I/O and reads no clock: the runtime passes `now` (ms)
-//! with every call, executes the [`Action`]s in order (persist before push,
-//! so a new leader always knows which nodes may hold the new version) and
-//! feeds results back as [`Input`]s. Its unit tests below decide every case
+//! with every call, executes the [`Action`]s in order and feeds results back
+//! as [`Input`]s. A node is pushed only once a written record lists it in
+//! `touched`, so a new leader always knows which nodes may hold the new
+//! version. Each record lists the next stage's nodes too: the runtime can
+//! write it in the background while the current stage runs, and push the
+//! next stage without waiting for a write. Its unit tests below decide every case
 //! without a socket or a sleep.
 //!
 //! **A new leader resumes, it does not roll back.** A coordinator crash says
@@ -97,7 +102,10 @@ pub struct RolloutRecord {
     pub stage: usize,
     /// State.
     pub state: RolloutState,
-    /// Nodes that were sent (or may have been sent) the new version.
+    /// Nodes that were sent, or may be sent before the next write of this
+    /// record, the new version: the stages so far and the next one. Writing
+    /// one stage ahead takes the write off the path between stages, and a
+    /// new leader still knows every node that may hold the new version.
     pub touched: BTreeSet<String>,
     /// Why it rolled back or was aborted.
     pub reason: String,
@@ -123,8 +131,9 @@ pub enum Input {
     Applied {
         /// Node.
         node: String,
-        /// Ok, or why it failed (refused, rolled back at the node, timeout).
-        result: Result<(), String>,
+        /// What the node's answer proves, or why the push failed (refused,
+        /// rolled back at the node, timeout).
+        result: Result<Applied, String>,
     },
     /// A health check finished.
     Health {
@@ -149,6 +158,16 @@ pub enum Input {
     },
 }
 
+/// What a successful push proves about the node's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The node reloaded and its own health phase passed after the swap
+    /// (a failing one would have rolled the node back and failed the push).
+    HealthChecked,
+    /// The node already ran the version: nothing ran, nothing was checked.
+    AlreadyRunning,
+}
+
 /// What the runtime must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -169,12 +188,17 @@ pub enum Action {
 /// Working state that is rebuilt after a leader change (not persisted).
 #[derive(Debug, Clone, Default)]
 struct Live {
+    /// Nodes that may hold the new version: pushed by this engine, or
+    /// `touched` in the record it resumed. These are what a rollback reverts.
+    may_hold: BTreeSet<String>,
     applied: BTreeSet<String>,
     /// When the current stage's nodes had all applied.
     baking_since: Option<u64>,
     /// Nodes of the health round in progress.
     pending_health: BTreeSet<String>,
     failures: BTreeMap<String, u32>,
+    /// Nodes of the current stage whose apply did not health-check them.
+    unchecked: BTreeSet<String>,
     reverted: BTreeSet<String>,
     revert_failed: BTreeSet<String>,
     aborting: bool,
@@ -232,6 +256,13 @@ impl Engine {
         &self.live.applied
     }
 
+    /// Records the nodes of the stage after `stage` as touched, so that the
+    /// write that starts `stage` already covers the pushes of the next one.
+    fn look_ahead(&mut self, stage: usize) {
+        let next: Vec<String> = self.stage_nodes(stage + 1).to_vec();
+        self.rec.touched.extend(next);
+    }
+
     fn stage_nodes(&self, stage: usize) -> &[String] {
         let end = self.rec.targets.get(stage).copied().unwrap_or(0);
         &self.rec.order[..end]
@@ -240,7 +271,7 @@ impl Engine {
     /// Starts (or, after a leader change, resumes) the rollout.
     pub fn start(&mut self, now: u64) -> Vec<Action> {
         let _ = now;
-        self.live = Live::default();
+        self.live = Live { may_hold: self.rec.touched.clone(), ..Live::default() };
         match self.rec.state {
             RolloutState::Running if self.rec.targets.is_empty() => self.finish(RolloutState::Succeeded),
             RolloutState::Running => {
@@ -248,6 +279,8 @@ impl Engine {
                 // the nodes, and it re-establishes which ones applied.
                 let nodes: Vec<String> = self.stage_nodes(self.rec.stage).to_vec();
                 self.rec.touched.extend(nodes.iter().cloned());
+                self.live.may_hold.extend(nodes.iter().cloned());
+                self.look_ahead(self.rec.stage);
                 let mut a = vec![Action::Persist];
                 a.extend(nodes.into_iter().map(Action::Push));
                 a
@@ -260,16 +293,31 @@ impl Engine {
     /// Feeds one input.
     pub fn step(&mut self, now: u64, input: Input) -> Vec<Action> {
         match (self.rec.state, input) {
-            (RolloutState::Running, Input::Applied { node, result: Ok(()) }) => {
+            (RolloutState::Running, Input::Applied { node, result: Ok(proof) }) => {
                 // Only nodes of the current stage are ever pushed, so the
                 // stage is done when as many have applied as it holds (O(1)).
-                if !self.rec.touched.contains(&node) {
+                if !self.live.may_hold.contains(&node) {
                     return vec![];
+                }
+                if proof == Applied::AlreadyRunning {
+                    self.live.unchecked.insert(node.clone());
                 }
                 self.live.applied.insert(node);
                 self.rec.applied = self.live.applied.len();
                 let target = self.rec.targets.get(self.rec.stage).copied().unwrap_or(0);
                 let stage_done = self.live.applied.len() >= target;
+                if stage_done && self.live.baking_since.is_none() && self.rec.policy.bake.is_zero() {
+                    // Zero bake: "healthy through the bake" is the health
+                    // phase each node just ran after its swap. Only nodes
+                    // whose apply checked nothing need a round of their own.
+                    if self.live.unchecked.is_empty() {
+                        return self.promote();
+                    }
+                    self.live.baking_since = Some(now);
+                    let nodes: Vec<String> = std::mem::take(&mut self.live.unchecked).into_iter().collect();
+                    self.live.pending_health = nodes.iter().cloned().collect();
+                    return vec![Action::CheckHealth(nodes)];
+                }
                 if stage_done && self.live.baking_since.is_none() {
                     // The stage is on the new version and starts baking:
                     // worth recording (watchers see it; a new leader re-checks).
@@ -350,6 +398,7 @@ impl Engine {
     fn promote(&mut self) -> Vec<Action> {
         self.rec.stage += 1;
         self.live.baking_since = None;
+        self.live.unchecked.clear();
         if self.rec.stage >= self.rec.targets.len() {
             self.rec.stage = self.rec.targets.len().saturating_sub(1);
             return self.finish(RolloutState::Succeeded);
@@ -357,6 +406,8 @@ impl Engine {
         let from = self.rec.targets[self.rec.stage - 1];
         let new: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
         self.rec.touched.extend(new.iter().cloned());
+        self.live.may_hold.extend(new.iter().cloned());
+        self.look_ahead(self.rec.stage);
         let mut a = vec![Action::Persist];
         a.extend(new.into_iter().map(Action::Push));
         a
@@ -381,8 +432,8 @@ impl Engine {
         self.live.reverted.clear();
         self.live.revert_failed.clear();
         let mut a = vec![Action::Persist];
-        a.extend(self.rec.touched.iter().cloned().map(Action::Revert));
-        if self.rec.touched.is_empty() {
+        a.extend(self.live.may_hold.iter().cloned().map(Action::Revert));
+        if self.live.may_hold.is_empty() {
             a.extend(self.finish(self.final_failure_state()));
         }
         a
@@ -398,7 +449,7 @@ impl Engine {
 
     fn maybe_rolled_back(&mut self) -> Vec<Action> {
         let done =
-            self.rec.touched.iter().all(|n| self.live.reverted.contains(n) || self.live.revert_failed.contains(n));
+            self.live.may_hold.iter().all(|n| self.live.reverted.contains(n) || self.live.revert_failed.contains(n));
         if done { self.finish(self.final_failure_state()) } else { vec![] }
     }
 
@@ -458,7 +509,11 @@ mod tests {
     }
 
     fn ok(node: &str) -> Input {
-        Input::Applied { node: node.into(), result: Ok(()) }
+        Input::Applied { node: node.into(), result: Ok(Applied::HealthChecked) }
+    }
+
+    fn already(node: &str) -> Input {
+        Input::Applied { node: node.into(), result: Ok(Applied::AlreadyRunning) }
     }
 
     fn healthy(node: &str) -> Input {
@@ -524,12 +579,28 @@ mod tests {
     }
 
     #[test]
-    fn zero_bake_promotes_after_one_healthy_round() {
+    fn zero_bake_promotes_on_the_health_phase_of_the_apply_itself() {
         let mut e = Engine::new(record(&["a", "b"], 0));
         let order = e.record().order.clone();
         e.start(0);
+        assert_eq!(e.step(0, ok(&order[0])), vec![Action::Persist, Action::Push(order[1].clone())]);
+        assert_eq!(e.record().stage, 1);
+    }
+
+    #[test]
+    fn zero_bake_checks_nodes_whose_apply_checked_nothing() {
+        let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
+        let order = e.record().order.clone();
+        e.start(0);
         e.step(0, ok(&order[0]));
-        assert_eq!(e.step(0, healthy(&order[0])), vec![Action::Persist, Action::Push(order[1].clone())]);
+        e.step(0, ok(&order[1]));
+        // Stage 2 holds order[2] and order[3]; order[2] already ran the version.
+        assert_eq!(e.step(1, already(&order[2])), vec![]);
+        assert_eq!(e.step(2, ok(&order[3])), vec![Action::CheckHealth(vec![order[2].clone()])]);
+        let sick = Input::Health { node: order[2].clone(), result: Err("redis: refused".into()) };
+        let a = e.step(3, sick);
+        assert_eq!(e.record().state, RolloutState::RollingBack, "{a:?}");
+        assert_eq!(e.record().failing_node, order[2]);
     }
 
     #[test]
@@ -582,7 +653,8 @@ mod tests {
         let mut e = Engine::new(r);
         let n = e.record().order[0].clone();
         e.start(0);
-        e.step(0, ok(&n));
+        // It already ran the version, so its apply checked nothing: a round.
+        assert_eq!(e.step(0, already(&n)), vec![Action::CheckHealth(vec![n.clone()])]);
         let a = e.step(1, Input::Health { node: n.clone(), result: Err("flaky".into()) });
         assert_eq!(a, vec![Action::WakeAt(101)], "bake is over, but the last check failed: keep checking");
         e.step(101, Input::Tick);
@@ -617,17 +689,36 @@ mod tests {
         let a = e2.start(5000);
         assert_eq!(a[0], Action::Persist);
         assert_eq!(pushes(&a), order[..2].to_vec(), "whole current stage re-pushed");
-        e2.step(5001, ok(&order[0]));
-        // Health is re-checked for every node with the new version before promotion.
-        let a = e2.step(5002, ok(&order[1]));
+        // Both already run it (the re-push changes nothing at the nodes), so
+        // health is re-checked for every node with the new version before
+        // promotion.
+        e2.step(5001, already(&order[0]));
+        let a = e2.step(5002, already(&order[1]));
         match &a[..] {
-            [Action::Persist, Action::CheckHealth(nodes)] => assert_eq!(nodes.len(), 2),
+            [Action::CheckHealth(nodes)] => assert_eq!(nodes.len(), 2),
             other => panic!("{other:?}"),
         }
         // An unhealthy one found now still rolls back.
         let a = e2.step(5003, Input::Health { node: order[1].clone(), result: Err("x".into()) });
         assert_eq!(a[0], Action::Persist);
         assert_eq!(e2.record().state, RolloutState::RollingBack);
+    }
+
+    #[test]
+    fn each_record_covers_the_next_stage_but_a_rollback_reverts_only_what_may_hold_it() {
+        let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
+        let order = e.record().order.clone();
+        assert_eq!(pushes(&e.start(0)), vec![order[0].clone()]);
+        // Targets 1, 2, 4: the first record already lists stage 1's node.
+        assert_eq!(e.record().touched, order[..2].iter().cloned().collect());
+        assert_eq!(e.step(0, ok(&order[0])), vec![Action::Persist, Action::Push(order[1].clone())]);
+        assert_eq!(e.record().touched, order.iter().cloned().collect(), "stage 2 listed before stage 1 ends");
+        // A failure now reverts the two pushed nodes, not the two listed ahead.
+        let a = e.step(1, Input::Applied { node: order[1].clone(), result: Err("x".into()) });
+        assert_eq!(a.iter().filter(|x| matches!(x, Action::Revert(_))).count(), 2);
+        // A new leader cannot know which listed nodes were pushed: it reverts all.
+        let mut e2 = Engine::new(e.record().clone());
+        assert_eq!(e2.start(5).iter().filter(|x| matches!(x, Action::Revert(_))).count(), 4);
     }
 
     #[test]

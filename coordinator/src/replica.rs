@@ -15,7 +15,7 @@
 //! leader key, and the service's rollout lock, still exist as created.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -25,12 +25,12 @@ use confroll_node::{Config, config::MAX_CONFIG_BYTES, diff::ConfigDiff, diff::Fi
 use confroll_proto::v1 as pb;
 use rand::Rng;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::{AgentError, Agents},
-    engine::{Action, Engine, Input, RolloutKind, RolloutRecord, RolloutState, canary_order, stage_targets},
+    engine::{Action, Applied, Engine, Input, RolloutKind, RolloutRecord, RolloutState, canary_order, stage_targets},
     metrics::CoordinatorMetrics,
     model::PolicyOverrides,
     model::{NodeRecord, Policy, ServiceMeta, VersionRecord, VersionState, keys, now_rfc3339, service_name},
@@ -134,6 +134,32 @@ pub struct Submit {
     pub dry_run: bool,
     /// Policy overrides.
     pub policy: Option<pb::RolloutPolicy>,
+}
+
+/// Everything a rollout driver needs before its first action.
+struct Prepared {
+    /// Started (or resumed): `actions` are what `start` asked for.
+    engine: Engine,
+    actions: Vec<Action>,
+    new: Arc<VersionRecord>,
+    /// The version to revert to; `None` for a service's first version.
+    old: Option<Arc<VersionRecord>>,
+    /// Node id → NodeAgent address; a node missing here is read on demand.
+    addresses: HashMap<String, String>,
+    /// `touched` of the record as last written: nodes that may be pushed
+    /// without waiting for a write.
+    durable: BTreeSet<String>,
+}
+
+/// What the background writer of a rollout record has made durable.
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    /// Generation of the last record written (0: the one the driver started from).
+    generation: u64,
+    /// Its `touched`.
+    touched: Arc<BTreeSet<String>>,
+    /// Set when a write failed for good (leadership or lock lost): stop.
+    failed: Option<String>,
 }
 
 struct DriverHandle {
@@ -303,7 +329,7 @@ impl Replica {
         match self.inner.store.try_lock(term, service, rec.id.as_bytes()).await? {
             LockAttempt::Acquired(lock) => {
                 tracing::info!(%service, rollout = %rec.id, state = rec.state.as_str(), stage = rec.stage, "resuming rollout of the previous leader");
-                self.spawn_driver(term.clone(), lock, rec);
+                self.spawn_driver(term.clone(), lock, rec, None);
             }
             // The previous leader's lock lives until its lease expires; the
             // next reconcile pass tries again.
@@ -369,7 +395,7 @@ impl Replica {
                 }
                 let timeout = me.inner.opts.default_policy.apply_timeout;
                 match me.push(&term, &service, &node.id, &node.address, &stable, "reconcile", timeout).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         fenced.lock().expect("fenced").insert(key.clone());
                     }
                     Err(e) => tracing::debug!(%service, node = %node.id, error = %e, "reconcile push failed"),
@@ -390,7 +416,7 @@ impl Replica {
         v: &VersionRecord,
         rollout_id: &str,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<Applied, String> {
         if term.lost.is_cancelled() {
             return Err("leadership lost: not pushing".into());
         }
@@ -403,7 +429,11 @@ impl Replica {
             rollout_id: rollout_id.to_owned(),
         };
         match self.inner.agents.apply(node, address, req, timeout).await {
-            Ok(r) if r.applied => Ok(()),
+            // `unchanged`: the node already ran it, so no health phase ran.
+            Ok(r) if r.applied && r.report.as_ref().is_some_and(|r| r.status == "unchanged") => {
+                Ok(Applied::AlreadyRunning)
+            }
+            Ok(r) if r.applied => Ok(Applied::HealthChecked),
             Ok(r) => {
                 Err(r.report.map(|r| format!("{}: {}", r.status, r.error)).unwrap_or_else(|| "not applied".into()))
             }
@@ -672,6 +702,29 @@ impl Replica {
         let policy = submit_overrides.apply_to(&self.service_policy(&meta));
         let rec =
             self.new_rollout(&service, &rollout_id, RolloutKind::Submit, version, meta.stable_version, policy, &nodes);
+        // Start the engine here, so that its first record (which nodes may
+        // get the version) goes out with the version itself and the driver
+        // can push at once, with no read and no write in between.
+        let mut engine = Engine::new(rec.clone());
+        let mut actions = engine.start(now_ms());
+        let prepared = if engine.record().state == RolloutState::Running
+            && actions.first() == Some(&Action::Persist)
+            && (rec.from_version == 0) == base.is_none()
+        {
+            actions.remove(0);
+            engine.touch(now_rfc3339());
+            Some(Prepared {
+                durable: engine.record().touched.clone(),
+                new: Arc::new(record.clone()),
+                old: base.map(Arc::new),
+                addresses: nodes.iter().map(|n| (n.id.clone(), n.address.clone())).collect(),
+                engine,
+                actions,
+            })
+        } else {
+            None
+        };
+        let first = prepared.as_ref().map_or(&rec, |p| p.engine.record());
         let new_meta = ServiceMeta { latest_version: version, desired_version: version, ..meta };
         let cond = match meta_rev {
             Some(r) => Cond::ModRevision(keys::meta(&service), r),
@@ -680,7 +733,7 @@ impl Replica {
         let ops = vec![
             Op::Put(keys::meta(&service), encode(&new_meta)),
             Op::Put(keys::version(&service, version), encode(&record)),
-            Op::Put(keys::rollout(&service), encode(&rec)),
+            Op::Put(keys::rollout(&service), encode(first)),
         ];
         let written = self.inner.store.txn(Some(Fence { term: &term, lock: Some(&lock) }), vec![cond], ops).await;
         match written {
@@ -698,7 +751,7 @@ impl Replica {
         }
         tracing::info!(%service, version, rollout = %rollout_id, nodes = rec.order.len(), "version stored; rollout starting");
         self.inner.metrics.desired_version.with_label_values(&[&service]).set(version as i64);
-        self.spawn_driver((*term).clone(), lock, rec);
+        self.spawn_driver((*term).clone(), lock, rec, prepared);
         out.version = version;
         out.rollout_id = rollout_id;
         Ok(out)
@@ -858,7 +911,7 @@ impl Replica {
             return Err(ok.err().map(Into::into).unwrap_or(ApiError::Unavailable("concurrent change; retry".into())));
         }
         tracing::info!(%service, to_version, rollout = %rollout_id, "manual rollback starting");
-        self.spawn_driver((*term).clone(), lock, rec);
+        self.spawn_driver((*term).clone(), lock, rec, None);
         Ok((rollout_id, to_version))
     }
 
@@ -875,7 +928,7 @@ impl Replica {
         Ok(h.rollout_id.clone())
     }
 
-    fn spawn_driver(&self, term: Term, lock: Lock, rec: RolloutRecord) {
+    fn spawn_driver(&self, term: Term, lock: Lock, rec: RolloutRecord, prepared: Option<Prepared>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let service = rec.service.clone();
         self.inner
@@ -886,7 +939,7 @@ impl Replica {
         let me = self.clone();
         tokio::spawn(async move {
             let id = rec.id.clone();
-            me.drive(term, lock, rec, rx).await;
+            me.drive(term, lock, rec, prepared, rx).await;
             let mut d = me.inner.drivers.lock().expect("drivers");
             if d.get(&service).is_some_and(|h| h.rollout_id == id) {
                 d.remove(&service);
@@ -895,32 +948,34 @@ impl Replica {
     }
 
     /// Runs one rollout to its end (or until leadership is lost).
-    async fn drive(&self, term: Term, lock: Lock, rec: RolloutRecord, mut abort: mpsc::UnboundedReceiver<String>) {
+    async fn drive(
+        &self,
+        term: Term,
+        lock: Lock,
+        rec: RolloutRecord,
+        prepared: Option<Prepared>,
+        mut abort: mpsc::UnboundedReceiver<String>,
+    ) {
         let started = Instant::now();
         let service = rec.service.clone();
         let metrics = &self.inner.metrics;
-        let (new, old) = loop {
-            match self.load_versions(&rec).await {
-                Ok(v) => break v,
-                Err(e) if term.lost.is_cancelled() => {
-                    tracing::warn!(%service, error = %e, "leadership lost before the rollout could load its versions");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(%service, error = %e, "cannot load the versions of the rollout; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
-        // Every address in one range read (not one read per node).
-        let mut addresses: HashMap<String, String> = match self.nodes(&service).await {
-            Ok(nodes) => nodes.into_iter().map(|n| (n.id, n.address)).collect(),
-            Err(_) => HashMap::new(),
-        };
-        let mut engine = Engine::new(rec);
         let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
         let mut wake: Option<u64> = None;
-        let mut actions = engine.start(now_ms());
+        // Straight from `submit`: the versions, the addresses and the started
+        // engine (its first record went out with the version), no reads.
+        let p = match prepared {
+            Some(p) => p,
+            None => match self.prepare(&term, rec).await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let (new, old, mut addresses, mut engine, mut actions) = (p.new, p.old, p.addresses, p.engine, p.actions);
+        // Records are written in the background, in order, latest wins; a
+        // push waits for a write only when its node is not yet listed in a
+        // written record (the engine lists the next stage ahead).
+        let (records, written) = self.spawn_writer(&term, &lock, p.durable);
+        let mut issued = 0u64;
         loop {
             for action in std::mem::take(&mut actions) {
                 match action {
@@ -931,20 +986,29 @@ impl Replica {
                         engine.touch(now_rfc3339());
                         let r = engine.record();
                         metrics.rollout_stage.with_label_values(&[&service]).set(r.stage as i64);
-                        if let Err(e) = self.persist(&term, &lock, r).await {
-                            tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
-                            return;
-                        }
+                        issued += 1;
+                        let _ = records.send(Some((issued, r.clone())));
                     }
                     Action::Push(node) | Action::Revert(node) if term.lost.is_cancelled() => {
                         tracing::warn!(%service, %node, "leadership lost; not pushing");
                         return;
                     }
                     Action::Push(node) => {
+                        if !written.borrow().touched.contains(&node)
+                            && let Err(e) = Self::written_up_to(&written, issued).await
+                        {
+                            tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
+                            return;
+                        }
                         let addr = self.address(&service, &node, &mut addresses).await;
                         self.spawn_push(&term, &engine, &node, addr, new.clone(), tx.clone(), true);
                     }
                     Action::Revert(node) => {
+                        // The ROLLING_BACK record is written before any revert.
+                        if let Err(e) = Self::written_up_to(&written, issued).await {
+                            tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
+                            return;
+                        }
                         let addr = self.address(&service, &node, &mut addresses).await;
                         match &old {
                             Some(old) => self.spawn_push(&term, &engine, &node, addr, old.clone(), tx.clone(), false),
@@ -979,6 +1043,13 @@ impl Replica {
                     }
                     Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
                     Action::Finished(state) => {
+                        // Every earlier record lands first; then the writer
+                        // stops and `finish` writes the last one.
+                        if let Err(e) = Self::written_up_to(&written, issued).await {
+                            tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
+                            return;
+                        }
+                        drop(records);
                         engine.touch(now_rfc3339());
                         self.finish(&term, &lock, engine.record(), state, started.elapsed()).await;
                         return;
@@ -1025,7 +1096,11 @@ impl Replica {
                 None => Err("node is no longer registered".to_owned()),
                 Some(a) => me.push(&term, &service, &node, &a, &v, &rollout, timeout).await,
             };
-            let input = if forward { Input::Applied { node, result } } else { Input::Reverted { node, result } };
+            let input = if forward {
+                Input::Applied { node, result }
+            } else {
+                Input::Reverted { node, result: result.map(|_| ()) }
+            };
             let _ = tx.send(input);
         });
     }
@@ -1038,6 +1113,72 @@ impl Replica {
         let rec: NodeRecord = decode(&key, &self.inner.store.get(&key).await.ok()??).ok()?;
         cache.insert(node.to_owned(), rec.address.clone());
         Some(rec.address)
+    }
+
+    /// Starts the task that writes a rollout's records (fenced by its lock),
+    /// in order, skipping to the latest when several wait.
+    fn spawn_writer(
+        &self,
+        term: &Term,
+        lock: &Lock,
+        touched: BTreeSet<String>,
+    ) -> (watch::Sender<Option<(u64, RolloutRecord)>>, watch::Receiver<Durable>) {
+        let (records, mut pending) = watch::channel::<Option<(u64, RolloutRecord)>>(None);
+        let (done, written) = watch::channel(Durable { touched: Arc::new(touched), ..Durable::default() });
+        let (me, term, lock) = (self.clone(), term.clone(), lock.clone());
+        tokio::spawn(async move {
+            while pending.changed().await.is_ok() {
+                let Some((generation, rec)) = pending.borrow_and_update().clone() else { continue };
+                match me.persist(&term, &lock, &rec).await {
+                    Ok(()) => {
+                        done.send_replace(Durable { generation, touched: Arc::new(rec.touched), failed: None });
+                    }
+                    Err(e) => {
+                        done.send_modify(|d| d.failed = Some(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        (records, written)
+    }
+
+    /// Waits until the writer has written generation `issued` (or failed).
+    async fn written_up_to(written: &watch::Receiver<Durable>, issued: u64) -> Result<(), String> {
+        let mut w = written.clone();
+        let d = w.wait_for(|d| d.generation >= issued || d.failed.is_some()).await.map_err(|_| "writer gone")?;
+        match &d.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads what a rollout needs before its first action: its versions and
+    /// every node address (one range read, not one read per node). `None`
+    /// when leadership was lost meanwhile.
+    async fn prepare(&self, term: &Term, rec: RolloutRecord) -> Option<Prepared> {
+        let service = rec.service.clone();
+        let (new, old) = loop {
+            match self.load_versions(&rec).await {
+                Ok(v) => break v,
+                Err(e) if term.lost.is_cancelled() => {
+                    tracing::warn!(%service, error = %e, "leadership lost before the rollout could load its versions");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "cannot load the versions of the rollout; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let addresses: HashMap<String, String> = match self.nodes(&service).await {
+            Ok(nodes) => nodes.into_iter().map(|n| (n.id, n.address)).collect(),
+            Err(_) => HashMap::new(),
+        };
+        let durable = rec.touched.clone();
+        let mut engine = Engine::new(rec);
+        let actions = engine.start(now_ms());
+        Some(Prepared { engine, actions, new, old, addresses, durable })
     }
 
     async fn load_versions(
