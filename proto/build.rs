@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".confroll.v1", "#[derive(serde::Serialize)]")
         .file_descriptor_set_path(out.join("confroll_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
-    for p in protos {
+    // The replicas' peer protocol: served on the raft port only, so it stays
+    // out of the reflection descriptor set operators browse.
+    let raft = "proto/confroll/raft/v1/raft.proto";
+    tonic_prost_build::configure().compile_protos(&[raft], &["proto"])?;
+    for p in protos.iter().chain([&raft]) {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test against real servers: installs what is missing, starts a
 # throwaway PostgreSQL and Redis on free loopback ports, runs the workspace's
-# tests, and stops and deletes both whatever happens.
+# tests (the coordinator suites against etcd), then the coordinator suites
+# again on the embedded raft store, and stops and deletes both whatever
+# happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -9,3 +11,5 @@ cd "$(dirname "$0")/.."
 start_services test
 
 cargo test --workspace --all-targets "$@"
+echo "== coordinator suites on the raft store =="
+CONFROLL_TEST_STORE=raft cargo test -p confroll-coordinator --test api --test leadership --test rollout "$@"

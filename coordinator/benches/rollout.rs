@@ -407,7 +407,16 @@ async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> 
         let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
         Ok(Guard(
             Command::new(&bin)
-                .args(["--id", id, "--listen", &format!("127.0.0.1:{port}"), "--etcd-endpoints", endpoint])
+                .args([
+                    "--id",
+                    id,
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--store",
+                    "etcd",
+                    "--etcd-endpoints",
+                    endpoint,
+                ])
                 .args(["--lease-ttl", "2s"])
                 .stdout(log.try_clone()?)
                 .stderr(log)

@@ -16,6 +16,12 @@ pub mod v1 {
     tonic::include_proto!("confroll.v1");
 }
 
+/// `confroll.raft.v1`: the peer protocol of the embedded raft store.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod raft_v1 {
+    tonic::include_proto!("confroll.raft.v1");
+}
+
 /// Encoded `FileDescriptorSet` of every confroll proto, for gRPC server
 /// reflection (`tonic-reflection`).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("confroll_descriptor");

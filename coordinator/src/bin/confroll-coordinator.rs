@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! confroll-coordinator --id c1 --listen 127.0.0.1:7001 --http-listen 127.0.0.1:7101 \
+//!     --store raft --raft-id 1 --raft-peers 1=127.0.0.1:7201,2=…,3=… --data-dir /var/lib/confroll/c1
+//! confroll-coordinator --id c1 --listen 127.0.0.1:7001 --http-listen 127.0.0.1:7101 \
 //!     --store etcd --etcd-endpoints http://127.0.0.1:2379 [--lease-ttl 5s] [--auth-token-file F]
 //! ```
 
@@ -12,13 +14,19 @@ use clap::{Parser, ValueEnum};
 use confroll_coordinator::{
     model::Policy,
     replica::{Replica, ReplicaOptions},
-    store::{Store, etcd::EtcdStore},
+    store::{
+        Store,
+        etcd::EtcdStore,
+        raft::{RaftOptions, RaftStore, parse_peers},
+    },
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Backend {
+    /// The replicas are their own openraft group (nothing else to run).
+    Raft,
     /// An external etcd cluster.
     Etcd,
 }
@@ -39,8 +47,21 @@ struct Cli {
     #[arg(long)]
     http_listen: Option<SocketAddr>,
     /// Store backend.
-    #[arg(long, value_enum, default_value = "etcd")]
+    #[arg(long, value_enum, default_value = "raft")]
     store: Backend,
+    /// raft: this replica's id in --raft-peers.
+    #[arg(long, default_value_t = 1)]
+    raft_id: u64,
+    /// raft: every replica as ID=HOST:PORT (its raft port), comma-separated;
+    /// naming only this replica runs a single-replica group (development).
+    #[arg(long)]
+    raft_peers: Option<String>,
+    /// raft: where the log, vote and snapshots live (kept across restarts).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// raft: snapshot the state machine and compact the log every N entries.
+    #[arg(long, default_value_t = 1000)]
+    raft_snapshot_every: u64,
     /// etcd endpoints, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: Vec<String>,
@@ -91,7 +112,27 @@ async fn main() -> anyhow::Result<()> {
             .filter(|t| !t.is_empty()),
         None => None,
     };
+    let shutdown = CancellationToken::new();
     let store: Arc<dyn Store> = match cli.store {
+        Backend::Raft => {
+            let peers =
+                parse_peers(cli.raft_peers.as_deref().context("--store raft needs --raft-peers ID=HOST:PORT,…")?)
+                    .map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
+            let data_dir = cli.data_dir.clone().context("--store raft needs --data-dir")?;
+            let addr = peers
+                .get(&cli.raft_id)
+                .with_context(|| format!("--raft-peers does not name --raft-id {}", cli.raft_id))?;
+            let l = TcpListener::bind(addr).await.with_context(|| format!("bind the raft port {addr}"))?;
+            tracing::info!(raft_id = cli.raft_id, %addr, data_dir = %data_dir.display(), "raft port listening");
+            let opts = RaftOptions {
+                id: cli.raft_id,
+                peers,
+                data_dir,
+                lease_ttl: cli.lease_ttl,
+                snapshot_every: cli.raft_snapshot_every,
+            };
+            RaftStore::start(opts, l, shutdown.clone()).await.context("start the raft store")?
+        }
         Backend::Etcd => {
             Arc::new(EtcdStore::connect(&cli.etcd_endpoints, cli.lease_ttl).await.context("connect to etcd")?)
         }
@@ -122,7 +163,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let grpc = TcpListener::bind(cli.listen).await.with_context(|| format!("bind {}", cli.listen))?;
     tracing::info!(id = %cli.id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
-    let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     {
         let (r, s) = (replica.clone(), shutdown.clone());

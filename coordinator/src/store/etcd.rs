@@ -115,7 +115,10 @@ impl EtcdStore {
     }
 
     fn fence_compares(fence: &Fence<'_>) -> Vec<Compare> {
-        let TermHandle::Etcd { key, .. } = &fence.term.handle;
+        let TermHandle::Etcd { key, .. } = &fence.term.handle else {
+            // A term of another backend: a compare that never holds.
+            return vec![Compare::create_revision(b"\0confroll/no-such-term".to_vec(), CompareOp::Equal, 1)];
+        };
         let mut cmp = vec![Compare::create_revision(key.clone(), CompareOp::Equal, fence.term.token as i64)];
         if let Some(lock) = fence.lock {
             cmp.push(Compare::create_revision(lock_key(&lock.name), CompareOp::Equal, lock.token as i64));
@@ -186,7 +189,9 @@ impl Store for EtcdStore {
     }
 
     async fn resign(&self, term: &Term) -> Result<(), StoreError> {
-        let TermHandle::Etcd { key, lease } = &term.handle;
+        let TermHandle::Etcd { key, lease } = &term.handle else {
+            return Err(StoreError::FencedOut("a term of another backend".into()));
+        };
         term.lost.cancel();
         // Deleting the leader key hands over at once; revoking the lease also
         // drops every lock held on it.
@@ -324,7 +329,9 @@ impl Store for EtcdStore {
     }
 
     async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {
-        let TermHandle::Etcd { key: leader_key, lease } = &term.handle;
+        let TermHandle::Etcd { key: leader_key, lease } = &term.handle else {
+            return Err(StoreError::FencedOut("a term of another backend".into()));
+        };
         let key = lock_key(name);
         let txn = Txn::new()
             .when([

@@ -17,6 +17,7 @@
 //!   (keep-alives failing for half the TTL), so a leader stops acting early.
 
 pub mod etcd;
+pub mod raft;
 pub mod raft_sm;
 
 use std::{pin::Pin, time::Duration};
@@ -69,6 +70,8 @@ pub(crate) enum TermHandle {
         /// Lease id.
         lease: i64,
     },
+    /// raft: the token (the `Lead` entry's index) says it all.
+    Raft,
 }
 
 /// A held lock (on the leader's lease).

@@ -17,9 +17,9 @@
 //!   the entry that granted it. A fenced transaction applies only if both
 //!   still match, so a deposed leader's late proposal changes nothing.
 //!
-//! Not wired yet: the openraft log storage, network and the `Store`
-//! implementation on top (see the issue); this module is their core and is
-//! unit-tested on its own.
+//! [`super::raft`] runs it under openraft: log and snapshots in the data dir,
+//! a tonic peer network, and the [`Store`](super::Store) implementation.
+//! This module is their deterministic core and is unit-tested on its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,6 +65,13 @@ pub enum Command {
     Lead {
         /// Who.
         member: Member,
+        /// Its raft node id (the leader only counts while raft agrees).
+        node: u64,
+    },
+    /// The leader gives office up (SIGTERM): no leader until the next `Lead`.
+    Resign {
+        /// Token of the term given up.
+        term_token: u64,
     },
     /// Conditional writes, optionally fenced.
     Txn {
@@ -167,6 +174,8 @@ pub struct StateMachine {
     pub locks: BTreeMap<String, LockState>,
     /// The current leader and its term token.
     pub leader: Option<(Member, u64)>,
+    /// Raft node id of the current leader.
+    pub leader_node: u64,
 }
 
 impl StateMachine {
@@ -175,11 +184,25 @@ impl StateMachine {
     pub fn apply(&mut self, index: u64, p: &Proposal) -> (Reply, Vec<WatchEvent>) {
         let mut events = Vec::new();
         let reply = match &p.cmd {
-            Command::Lead { member } => {
+            Command::Lead { member, node } => {
                 // A new term: locks of earlier terms die with them.
                 self.locks.retain(|_, l| l.term_token == index);
                 self.leader = Some((member.clone(), index));
+                self.leader_node = *node;
+                // While no leader proposed refreshes, nobody could refresh:
+                // give every lease a full TTL from now (as etcd does on a
+                // leader change), so a failover expires no registration.
+                for l in self.leases.values_mut() {
+                    l.expires_at_ms = l.expires_at_ms.max(p.at_ms + l.ttl_ms);
+                }
                 Reply::Led { token: index }
+            }
+            Command::Resign { term_token } => {
+                if self.term_token() == Some(*term_token) {
+                    self.leader = None;
+                    self.locks.retain(|_, l| l.term_token != *term_token);
+                }
+                Reply::Done
             }
             Command::Txn { fence, conds, ops } => {
                 if let Some(f) = fence
@@ -251,6 +274,11 @@ impl StateMachine {
         (reply, events)
     }
 
+    /// Whether some lease has expired by `now_ms` (an `Expire` would act).
+    pub fn has_expired(&self, now_ms: u64) -> bool {
+        self.leases.values().any(|l| l.expires_at_ms <= now_ms)
+    }
+
     /// Token of the current term.
     pub fn term_token(&self) -> Option<u64> {
         self.leader.as_ref().map(|(_, t)| *t)
@@ -304,7 +332,7 @@ mod tests {
 
     fn lead(sm: &mut StateMachine, index: u64, id: &str) -> u64 {
         let m = Member { id: id.into(), address: format!("{id}:1") };
-        match sm.apply(index, &at(0, Command::Lead { member: m })).0 {
+        match sm.apply(index, &at(0, Command::Lead { member: m, node: index })).0 {
             Reply::Led { token } => token,
             r => panic!("{r:?}"),
         }
@@ -415,7 +443,7 @@ mod tests {
     #[test]
     fn replicas_applying_the_same_log_agree() {
         let log: Vec<Proposal> = vec![
-            at(10, Command::Lead { member: Member { id: "c1".into(), address: "a".into() } }),
+            at(10, Command::Lead { member: Member { id: "c1".into(), address: "a".into() }, node: 1 }),
             at(11, Command::Register { key: "k".into(), value: b"v".to_vec(), ttl_ms: 5 }),
             at(12, Command::Txn { fence: None, conds: vec![], ops: vec![put("x", "1")] }),
             at(30, Command::Expire),

@@ -110,6 +110,66 @@ impl Etcd {
     }
 }
 
+/// The store the coordinators of a test share: a real etcd, or (with
+/// `CONFROLL_TEST_STORE=raft`) their own raft group over loopback ports.
+/// `scripts/test.sh` runs the coordinator suites once per backend.
+pub enum Backing {
+    Etcd(Etcd),
+    Raft { peers: Vec<u16>, dir: tempfile::TempDir },
+}
+
+impl Backing {
+    pub fn kind() -> &'static str {
+        match std::env::var("CONFROLL_TEST_STORE").as_deref() {
+            Ok("raft") => "raft",
+            _ => "etcd",
+        }
+    }
+
+    /// A store for `replicas` coordinators named `c1..cN`.
+    pub fn start(replicas: usize) -> Backing {
+        match Self::kind() {
+            "raft" => Self::raft(replicas),
+            _ => Backing::Etcd(Etcd::start()),
+        }
+    }
+
+    /// A raft group of `replicas`, whatever `CONFROLL_TEST_STORE` says.
+    pub fn raft(replicas: usize) -> Backing {
+        Backing::Raft { peers: (0..replicas).map(|_| free_port()).collect(), dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// The data dir of raft replica `id`.
+    pub fn data_dir(&self, id: &str) -> Option<PathBuf> {
+        match self {
+            Backing::Raft { dir, .. } => Some(dir.path().join(format!("raft-{id}"))),
+            Backing::Etcd(_) => None,
+        }
+    }
+
+    /// Store flags of coordinator `id` (`cN`: raft id N).
+    pub fn args(&self, id: &str) -> Vec<String> {
+        match self {
+            Backing::Etcd(e) => vec!["--store".into(), "etcd".into(), "--etcd-endpoints".into(), e.endpoint.clone()],
+            Backing::Raft { peers, dir } => {
+                let n: usize = id.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().expect("ids are cN");
+                let all: Vec<String> =
+                    peers.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect();
+                vec![
+                    "--store".into(),
+                    "raft".into(),
+                    "--raft-id".into(),
+                    n.to_string(),
+                    "--raft-peers".into(),
+                    all.join(","),
+                    "--data-dir".into(),
+                    dir.path().join(format!("raft-{id}")).display().to_string(),
+                ]
+            }
+        }
+    }
+}
+
 /// A `confroll-coordinator` process.
 pub struct Coord {
     pub id: String,
@@ -120,14 +180,19 @@ pub struct Coord {
 }
 
 impl Coord {
-    pub fn start(etcd: &Etcd, id: &str, dir: &Path, extra: &[&str]) -> Coord {
-        let (port, http_port) = (free_port(), free_port());
+    pub fn start(store: &Backing, id: &str, dir: &Path, extra: &[&str]) -> Coord {
+        Self::start_on(store, id, dir, extra, free_port(), free_port())
+    }
+
+    /// Starts (or restarts, on the same ports and data dir) replica `id`.
+    pub fn start_on(store: &Backing, id: &str, dir: &Path, extra: &[&str], port: u16, http_port: u16) -> Coord {
         let log = dir.join(format!("{id}.log"));
-        let out = std::fs::File::create(&log).unwrap();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(coordinator_bin())
             .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoint, "--lease-ttl", "2s"])
+            .args(store.args(id))
+            .args(["--lease-ttl", "2s"])
             .args(["--default-bake", "200ms", "--default-health-interval", "100ms", "--registration-ttl", "3s"])
             .args(extra)
             .stdout(out.try_clone().unwrap())
@@ -323,23 +388,24 @@ pub async fn wait_rollout_done(c: &Coord, within: Duration) -> pb::RolloutInfo {
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     pub coords: Vec<Coord>,
-    pub etcd: Etcd,
+    pub store: Backing,
     pub cfg: PathBuf,
     pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
     pub async fn start(coords: usize, nodes: usize, base: &str) -> Cluster {
-        let etcd = Etcd::start();
+        let store = Backing::start(coords);
         let dir = tempfile::tempdir().unwrap();
-        let coords: Vec<Coord> = (1..=coords).map(|i| Coord::start(&etcd, &format!("c{i}"), dir.path(), &[])).collect();
+        let coords: Vec<Coord> =
+            (1..=coords).map(|i| Coord::start(&store, &format!("c{i}"), dir.path(), &[])).collect();
         let cfg = dir.path().join("base.yaml");
         std::fs::write(&cfg, base).unwrap();
         let refs: Vec<&Coord> = coords.iter().collect();
         let nodes: Vec<NodeProc> =
             (1..=nodes).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &refs, &[])).collect();
         wait_registered(&coords[0], nodes.len()).await;
-        Cluster { nodes, coords, etcd, cfg, dir }
+        Cluster { nodes, coords, store, cfg, dir }
     }
 
     /// Submits `content` with no bake and waits until it is rolled out.

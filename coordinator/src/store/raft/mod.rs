@@ -1,0 +1,499 @@
+//! The embedded store: the coordinator replicas are their own openraft group.
+//!
+//! ```text
+//!            replica 1                     replica 2                  replica 3
+//!   Replica ─▶ RaftStore ─propose─▶ openraft ◀──AppendEntries/Vote──▶ openraft …
+//!                 │   ▲ (follower: Propose RPC to the leader)
+//!                 │   └── get/list/watch: the local state machine
+//!                 ▼
+//!   <data-dir>/raft.redb (log, vote)   <data-dir>/snapshot.bin (state machine)
+//! ```
+//!
+//! * **Leadership.** The raft leader is the coordinator leader: once openraft
+//!   elects this replica, [`Store::campaign`] commits a `Lead` entry, whose
+//!   log index is the term's fencing token (indexes only grow). The term is
+//!   lost as soon as raft leadership moves, the raft term changes, another
+//!   `Lead` is applied, or no quorum acknowledged us for a quarter of the
+//!   lease TTL. Raft elections wait at least half the TTL, so a cut-off
+//!   leader has stopped acting before a successor can be elected; and being
+//!   cut off it cannot commit anything anyway.
+//! * **Lock.** Granted by a committed `TryLock`; its token is that entry's
+//!   index. Locks die with the term that took them.
+//! * **Registrations.** Leases in the state machine, expired by `Expire`
+//!   entries the leader proposes with its clock; a new leader first extends
+//!   every lease by a full TTL (as etcd does).
+//! * **Reads** are served by the local state machine: on the leader they see
+//!   every write it made; on a follower they may lag by a heartbeat.
+//! * **Writes** from a follower (node registrations arrive at any replica)
+//!   are forwarded to the leader over the raft port (`Propose`).
+
+mod log_store;
+mod network;
+mod sm_store;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Cursor,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{FutureExt, future::BoxFuture};
+use openraft::{
+    BasicNode, Config, ServerState, SnapshotPolicy,
+    error::{ClientWriteError, RaftError},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Cond, Entry as KvEntry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent,
+    WatchStream,
+    raft_sm::{Command, FenceSpec, Proposal, Reply},
+};
+
+pub(crate) type NodeId = u64;
+pub(crate) type Node = BasicNode;
+
+openraft::declare_raft_types!(
+    /// openraft types of the coordinator group.
+    pub TypeConfig: D = Proposal, R = Reply
+);
+
+pub(crate) type Entry = openraft::Entry<TypeConfig>;
+pub(crate) type OpenRaft = openraft::Raft<TypeConfig>;
+pub(crate) type ProposeFn = Arc<dyn Fn(Proposal) -> BoxFuture<'static, Result<Reply, ProposeError>> + Send + Sync>;
+
+/// Why a proposal did not commit.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+pub(crate) enum ProposeError {
+    /// This replica does not lead; the leader, if known. Not appended: safe to retry.
+    #[error("not the raft leader (leader: {0:?})")]
+    NotLeader(Option<NodeId>),
+    /// The leader could not be reached before sending. Safe to retry.
+    #[error("raft leader unreachable: {0}")]
+    Unreachable(String),
+    /// Anything else (the outcome may be unknown).
+    #[error("raft: {0}")]
+    Failed(String),
+}
+
+/// How to run the raft store.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    /// This replica's raft id.
+    pub id: NodeId,
+    /// Every replica's raft id and raft address (host:port), this one included.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Where the log, vote and snapshots live.
+    pub data_dir: PathBuf,
+    /// Leader lease: elections wait at least half of it, and a leader
+    /// without quorum acknowledgement for a quarter of it steps down.
+    pub lease_ttl: Duration,
+    /// Take a snapshot (and compact the log) after this many entries.
+    pub snapshot_every: u64,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected ID=HOST:PORT"))?;
+        let id: NodeId = id.trim().parse().map_err(|_| format!("`{part}`: the id must be a positive integer"))?;
+        if id == 0 {
+            return Err(format!("`{part}`: raft ids start at 1"));
+        }
+        let addr = addr.trim();
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(format!("`{part}`: expected HOST:PORT after `=`"));
+        }
+        if out.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("raft id {id} appears twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("no raft peers given".into());
+    }
+    Ok(out)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Commits `p` on this replica if it leads, stamped with its clock.
+async fn write_local(raft: &OpenRaft, mut p: Proposal) -> Result<Reply, ProposeError> {
+    p.at_ms = now_ms();
+    match raft.client_write(p).await {
+        Ok(r) => Ok(r.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader(f.leader_id)),
+        Err(e) => Err(ProposeError::Failed(e.to_string())),
+    }
+}
+
+/// The embedded raft store.
+pub struct RaftStore {
+    id: NodeId,
+    raft: OpenRaft,
+    shared: Arc<sm_store::Shared>,
+    peers: BTreeMap<NodeId, String>,
+    clients:
+        std::sync::Mutex<HashMap<NodeId, confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>>>,
+    lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for RaftStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftStore").field("id", &self.id).field("peers", &self.peers).finish()
+    }
+}
+
+impl RaftStore {
+    /// Opens the data dir, serves the raft port on `listener` until
+    /// `shutdown`, and joins (or, when every replica's data dir is pristine,
+    /// forms) the group named by `peers`.
+    pub async fn start(
+        opts: RaftOptions,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StoreError> {
+        let fatal = |m: String| StoreError::Corrupt { key: opts.data_dir.display().to_string(), message: m };
+        if !opts.peers.contains_key(&opts.id) {
+            return Err(fatal(format!("--raft-peers does not name this replica's --raft-id {}", opts.id)));
+        }
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| fatal(format!("cannot create the data dir: {e}")))?;
+        let log = log_store::LogStore::open(&opts.data_dir).map_err(fatal)?;
+        let sm = sm_store::SmStore::open(&opts.data_dir).map_err(fatal)?;
+        let pristine =
+            log.is_pristine().map_err(fatal)? && sm.shared.state.read().expect("state").last_applied.is_none();
+        let ttl = opts.lease_ttl.as_millis().max(300) as u64;
+        let config = Config {
+            cluster_name: "confroll".into(),
+            heartbeat_interval: (ttl / 10).max(50),
+            // Elections start TTL/2..TTL after the last heartbeat; a leader
+            // steps down after TTL/4 without a quorum ack (see `monitor`), so
+            // it has stopped before any successor can be elected.
+            election_timeout_min: ttl / 2,
+            election_timeout_max: ttl,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every.max(2)),
+            max_in_snapshot_log_to_keep: (opts.snapshot_every / 10).max(1),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| fatal(format!("raft config: {e}")))?;
+        let shared = sm.shared.clone();
+        let raft = OpenRaft::new(opts.id, Arc::new(config), network::Network, log, sm)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("raft did not start: {e}")))?;
+
+        let r = raft.clone();
+        let propose: ProposeFn = Arc::new(move |p| {
+            let r = r.clone();
+            async move { write_local(&r, p).await }.boxed()
+        });
+        let svc = network::server(network::RaftServiceImpl { raft: raft.clone(), propose });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let incoming = confroll_node::net::nodelay_incoming(listener);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "raft port stopped");
+            }
+        });
+
+        if pristine {
+            let members: BTreeMap<NodeId, Node> =
+                opts.peers.iter().map(|(id, a)| (*id, BasicNode { addr: a.clone() })).collect();
+            // Every pristine replica initializes with the same members: safe
+            // (the first membership entry is identical everywhere).
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(peers = ?opts.peers, "raft group formed"),
+                Err(e) => tracing::debug!(error = %e, "raft initialize skipped"),
+            }
+        }
+
+        let store = Arc::new(Self {
+            id: opts.id,
+            raft,
+            shared,
+            peers: opts.peers,
+            clients: Default::default(),
+            lease_ttl: opts.lease_ttl,
+        });
+        tokio::spawn(store.clone().expire_loop(shutdown.clone()));
+        let s = store.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let _ = s.raft.shutdown().await;
+        });
+        Ok(store)
+    }
+
+    /// Raft metrics (leader, term, log indexes) for status and tests.
+    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, Node> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader proposes `Expire` whenever a lease ran out.
+    async fn expire_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = (self.lease_ttl / 8).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let due = {
+                let st = self.shared.state.read().expect("state");
+                st.sm.leader.is_some() && st.sm.leader_node == self.id && st.sm.has_expired(now_ms())
+            };
+            if due
+                && self.raft.metrics().borrow().current_leader == Some(self.id)
+                && let Err(e) = write_local(&self.raft, Proposal { at_ms: 0, cmd: Command::Expire }).await
+            {
+                tracing::debug!(error = %e, "expire not committed");
+            }
+        }
+    }
+
+    fn client(
+        &self,
+        id: NodeId,
+    ) -> Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, ProposeError> {
+        let mut m = self.clients.lock().expect("clients");
+        if let Some(c) = m.get(&id) {
+            return Ok(c.clone());
+        }
+        let addr = self.peers.get(&id).ok_or(ProposeError::NotLeader(None))?;
+        let c = network::client(addr).map_err(ProposeError::Unreachable)?;
+        m.insert(id, c.clone());
+        Ok(c)
+    }
+
+    async fn forward(&self, leader: NodeId, p: &Proposal) -> Result<Reply, ProposeError> {
+        let mut c = self.client(leader)?;
+        let frame = network::encode(p).map_err(|s| ProposeError::Failed(s.message().into()))?;
+        let mut req = tonic::Request::new(frame);
+        req.set_timeout(Duration::from_secs(5));
+        match c.propose(req).await {
+            Ok(r) => network::decode::<Result<Reply, ProposeError>>(r.get_ref())
+                .map_err(|s| ProposeError::Failed(s.message().into()))?,
+            // Not connected: nothing was sent.
+            Err(s) if s.code() == tonic::Code::Unavailable => Err(ProposeError::Unreachable(s.message().into())),
+            Err(s) => Err(ProposeError::Failed(s.message().into())),
+        }
+    }
+
+    /// Commits `cmd` through the leader (this replica or, forwarded, another).
+    async fn propose(&self, cmd: Command) -> Result<Reply, StoreError> {
+        let p = Proposal { at_ms: 0, cmd };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = match write_local(&self.raft, p.clone()).await {
+                Err(ProposeError::NotLeader(Some(l))) if l != self.id => self.forward(l, &p).await,
+                other => other,
+            };
+            match r {
+                Ok(reply) => return Ok(reply),
+                // Not appended anywhere: wait for an election and retry.
+                Err(ProposeError::NotLeader(_) | ProposeError::Unreachable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+        }
+    }
+
+    fn fenced(reply: Reply) -> Result<Reply, StoreError> {
+        match reply {
+            Reply::FencedOut => Err(StoreError::FencedOut("the term or the lock is gone".into())),
+            r => Ok(r),
+        }
+    }
+
+    /// Watches this replica's raft view and cancels `lost` when the term ends.
+    fn monitor(&self, token: u64, raft_term: u64, lost: CancellationToken) -> impl Future<Output = ()> + use<> {
+        let (id, shared, ttl) = (self.id, self.shared.clone(), self.lease_ttl);
+        let step_down_ms = (ttl.as_millis() / 4) as u64;
+        let mut m = self.raft.metrics();
+        let tick = (ttl / 10).max(Duration::from_millis(50));
+        async move {
+            loop {
+                let why = {
+                    let x = m.borrow_and_update();
+                    let st = shared.state.read().expect("state");
+                    if x.current_leader != Some(id) || x.state != ServerState::Leader {
+                        Some("raft leadership moved".to_owned())
+                    } else if x.current_term != raft_term {
+                        Some("raft term changed".to_owned())
+                    } else if st.sm.term_token() != Some(token) {
+                        Some("another term was recorded".to_owned())
+                    } else if x.millis_since_quorum_ack.is_none_or(|ms| ms >= step_down_ms) {
+                        Some(format!("no quorum acknowledgement for {:?} ms", x.millis_since_quorum_ack))
+                    } else {
+                        None
+                    }
+                };
+                if let Some(why) = why {
+                    tracing::warn!(token, reason = %why, "leadership lost");
+                    lost.cancel();
+                    return;
+                }
+                tokio::select! {
+                    _ = lost.cancelled() => return,
+                    r = m.changed() => if r.is_err() { lost.cancel(); return; },
+                    _ = tokio::time::sleep(tick) => {}
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RaftStore {
+    fn backend(&self) -> &'static str {
+        "raft"
+    }
+
+    async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
+        let mut m = self.raft.metrics();
+        loop {
+            let id = self.id;
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                r = m.wait_for(|x| x.current_leader == Some(id) && x.state == ServerState::Leader) => {
+                    if r.is_err() {
+                        return Err(StoreError::Unavailable("raft stopped".into()));
+                    }
+                }
+            }
+            let raft_term = m.borrow().current_term;
+            // Only ever committed by this replica as raft leader: never forwarded.
+            let lead = Proposal { at_ms: 0, cmd: Command::Lead { member: me.clone(), node: self.id } };
+            match write_local(&self.raft, lead).await {
+                Ok(Reply::Led { token }) => {
+                    let lost = CancellationToken::new();
+                    tokio::spawn(self.monitor(token, raft_term, lost.clone()));
+                    tracing::info!(token, raft_term, "leading (raft)");
+                    return Ok(Some(Term { token, lost, handle: TermHandle::Raft }));
+                }
+                Ok(r) => return Err(StoreError::Unavailable(format!("unexpected reply to Lead: {r:?}"))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "Lead not committed; campaigning on");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn resign(&self, term: &Term) -> Result<(), StoreError> {
+        let r = write_local(&self.raft, Proposal { at_ms: 0, cmd: Command::Resign { term_token: term.token } }).await;
+        term.lost.cancel();
+        r.map(|_| ()).map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    async fn leader(&self) -> Result<Option<Member>, StoreError> {
+        let raft_leader = self.raft.metrics().borrow().current_leader;
+        let st = self.shared.state.read().expect("state");
+        Ok(match &st.sm.leader {
+            Some((m, _)) if raft_leader == Some(st.sm.leader_node) => Some(m.clone()),
+            _ => None,
+        })
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
+        Ok(self.shared.state.read().expect("state").sm.kv.get(key).cloned())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, KvEntry)>, StoreError> {
+        let st = self.shared.state.read().expect("state");
+        Ok(st
+            .sm
+            .kv
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
+        let fence =
+            fence.map(|f| FenceSpec { term_token: f.term.token, lock: f.lock.map(|l| (l.name.clone(), l.token)) });
+        match Self::fenced(self.propose(Command::Txn { fence, conds, ops }).await?)? {
+            Reply::Txn(ok) => Ok(ok),
+            r => Err(StoreError::Unavailable(format!("unexpected reply to Txn: {r:?}"))),
+        }
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        let rx = self.shared.events.subscribe();
+        let prefix = prefix.to_owned();
+        let s = futures::stream::unfold((rx, prefix), |(mut rx, prefix)| async move {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(_)) => WatchEvent::Reset,
+                    Err(RecvError::Closed) => return None,
+                };
+                let keep = match &ev {
+                    WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key.starts_with(&prefix),
+                    WatchEvent::Reset => true,
+                };
+                if keep {
+                    return Some((Ok(ev), (rx, prefix)));
+                }
+            }
+        });
+        Ok(Box::pin(s))
+    }
+
+    async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {
+        let cmd = Command::TryLock { term_token: term.token, name: name.to_owned(), holder: holder.to_vec() };
+        match Self::fenced(self.propose(cmd).await?)? {
+            Reply::Locked { token } => Ok(LockAttempt::Acquired(Lock { name: name.to_owned(), token })),
+            Reply::Held(h) => Ok(LockAttempt::Held(h)),
+            r => Err(StoreError::Unavailable(format!("unexpected reply to TryLock: {r:?}"))),
+        }
+    }
+
+    async fn unlock(&self, lock: &Lock) -> Result<(), StoreError> {
+        self.propose(Command::Unlock { name: lock.name.clone(), token: lock.token }).await.map(|_| ())
+    }
+
+    async fn register(&self, key: &str, value: &[u8], ttl: Duration) -> Result<u64, StoreError> {
+        let cmd = Command::Register { key: key.to_owned(), value: value.to_vec(), ttl_ms: ttl.as_millis() as u64 };
+        match self.propose(cmd).await? {
+            Reply::Registered { lease } => Ok(lease),
+            r => Err(StoreError::Unavailable(format!("unexpected reply to Register: {r:?}"))),
+        }
+    }
+
+    async fn refresh(&self, id: u64, key: &str, value: Option<&[u8]>) -> Result<bool, StoreError> {
+        let cmd = Command::Refresh { lease: id, key: key.to_owned(), value: value.map(<[u8]>::to_vec) };
+        match self.propose(cmd).await? {
+            Reply::Refreshed(ok) => Ok(ok),
+            r => Err(StoreError::Unavailable(format!("unexpected reply to Refresh: {r:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_bad_ones_are_named() {
+        let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[&2], "127.0.0.1:7002");
+        assert!(parse_peers("1=a:1,1=b:2").unwrap_err().contains("twice"));
+        assert!(parse_peers("x=a:1").unwrap_err().contains("positive integer"));
+        assert!(parse_peers("0=a:1").unwrap_err().contains("start at 1"));
+        assert!(parse_peers("1=nohost").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_peers("").unwrap_err().contains("no raft peers"));
+    }
+}
