@@ -8,11 +8,12 @@
 #   bash scripts/demo.sh --once   # the story, then exit: 0 only if every step behaved
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 ONCE=0; [ "${1:-}" = "--once" ] && ONCE=1
 
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+# The demo needs only the build (no database, Redis or etcd).
 need=(); command -v protoc >/dev/null || need+=(protobuf-compiler); command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null; fi
+apt_install ${need[@]+"${need[@]}"}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 fail() {
@@ -28,9 +29,6 @@ DIR=$(mktemp -d /tmp/confroll-demo.XXXXXX)
 NODE_PID=""
 cleanup() { [ -n "$NODE_PID" ] && kill "$NODE_PID" 2>/dev/null && wait "$NODE_PID" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT INT TERM
-# Ports below the kernel's ephemeral range (32768+), so no outgoing
-# connection can take one between the check and the bind; never the same twice.
-port() { local p; while :; do p=$(( RANDOM % 12000 + 20000 )); [ "$p" != "${HTTP:-}" ] || continue; (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }; done; }
 
 write_config() { # level ttl [extra]
   cat > "$DIR/config.yaml.tmp" <<YAML
@@ -52,7 +50,7 @@ wait_for() { # what expected-version
 say "1. start a node (profile: lite: no database or Redis needed)"
 write_config info 30s
 for attempt in 1 2 3; do
-  HTTP=""; HTTP=$(port); AGENT=$(port); URL="http://127.0.0.1:$HTTP"
+  HTTP=$(free_port); AGENT=$(free_port "$HTTP"); URL="http://127.0.0.1:$HTTP"
   $BIN --config "$DIR/config.yaml" --listen "127.0.0.1:$HTTP" --agent-listen "127.0.0.1:$AGENT" \
        --state-dir "$DIR/state" --id demo-1 --watch-debounce 100ms > "$DIR/node.log" 2>&1 &
   NODE_PID=$!

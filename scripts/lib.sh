@@ -21,19 +21,25 @@ ensure_packages() {
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v curl >/dev/null 2>&1 || need+=(curl)
-  if [ ${#need[@]} -gt 0 ]; then
-    echo "installing: ${need[*]}" >&2
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+  apt_install ${need[@]+"${need[@]}"}
 }
 
-# Prints a TCP port on 127.0.0.1 that nothing listens on.
+# apt_install PKG...: installs the given Debian packages (nothing when none).
+apt_install() {
+  [ $# -gt 0 ] || return 0
+  echo "installing: $*" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# free_port [NOT]: prints a TCP port on 127.0.0.1 that nothing listens on
+# (and that is not NOT, a port just picked but not yet bound).
 free_port() {
   local p
   while :; do
     # below the kernel's ephemeral range (32768+): no outgoing connection takes it
     p=$(( (RANDOM << 15 | RANDOM) % 12000 + 20000 ))
+    [ "$p" != "${1:-}" ] || continue
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
   done
 }

@@ -16,66 +16,26 @@
 //! here). Without `--bench` (cargo test --all-targets) it runs a smoke pass.
 #![allow(clippy::print_stdout, missing_docs)]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
+use common::{ChildGuard, Etcd, free_port, redis_server, wait_for_port};
 use confroll_coordinator::{
     model::{NodeRecord, now_rfc3339},
     replica::{Replica, ReplicaOptions},
-    store::{Store, etcd::EtcdStore},
+    store::{Store, etcd::EtcdStore, now_ms},
 };
 use confroll_node::{Node, NodeOptions};
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use tokio_util::sync::CancellationToken;
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_port(p: u16) {
-    for _ in 0..1000 {
-        if std::net::TcpStream::connect(("127.0.0.1", p)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("port {p} never opened");
-}
-
-fn start_etcd(dir: &std::path::Path) -> (Guard, String) {
-    let (c, p) = (free_port(), free_port());
-    let child = Command::new("etcd")
-        .args(["--name", "b", "--data-dir"])
-        .arg(dir.join("etcd"))
-        .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-        .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
-        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
-        .args(["--initial-cluster", &format!("b=http://127.0.0.1:{p}"), "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd on PATH");
-    wait_port(c);
-    (Guard(child), format!("http://127.0.0.1:{c}"))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
@@ -221,7 +181,8 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => vec![10, 100, 1000],
     };
     let dir = tempfile::tempdir()?;
-    let (_etcd, endpoint) = start_etcd(dir.path());
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint.clone();
 
     // 1. Floor, on one shared connection and on one connection per watcher.
     let (mut floors, mut floors_own) = (Vec::new(), Vec::new());
@@ -375,21 +336,13 @@ async fn bench_rollback(
     wait_done(client, service).await;
     let mut samples = Vec::new();
     for i in 0..iters {
-        let port = free_port();
-        let mut own = Guard(
-            Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
-        wait_port(port);
+        let (mut own, url) = redis_server();
         let v1 = replica.meta(service).await?.map(|m| m.0.stable_version).unwrap_or(0);
-        let v2 = standard(db, &format!("redis://127.0.0.1:{port}/0"), 100 + i as u64);
+        let v2 = standard(db, &url, 100 + i as u64);
         let r = client.submit_config(submit(service, v2, &["100%"], "60s", "20ms")).await?.into_inner();
         all_on(&f.nodes, r.version).await;
         // Every node runs v2 and bakes: now its Redis dies.
-        let _ = own.0.kill();
-        let _ = own.0.wait();
+        own.kill();
         all_on(&f.nodes, v1).await;
         let back = now_ms();
         let done = wait_done(client, service).await;
@@ -403,9 +356,9 @@ async fn bench_rollback(
 
 async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> anyhow::Result<(f64, f64)> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_confroll-coordinator"));
-    let spawn = |id: &str, port: u16| -> anyhow::Result<Guard> {
+    let spawn = |id: &str, port: u16| -> anyhow::Result<ChildGuard> {
         let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
-        Ok(Guard(
+        Ok(ChildGuard(
             Command::new(&bin)
                 .args([
                     "--id",
@@ -424,10 +377,10 @@ async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> 
         ))
     };
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut procs: Vec<Option<Guard>> = Vec::new();
+    let mut procs: Vec<Option<ChildGuard>> = Vec::new();
     for (i, p) in ports.iter().enumerate() {
         procs.push(Some(spawn(&format!("f{i}"), *p)?));
-        wait_port(*p);
+        wait_for_port(*p, Duration::from_secs(20), "coordinator");
     }
     let mut samples = Vec::new();
     for it in 0..iters {
@@ -461,7 +414,7 @@ async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> 
         }
         samples.push(t0.elapsed().as_secs_f64() * 1000.0);
         procs[idx] = Some(spawn(&format!("f{idx}"), ports[idx])?);
-        wait_port(ports[idx]);
+        wait_for_port(ports[idx], Duration::from_secs(20), "coordinator");
     }
     Ok(stats(samples))
 }

@@ -35,8 +35,7 @@ impl Agents {
         if let Some(c) = map.get(address) {
             return Ok(NodeAgentClient::new(c.clone()));
         }
-        let url = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-        let ch = Endpoint::from_shared(url)
+        let ch = Endpoint::from_shared(confroll_node::net::with_scheme(address))
             .map_err(|e| AgentError::Refused(format!("bad agent address `{address}`: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
@@ -75,11 +74,7 @@ impl Agents {
     /// The node's health verdict.
     pub async fn health(&self, address: &str, timeout: Duration) -> Result<pb::HealthResponse, AgentError> {
         let mut c = self.client(address)?;
-        match tokio::time::timeout(timeout, c.health(pb::HealthRequest {})).await {
-            Err(_) => Err(AgentError::Unreachable(format!("no answer within {timeout:?}"))),
-            Ok(Err(s)) => Err(AgentError::Unreachable(s.message().to_owned())),
-            Ok(Ok(r)) => Ok(r.into_inner()),
-        }
+        answer(timeout, c.health(pb::HealthRequest {})).await
     }
 
     /// Dry-runs a candidate on the node (static checks only).
@@ -91,10 +86,19 @@ impl Agents {
     ) -> Result<pb::ValidateResponse, AgentError> {
         let mut c = self.client(address)?;
         let req = pb::ValidateRequest { service: service.to_owned(), content: content.as_bytes().to_vec() };
-        match tokio::time::timeout(Duration::from_secs(5), c.validate(req)).await {
-            Err(_) => Err(AgentError::Unreachable("no answer within 5s".into())),
-            Ok(Err(s)) => Err(AgentError::Unreachable(s.message().to_owned())),
-            Ok(Ok(r)) => Ok(r.into_inner()),
-        }
+        answer(Duration::from_secs(5), c.validate(req)).await
+    }
+}
+
+/// The answer to a read-only call, or `Unreachable` (whatever the status:
+/// the coordinator only needs to know it got no verdict).
+async fn answer<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(AgentError::Unreachable(format!("no answer within {timeout:?}"))),
+        Ok(Err(s)) => Err(AgentError::Unreachable(s.message().to_owned())),
+        Ok(Ok(r)) => Ok(r.into_inner()),
     }
 }

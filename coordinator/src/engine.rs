@@ -199,9 +199,9 @@ struct Live {
     failures: BTreeMap<String, u32>,
     /// Nodes of the current stage whose apply did not health-check them.
     unchecked: BTreeSet<String>,
-    reverted: BTreeSet<String>,
-    revert_failed: BTreeSet<String>,
-    aborting: bool,
+    /// Nodes of `may_hold` whose revert answered, either way (a node that
+    /// failed it is brought to stable by reconciliation later).
+    revert_answered: BTreeSet<String>,
 }
 
 /// One rollout.
@@ -251,11 +251,6 @@ impl Engine {
         &self.rec
     }
 
-    /// Nodes confirmed on the new version.
-    pub fn applied(&self) -> &BTreeSet<String> {
-        &self.live.applied
-    }
-
     /// Records the nodes of the stage after `stage` as touched, so that the
     /// write that starts `stage` already covers the pushes of the next one.
     fn look_ahead(&mut self, stage: usize) {
@@ -277,13 +272,7 @@ impl Engine {
             RolloutState::Running => {
                 // (Re)push every node up to the current stage: idempotent at
                 // the nodes, and it re-establishes which ones applied.
-                let nodes: Vec<String> = self.stage_nodes(self.rec.stage).to_vec();
-                self.rec.touched.extend(nodes.iter().cloned());
-                self.live.may_hold.extend(nodes.iter().cloned());
-                self.look_ahead(self.rec.stage);
-                let mut a = vec![Action::Persist];
-                a.extend(nodes.into_iter().map(Action::Push));
-                a
+                self.push_stage(0)
             }
             RolloutState::RollingBack => self.revert_all(),
             s => vec![Action::Finished(s)],
@@ -357,14 +346,12 @@ impl Engine {
                 }
             }
             (RolloutState::Running, Input::Abort { reason }) => {
-                self.live.aborting = true;
                 self.roll_back(now, format!("aborted: {reason}"), String::new())
             }
-            (RolloutState::RollingBack, Input::Reverted { node, result }) => {
-                match result {
-                    Ok(()) => self.live.reverted.insert(node),
-                    Err(_) => self.live.revert_failed.insert(node),
-                };
+            (RolloutState::RollingBack, Input::Reverted { node, .. }) => {
+                if self.live.may_hold.contains(&node) {
+                    self.live.revert_answered.insert(node);
+                }
                 self.maybe_rolled_back()
             }
             // Late answers (a push that finishes after the rollback began,
@@ -403,13 +390,18 @@ impl Engine {
             self.rec.stage = self.rec.targets.len().saturating_sub(1);
             return self.finish(RolloutState::Succeeded);
         }
-        let from = self.rec.targets[self.rec.stage - 1];
-        let new: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
-        self.rec.touched.extend(new.iter().cloned());
-        self.live.may_hold.extend(new.iter().cloned());
+        self.push_stage(self.rec.targets[self.rec.stage - 1])
+    }
+
+    /// Pushes the current stage's nodes from position `from` on, after a
+    /// write that lists them (and the next stage) as touched.
+    fn push_stage(&mut self, from: usize) -> Vec<Action> {
+        let nodes: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
+        self.rec.touched.extend(nodes.iter().cloned());
+        self.live.may_hold.extend(nodes.iter().cloned());
         self.look_ahead(self.rec.stage);
         let mut a = vec![Action::Persist];
-        a.extend(new.into_iter().map(Action::Push));
+        a.extend(nodes.into_iter().map(Action::Push));
         a
     }
 
@@ -429,8 +421,7 @@ impl Engine {
             // impose either.
             return self.finish(self.final_failure_state());
         }
-        self.live.reverted.clear();
-        self.live.revert_failed.clear();
+        self.live.revert_answered.clear();
         let mut a = vec![Action::Persist];
         a.extend(self.live.may_hold.iter().cloned().map(Action::Revert));
         if self.live.may_hold.is_empty() {
@@ -440,16 +431,14 @@ impl Engine {
     }
 
     fn final_failure_state(&self) -> RolloutState {
-        if self.live.aborting || self.rec.reason.starts_with("aborted:") {
-            RolloutState::Aborted
-        } else {
-            RolloutState::RolledBack
-        }
+        // `roll_back` records an abort's reason as `aborted: …` (persisted,
+        // so a resumed rollback ends ABORTED too).
+        if self.rec.reason.starts_with("aborted:") { RolloutState::Aborted } else { RolloutState::RolledBack }
     }
 
     fn maybe_rolled_back(&mut self) -> Vec<Action> {
-        let done =
-            self.live.may_hold.iter().all(|n| self.live.reverted.contains(n) || self.live.revert_failed.contains(n));
+        // Answers are counted only for `may_hold` nodes: O(1) per answer.
+        let done = self.live.revert_answered.len() >= self.live.may_hold.len();
         if done { self.finish(self.final_failure_state()) } else { vec![] }
     }
 

@@ -1,5 +1,6 @@
 //! Coordinator metrics (Prometheus), in a registry per replica.
 
+use confroll_node::metrics::{labelled_registry, registered};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -26,45 +27,51 @@ pub struct CoordinatorMetrics {
 impl CoordinatorMetrics {
     /// A registry whose series carry `replica="<id>"`.
     pub fn new(replica: &str) -> Self {
-        let labels = [("replica".to_owned(), replica.to_owned())].into_iter().collect();
-        let registry = Registry::new_custom(None, Some(labels)).expect("valid registry labels");
-        let m = Self {
-            is_leader: IntGauge::new("confroll_coordinator_is_leader", "1 while this replica leads").unwrap(),
-            stable_version: IntGaugeVec::new(Opts::new("confroll_stable_version", "Stable version"), &["service"])
+        let registry = labelled_registry("replica", replica);
+        Self {
+            is_leader: registered(
+                &registry,
+                IntGauge::new("confroll_coordinator_is_leader", "1 while this replica leads").unwrap(),
+            ),
+            stable_version: registered(
+                &registry,
+                IntGaugeVec::new(Opts::new("confroll_stable_version", "Stable version"), &["service"]).unwrap(),
+            ),
+            desired_version: registered(
+                &registry,
+                IntGaugeVec::new(Opts::new("confroll_desired_version", "Desired version"), &["service"]).unwrap(),
+            ),
+            rollout_stage: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("confroll_rollout_stage", "Stage of the running rollout (-1: none)"),
+                    &["service"],
+                )
                 .unwrap(),
-            desired_version: IntGaugeVec::new(Opts::new("confroll_desired_version", "Desired version"), &["service"])
+            ),
+            rollouts_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("confroll_rollouts_total", "Finished rollouts by outcome"),
+                    &["service", "outcome"],
+                )
                 .unwrap(),
-            rollout_stage: IntGaugeVec::new(
-                Opts::new("confroll_rollout_stage", "Stage of the running rollout (-1: none)"),
-                &["service"],
-            )
-            .unwrap(),
-            rollouts_total: IntCounterVec::new(
-                Opts::new("confroll_rollouts_total", "Finished rollouts by outcome"),
-                &["service", "outcome"],
-            )
-            .unwrap(),
-            rollout_duration: Histogram::with_opts(
-                HistogramOpts::new("confroll_rollout_duration_seconds", "Rollout start to finish")
-                    .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
-            )
-            .unwrap(),
-            nodes: IntGaugeVec::new(Opts::new("confroll_nodes", "Registered nodes by state"), &["service", "state"])
+            ),
+            rollout_duration: registered(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("confroll_rollout_duration_seconds", "Rollout start to finish")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
+                )
                 .unwrap(),
+            ),
+            nodes: registered(
+                &registry,
+                IntGaugeVec::new(Opts::new("confroll_nodes", "Registered nodes by state"), &["service", "state"])
+                    .unwrap(),
+            ),
             registry,
-        };
-        for c in [
-            Box::new(m.is_leader.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.stable_version.clone()),
-            Box::new(m.desired_version.clone()),
-            Box::new(m.rollout_stage.clone()),
-            Box::new(m.rollouts_total.clone()),
-            Box::new(m.rollout_duration.clone()),
-            Box::new(m.nodes.clone()),
-        ] {
-            m.registry.register(c).expect("unique metric names");
         }
-        m
     }
 
     /// Prometheus text exposition.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Service used when a request names none.
-pub const DEFAULT_SERVICE: &str = "default";
+pub use confroll_node::node::DEFAULT_SERVICE;
 
 /// Store keys.
 pub mod keys {

@@ -21,10 +21,14 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use confroll_node::{Config, config::MAX_CONFIG_BYTES, diff::ConfigDiff, diff::FieldChange};
+use confroll_node::{
+    Config, ConfigError,
+    config::MAX_CONFIG_BYTES,
+    diff::{ConfigDiff, FieldChange},
+    node::sha256_hex,
+};
 use confroll_proto::v1 as pb;
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +38,7 @@ use crate::{
     metrics::CoordinatorMetrics,
     model::PolicyOverrides,
     model::{NodeRecord, Policy, ServiceMeta, VersionRecord, VersionState, keys, now_rfc3339, service_name},
-    store::{Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term},
+    store::{Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, now_ms},
 };
 
 /// How a replica runs.
@@ -189,14 +193,18 @@ struct Inner {
     reg_writes: std::sync::Mutex<HashMap<String, (Instant, NodeRecord)>>,
     /// Nodes with a reconciliation push in flight.
     reconciling: std::sync::Mutex<HashSet<String>>,
+    /// The stable version of each service as last read by reconciliation.
+    /// A version's number, checksum and content never change once written,
+    /// so a pass reads it again only when the stable pointer moved.
+    stable: std::sync::Mutex<HashMap<String, Arc<VersionRecord>>>,
 }
 
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+/// The service meta is still as read at revision `rev` (`None`: absent).
+fn meta_cond(service: &str, rev: Option<u64>) -> Cond {
+    match rev {
+        Some(r) => Cond::ModRevision(keys::meta(service), r),
+        None => Cond::Absent(keys::meta(service)),
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, e: &Entry) -> Result<T, StoreError> {
@@ -224,6 +232,7 @@ impl Replica {
                 schema,
                 reg_writes: Default::default(),
                 reconciling: Default::default(),
+                stable: Default::default(),
             }),
         }
     }
@@ -310,17 +319,13 @@ impl Replica {
     }
 
     async fn services(&self) -> Result<Vec<String>, StoreError> {
-        let mut out: Vec<String> = self
-            .inner
-            .store
-            .list(keys::SERVICES)
-            .await?
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(keys::SERVICES)?.strip_suffix("/meta").map(str::to_owned))
-            .collect();
-        out.sort();
-        out.dedup();
-        Ok(out)
+        // Keys only: the prefix also holds every version's content. Keys come
+        // sorted, one `/meta` per service.
+        let keys = self.inner.store.list_keys(keys::SERVICES).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(keys::SERVICES)?.strip_suffix("/meta").map(str::to_owned))
+            .collect())
     }
 
     /// Resumes a rollout left unfinished by an earlier leader (or by a driver
@@ -376,8 +381,16 @@ impl Replica {
         if meta.stable_version == 0 {
             return Ok(());
         }
-        let Some(stable) = self.version(service, meta.stable_version).await? else { return Ok(()) };
-        let stable = Arc::new(stable);
+        let cached = self.inner.stable.lock().expect("stable").get(service).cloned();
+        let stable = match cached {
+            Some(v) if v.version == meta.stable_version => v,
+            _ => {
+                let Some(v) = self.version(service, meta.stable_version).await? else { return Ok(()) };
+                let v = Arc::new(v);
+                self.inner.stable.lock().expect("stable").insert(service.to_owned(), v.clone());
+                v
+            }
+        };
         for node in nodes {
             let key = format!("{service}/{}", node.id);
             let on_stable = node.sha256 == stable.sha256 && node.version == stable.version;
@@ -456,6 +469,13 @@ impl Replica {
     pub async fn version(&self, service: &str, v: u64) -> Result<Option<VersionRecord>, StoreError> {
         let key = keys::version(service, v);
         self.inner.store.get(&key).await?.map(|e| decode(&key, &e)).transpose()
+    }
+
+    /// One version record, or `NotFound` naming the service and version.
+    pub async fn require_version(&self, service: &str, v: u64) -> Result<VersionRecord, ApiError> {
+        self.version(service, v)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("service `{service}` has no version {v}")))
     }
 
     /// Every version record, newest first.
@@ -586,10 +606,7 @@ impl Replica {
                 Some((m, r)) => (m, Some(r)),
                 None => (ServiceMeta::default(), None),
             };
-            let cond = match rev {
-                Some(r) => Cond::ModRevision(keys::meta(&service), r),
-                None => Cond::Absent(keys::meta(&service)),
-            };
+            let cond = meta_cond(&service, rev);
             let meta = ServiceMeta { policy: Some(o.clone()), ..meta };
             let ops = vec![Op::Put(keys::meta(&service), encode(&meta))];
             if self.inner.store.txn(Some(Fence { term: &term, lock: None }), vec![cond], ops).await? {
@@ -605,10 +622,8 @@ impl Replica {
         let service = service_name(&req.service).map_err(ApiError::InvalidArgument)?;
         let submit_overrides = Self::overrides(req.policy.as_ref())?;
         if req.content.len() > MAX_CONFIG_BYTES {
-            return Err(ApiError::InvalidArgument(format!(
-                "config is {} bytes; the limit is {MAX_CONFIG_BYTES} bytes",
-                req.content.len()
-            )));
+            let e = ConfigError::TooLarge { size: req.content.len(), limit: MAX_CONFIG_BYTES };
+            return Err(ApiError::InvalidArgument(e.to_string()));
         }
         let mut checks = Vec::new();
         let check = |name: &str, ok: bool, detail: String| pb::Check { name: name.into(), ok, detail };
@@ -651,15 +666,14 @@ impl Replica {
             let rollout_id = format!("{service}-{:08x}", rand::rng().random::<u32>());
             lock = Some((term.clone(), self.lock_service(&term, &service, &rollout_id).await?, rollout_id));
         }
-        let (meta, meta_rev) = match self.meta(&service).await {
-            Ok(Some((m, r))) => (m, Some(r)),
-            Ok(None) => (ServiceMeta::default(), None),
-            Err(e) => {
-                if let Some((_, l, _)) = &lock {
-                    let _ = self.inner.store.unlock(l).await;
-                }
-                return Err(e.into());
-            }
+        let meta = self.meta(&service).await.map_err(ApiError::from);
+        let meta = match &lock {
+            Some((_, l, _)) => self.unlock_on_err(l, meta).await?,
+            None => meta?,
+        };
+        let (meta, meta_rev) = match meta {
+            Some((m, r)) => (m, Some(r)),
+            None => (ServiceMeta::default(), None),
         };
         let base = match meta.stable_version {
             0 => None,
@@ -670,7 +684,7 @@ impl Replica {
                 Ok(old) => ConfigDiff::between(&old, &config).changes,
                 Err(_) => Vec::new(),
             },
-            None => ConfigDiff::between(&config, &config).changes,
+            None => Vec::new(),
         };
         checks.push(check("diff", true, format!("{} field(s) changed against v{}", diff.len(), meta.stable_version)));
         let sha256 = sha256_hex(req.content.as_bytes());
@@ -726,35 +740,48 @@ impl Replica {
         };
         let first = prepared.as_ref().map_or(&rec, |p| p.engine.record());
         let new_meta = ServiceMeta { latest_version: version, desired_version: version, ..meta };
-        let cond = match meta_rev {
-            Some(r) => Cond::ModRevision(keys::meta(&service), r),
-            None => Cond::Absent(keys::meta(&service)),
-        };
         let ops = vec![
             Op::Put(keys::meta(&service), encode(&new_meta)),
             Op::Put(keys::version(&service, version), encode(&record)),
             Op::Put(keys::rollout(&service), encode(first)),
         ];
-        let written = self.inner.store.txn(Some(Fence { term: &term, lock: Some(&lock) }), vec![cond], ops).await;
-        match written {
-            Ok(true) => {}
-            // A timeout may hide a commit: if the rollout record is ours, it landed.
-            Err(StoreError::Unavailable(_)) if self.landed(&service, &rollout_id).await => {}
-            Ok(false) => {
-                let _ = self.inner.store.unlock(&lock).await;
-                return Err(ApiError::Unavailable("the service changed concurrently; retry".into()));
-            }
-            Err(e) => {
-                let _ = self.inner.store.unlock(&lock).await;
-                return Err(e.into());
-            }
-        }
+        self.commit_start(&term, &lock, &service, &rollout_id, meta_cond(&service, meta_rev), ops).await?;
         tracing::info!(%service, version, rollout = %rollout_id, nodes = rec.order.len(), "version stored; rollout starting");
         self.inner.metrics.desired_version.with_label_values(&[&service]).set(version as i64);
         self.spawn_driver((*term).clone(), lock, rec, prepared);
         out.version = version;
         out.rollout_id = rollout_id;
         Ok(out)
+    }
+
+    /// `r`, after releasing `lock` when it is an error: a rollout that fails
+    /// to start must not keep its service locked.
+    async fn unlock_on_err<T>(&self, lock: &Lock, r: Result<T, ApiError>) -> Result<T, ApiError> {
+        if r.is_err() {
+            let _ = self.inner.store.unlock(lock).await;
+        }
+        r
+    }
+
+    /// Writes the start of rollout `rollout_id` under `lock` if `cond`
+    /// holds. A timeout that hid a commit counts as written (the record is
+    /// read back); on any failure the lock is released.
+    async fn commit_start(
+        &self,
+        term: &Term,
+        lock: &Lock,
+        service: &str,
+        rollout_id: &str,
+        cond: Cond,
+        ops: Vec<Op>,
+    ) -> Result<(), ApiError> {
+        let r = match self.inner.store.txn(Some(Fence { term, lock: Some(lock) }), vec![cond], ops).await {
+            Ok(true) => Ok(()),
+            Err(StoreError::Unavailable(_)) if self.landed(service, rollout_id).await => Ok(()),
+            Ok(false) => Err(ApiError::Unavailable("the service changed concurrently; retry".into())),
+            Err(e) => Err(e.into()),
+        };
+        self.unlock_on_err(lock, r).await
     }
 
     /// After a fenced write of rollout `id` timed out: did it land anyway?
@@ -773,13 +800,7 @@ impl Replica {
             LockAttempt::Acquired(l) => {
                 // The lock is free, but a rollout of a dead leader may wait
                 // for resumption: refuse rather than race it.
-                let current = match self.rollout(service).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = self.inner.store.unlock(&l).await;
-                        return Err(e.into());
-                    }
-                };
+                let current = self.unlock_on_err(&l, self.rollout(service).await.map_err(Into::into)).await?;
                 if let Some(r) = current
                     && !r.state.is_terminal()
                 {
@@ -852,10 +873,7 @@ impl Replica {
     pub async fn rollback(&self, service: &str, to_version: u64) -> Result<(String, u64), ApiError> {
         let service = service_name(service).map_err(ApiError::InvalidArgument)?;
         let term = self.leading()?;
-        let target = self
-            .version(&service, to_version)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("service `{service}` has no version {to_version}")))?;
+        let target = self.require_version(&service, to_version).await?;
         let rollout_id = format!("{service}-rb-{:08x}", rand::rng().random::<u32>());
         let lock = self.lock_service(&term, &service, &rollout_id).await?;
         // Read the pointers under the lock, so they cannot move under us.
@@ -867,20 +885,8 @@ impl Replica {
             Ok(None) => Err(ApiError::NotFound(format!("no service `{service}`"))),
             Err(e) => Err(e.into()),
         };
-        let (meta, meta_rev) = match meta {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = self.inner.store.unlock(&lock).await;
-                return Err(e);
-            }
-        };
-        let nodes = match self.nodes(&service).await {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = self.inner.store.unlock(&lock).await;
-                return Err(e.into());
-            }
-        };
+        let (meta, meta_rev) = self.unlock_on_err(&lock, meta).await?;
+        let nodes = self.unlock_on_err(&lock, self.nodes(&service).await.map_err(Into::into)).await?;
         let policy = Policy::all_at_once(self.inner.opts.default_policy.apply_timeout);
         let rec = self.new_rollout(
             &service,
@@ -892,24 +898,10 @@ impl Replica {
             &nodes,
         );
         let new_meta = ServiceMeta { desired_version: to_version, ..meta };
-        let ok = self
-            .inner
-            .store
-            .txn(
-                Some(Fence { term: &term, lock: Some(&lock) }),
-                vec![Cond::ModRevision(keys::meta(&service), meta_rev)],
-                vec![Op::Put(keys::meta(&service), encode(&new_meta)), Op::Put(keys::rollout(&service), encode(&rec))],
-            )
-            .await;
-        let landed = match &ok {
-            Ok(true) => true,
-            Err(StoreError::Unavailable(_)) => self.landed(&service, &rollout_id).await,
-            _ => false,
-        };
-        if !landed {
-            let _ = self.inner.store.unlock(&lock).await;
-            return Err(ok.err().map(Into::into).unwrap_or(ApiError::Unavailable("concurrent change; retry".into())));
-        }
+        let ops =
+            vec![Op::Put(keys::meta(&service), encode(&new_meta)), Op::Put(keys::rollout(&service), encode(&rec))];
+        let cond = Cond::ModRevision(keys::meta(&service), meta_rev);
+        self.commit_start(&term, &lock, &service, &rollout_id, cond, ops).await?;
         tracing::info!(%service, to_version, rollout = %rollout_id, "manual rollback starting");
         self.spawn_driver((*term).clone(), lock, rec, None);
         Ok((rollout_id, to_version))

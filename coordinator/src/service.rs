@@ -8,6 +8,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use confroll_node::net;
 use confroll_proto::v1::{
     self as pb,
     coordinator_client::CoordinatorClient,
@@ -22,11 +23,11 @@ use crate::{
     model::{NodeRecord, keys, now_rfc3339, service_name},
     pb_impl::summary,
     replica::{ApiError, Replica, Submit},
-    store::{Member, WatchEvent},
+    store::{Member, StoreError, WatchEvent},
 };
 
 /// Largest gRPC message accepted or sent (a 4 MiB config plus envelope).
-pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+pub use confroll_node::net::MAX_MESSAGE_BYTES;
 
 /// Metadata key of the leader hint.
 pub const LEADER_HINT: &str = "x-confroll-leader";
@@ -79,18 +80,11 @@ impl CoordinatorServiceImpl {
         let leader = self
             .replica
             .leader()
-            .await
-            .map_err(to_status)?
+            .await?
             .ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
         let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
-        let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", leader.address))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2));
-        if let Some(ca) = &self.tls_ca {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca.as_ref()));
-            ep = ep.tls_config(tls).map_err(|e| Status::internal(format!("tls: {e}")))?;
-        }
+        let ep = net::endpoint(&format!("{scheme}://{}", leader.address), self.tls_ca.as_deref())
+            .map_err(|e| Status::internal(format!("leader endpoint: {e}")))?;
         let ch = ep
             .connect()
             .await
@@ -124,11 +118,21 @@ pub fn to_status(e: ApiError) -> Status {
     }
 }
 
-fn forward_request<T>(req: Request<T>) -> Request<T> {
-    let (meta, ext, msg) = req.into_parts();
-    let mut r = Request::from_parts(meta, ext, msg);
-    r.set_timeout(Duration::from_secs(30));
-    r
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        to_status(e)
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        to_status(e.into())
+    }
+}
+
+fn forward_request<T>(mut req: Request<T>) -> Request<T> {
+    req.set_timeout(Duration::from_secs(30));
+    req
 }
 
 /// Runs `local` when this replica leads, else forwards with `remote`.
@@ -157,11 +161,8 @@ impl Coordinator for CoordinatorServiceImpl {
         &self,
         req: Request<pb::SubmitConfigRequest>,
     ) -> Result<Response<pb::SubmitConfigResponse>, Status> {
-        let r = req.get_ref().clone();
-        if !r.dry_run {
-            self.authorize(&req)?;
-        }
-        let submit = Submit {
+        let dry_run = req.get_ref().dry_run;
+        let submit = |r: pb::SubmitConfigRequest| Submit {
             service: r.service,
             content: r.content,
             author: r.author,
@@ -175,23 +176,26 @@ impl Coordinator for CoordinatorServiceImpl {
             diff: o.diff.iter().map(Into::into).collect(),
             checks: o.checks,
             sha256: o.sha256,
-            dry_run: submit.dry_run,
+            dry_run,
             base_version: o.base_version,
         };
-        if submit.dry_run {
-            return self.replica.submit(submit.clone()).await.map(|o| Response::new(to_pb(o))).map_err(to_status);
+        if dry_run {
+            return Ok(Response::new(to_pb(self.replica.submit(submit(req.into_inner())).await?)));
         }
-        on_leader!(self, req, async { self.replica.submit(submit.clone()).await.map(to_pb) }, submit_config)
+        self.authorize(&req)?;
+        // One copy: the request itself is kept for forwarding.
+        let local = submit(req.get_ref().clone());
+        on_leader!(self, req, async { self.replica.submit(local).await.map(to_pb) }, submit_config)
     }
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
         let r = &self.replica;
-        let leader = r.leader().await.map_err(to_status)?;
-        let meta = r.meta(&service).await.map_err(|e| to_status(e.into()))?.map(|m| m.0).unwrap_or_default();
+        let leader = r.leader().await?;
+        let meta = r.meta(&service).await?.map(|m| m.0).unwrap_or_default();
         let default_policy = Some((&r.service_policy(&meta)).into());
-        let rollout = r.rollout(&service).await.map_err(|e| to_status(e.into()))?;
-        let mut nodes = r.nodes(&service).await.map_err(|e| to_status(e.into()))?;
+        let rollout = r.rollout(&service).await?;
+        let mut nodes = r.nodes(&service).await?;
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::GetStatusResponse {
             service,
@@ -211,7 +215,7 @@ impl Coordinator for CoordinatorServiceImpl {
         req: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
-        let v = self.replica.versions(&service).await.map_err(|e| to_status(e.into()))?;
+        let v = self.replica.versions(&service).await?;
         Ok(Response::new(pb::ListVersionsResponse { versions: v.iter().map(Into::into).collect() }))
     }
 
@@ -221,12 +225,7 @@ impl Coordinator for CoordinatorServiceImpl {
     ) -> Result<Response<pb::GetVersionResponse>, Status> {
         let r = req.into_inner();
         let service = service_name(&r.service).map_err(Status::invalid_argument)?;
-        let v = self
-            .replica
-            .version(&service, r.version)
-            .await
-            .map_err(|e| to_status(e.into()))?
-            .ok_or_else(|| Status::not_found(format!("service `{service}` has no version {}", r.version)))?;
+        let v = self.replica.require_version(&service, r.version).await?;
         Ok(Response::new(pb::GetVersionResponse { info: Some((&v).into()), content: v.content }))
     }
 
@@ -238,12 +237,7 @@ impl Coordinator for CoordinatorServiceImpl {
         let service = service_name(&r.service).map_err(Status::invalid_argument)?;
         let mut docs = Vec::new();
         for v in [r.from_version, r.to_version] {
-            let rec = self
-                .replica
-                .version(&service, v)
-                .await
-                .map_err(|e| to_status(e.into()))?
-                .ok_or_else(|| Status::not_found(format!("service `{service}` has no version {v}")))?;
+            let rec = self.replica.require_version(&service, v).await?;
             docs.push(
                 confroll_node::Config::parse(rec.content.as_bytes())
                     .map_err(|e| Status::internal(format!("stored version {v} no longer parses: {e}")))?,
@@ -316,10 +310,10 @@ impl Coordinator for CoordinatorServiceImpl {
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
         let key = keys::rollout(&service);
-        let store = self.replica.store().clone();
+        let replica = self.replica.clone();
         // Watch first, then read, so no change falls in between.
-        let mut watch = store.watch(&key).await.map_err(|e| to_status(e.into()))?;
-        let current = self.replica.rollout(&service).await.map_err(|e| to_status(e.into()))?;
+        let mut watch = replica.store().watch(&key).await?;
+        let current = self.replica.rollout(&service).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let event = |r: &RolloutRecord| pb::RolloutEvent { rollout: Some(r.into()), summary: summary(r) };
@@ -334,9 +328,7 @@ impl Coordinator for CoordinatorServiceImpl {
                     Ok(WatchEvent::Put { key: k, value, .. }) if k == key => {
                         serde_json::from_slice::<RolloutRecord>(&value).ok()
                     }
-                    Ok(WatchEvent::Reset) => {
-                        store.get(&key).await.ok().flatten().and_then(|e| serde_json::from_slice(&e.value).ok())
-                    }
+                    Ok(WatchEvent::Reset) => replica.rollout(&service).await.ok().flatten(),
                     Ok(_) => None,
                     Err(e) => {
                         let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
@@ -361,7 +353,7 @@ impl Coordinator for CoordinatorServiceImpl {
         self.authorize(&req)?;
         let r = req.into_inner();
         let rec = node_record(r.node_id, r.agent_address, r.version, r.sha256, r.healthy);
-        let id = self.replica.register(&r.service, rec).await.map_err(to_status)?;
+        let id = self.replica.register(&r.service, rec).await?;
         Ok(Response::new(pb::RegisterResponse {
             registration_id: id,
             heartbeat_interval_ms: self.replica.options().heartbeat_interval.as_millis() as u64,
@@ -372,7 +364,7 @@ impl Coordinator for CoordinatorServiceImpl {
         self.authorize(&req)?;
         let r = req.into_inner();
         let rec = node_record(r.node_id, r.agent_address, r.version, r.sha256, r.healthy);
-        self.replica.heartbeat(&r.service, r.registration_id, rec).await.map_err(to_status)?;
+        self.replica.heartbeat(&r.service, r.registration_id, rec).await?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 }
@@ -404,15 +396,6 @@ pub async fn run_with_tls(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<CoordinatorServer<CoordinatorServiceImpl>>().await;
-    let refl = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(confroll_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let v1 = refl(tonic_reflection::server::Builder::configure()).build_v1()?;
-    let v1alpha = refl(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
-    let incoming = confroll_node::net::nodelay_incoming(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {
         let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
@@ -420,18 +403,15 @@ pub async fn run_with_tls(
     }
     let mut svc = CoordinatorServiceImpl::new(replica, token);
     svc.tls_ca = tls.map(|t| t.ca_pem.into());
-    builder
-        .add_service(health)
-        .add_service(v1)
-        .add_service(v1alpha)
+    let sets = [confroll_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
+    net::with_health_and_reflection::<CoordinatorServer<CoordinatorServiceImpl>>(builder, &sets)
+        .await?
         .add_service(
-            // Room above the 4 MiB config limit, so an oversized config gets
-            // our clear INVALID_ARGUMENT rather than a transport error.
             CoordinatorServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(net::nodelay_incoming(listener), shutdown)
         .await?;
     Ok(())
 }

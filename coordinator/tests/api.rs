@@ -49,6 +49,13 @@ impl Codec for RawCodec {
     }
 }
 
+/// `m` with the bearer token of the auth test.
+fn authed<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
+    r
+}
+
 async fn channel(url: &str) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().connect().await.unwrap()
 }
@@ -124,8 +131,7 @@ async fn the_api_is_discoverable_and_callable_through_reflection() {
     assert_eq!(get_status.input_type(), ".confroll.v1.GetStatusRequest");
     // `grpcurl -d '{}' HOST:PORT confroll.v1.Coordinator/GetStatus`: a call
     // built from the descriptor alone (empty request message, raw bytes).
-    let ch = tonic::transport::Endpoint::from_shared(c1.url()).unwrap().connect().await.unwrap();
-    let mut grpc = tonic::client::Grpc::new(ch);
+    let mut grpc = tonic::client::Grpc::new(channel(&c1.url()).await);
     grpc.ready().await.unwrap();
     let path = format!("/confroll.v1.{}/{}", svc.name(), get_status.name()).parse().unwrap();
     let raw = grpc.unary(tonic::Request::new(Vec::new()), path, RawCodec).await.unwrap().into_inner();
@@ -154,11 +160,6 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
         (1..=2).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1, &c2], &tok_node)).collect();
     wait_registered(&c1, 2).await;
     let mut client = c2.client().await;
-    let authed = |m: pb::SubmitConfigRequest| {
-        let mut r = tonic::Request::new(m);
-        r.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
-        r
-    };
 
     // No token: refused. A dry run needs none.
     let e = client.submit_config(submit_req(&lite(30), "0s")).await.unwrap_err();
@@ -195,11 +196,10 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
 
     // Per-service defaults: all at once for this service; a submit that sets
     // no stages gets them.
-    let mut sp = tonic::Request::new(pb::SetServicePolicyRequest {
+    let sp = authed(pb::SetServicePolicyRequest {
         policy: Some(pb::RolloutPolicy { stages: vec!["100%".into()], ..Default::default() }),
         ..Default::default()
     });
-    sp.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
     let eff = client.set_service_policy(sp).await.unwrap().into_inner().effective.unwrap();
     assert_eq!(eff.stages, ["100%"]);
     assert_eq!(eff.bake.as_deref(), Some("200ms"), "unset fields inherit the coordinator's --default-bake");
@@ -231,9 +231,11 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     // Manual rollback to v1: every node returns; v2 is recorded ROLLED_BACK.
-    let mut rb = tonic::Request::new(pb::RollbackRequest { to_version: 1, ..Default::default() });
-    rb.metadata_mut().insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
-    let r = client.rollback(rb).await.unwrap().into_inner();
+    let r = client
+        .rollback(authed(pb::RollbackRequest { to_version: 1, ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.version, 1);
     assert_eq!(wait_rollout_done(&c1, Duration::from_secs(20)).await.state, "SUCCEEDED");
     for n in &nodes {
@@ -259,9 +261,13 @@ async fn a_follower_that_cannot_reach_the_leader_answers_with_a_leader_hint() {
     let c2 = Coord::start(&store, "c2", dir.path(), &["--advertise", &dead[1]]);
     let leader = leader_of(&c1).await;
     let (follower, hint) = if leader == "c1" { (&c2, &dead[0]) } else { (&c1, &dead[1]) };
-    let e = eventually(Duration::from_secs(10), "the follower to know the leader", || async {
-        let e = follower.client().await.submit_config(submit_req(&lite(30), "0s")).await.err()?;
-        e.metadata().get("x-confroll-leader").is_some().then_some(e)
+    let fc = follower.client().await;
+    let e = eventually(Duration::from_secs(10), "the follower to know the leader", || {
+        let mut c = fc.clone();
+        async move {
+            let e = c.submit_config(submit_req(&lite(30), "0s")).await.err()?;
+            e.metadata().get("x-confroll-leader").is_some().then_some(e)
+        }
     })
     .await;
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
@@ -292,12 +298,8 @@ async fn the_api_can_be_served_over_tls() {
         )
         .unwrap();
     let client = pb::coordinator_client::CoordinatorClient::new(ep.connect().await.unwrap());
-    let leader = eventually(Duration::from_secs(20), "a leader over TLS", || {
-        let mut c = client.clone();
-        async move {
-            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
-            (!s.leader_id.is_empty()).then_some(s.leader_id)
-        }
+    let leader = status_until(&client, Duration::from_secs(20), "a leader over TLS", |s| {
+        (!s.leader_id.is_empty()).then_some(s.leader_id)
     })
     .await;
     assert_eq!(leader, "c1");
@@ -317,12 +319,8 @@ async fn the_api_can_be_served_over_tls() {
         std::slice::from_ref(&https),
         &["--coordinator-ca", cert_f.to_str().unwrap()],
     );
-    let st = eventually(Duration::from_secs(20), "the node to register over TLS", || {
-        let mut c = client.clone();
-        async move {
-            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
-            (s.nodes.len() == 1).then_some(s)
-        }
+    let st = status_until(&client, Duration::from_secs(20), "the node to register over TLS", |s| {
+        (s.nodes.len() == 1).then_some(s)
     })
     .await;
     assert_eq!(st.nodes[0].id, node.id);

@@ -23,11 +23,7 @@ async fn a_new_leader_finishes_a_rollout_after_the_leader_is_sigkilled() {
     coords[idx].kill9();
     let killed_at = Instant::now();
     let survivor = &coords[(idx + 1) % 3];
-    let new = eventually(Duration::from_secs(20), "a new leader", || async {
-        let l = leader_of(survivor).await;
-        (l != old).then_some(l)
-    })
-    .await;
+    let new = new_leader(survivor, &old).await;
     let failover = killed_at.elapsed();
     let done = wait_rollout_done(survivor, Duration::from_secs(60)).await;
     assert_eq!(done.state, "SUCCEEDED", "{done:?}");
@@ -58,11 +54,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     let others: Vec<&Coord> = coords.iter().filter(|c| c.id != old).collect();
     let sig = |s: &str| std::process::Command::new("kill").args([s, &paused.pid().to_string()]).status().unwrap();
     assert!(sig("-STOP").success());
-    let new = eventually(Duration::from_secs(20), "a new leader", || async {
-        let l = leader_of(others[0]).await;
-        (l != old).then_some(l)
-    })
-    .await;
+    let new = new_leader(others[0], &old).await;
     let other = *others.iter().find(|c| c.id == new).expect("one of the others leads");
     // The new leader's first reconciliation pass fences every node with its token.
     let new_token = eventually(Duration::from_secs(20), "nodes to learn the new token", || async {
@@ -135,20 +127,15 @@ async fn joining_and_returning_nodes_are_brought_to_the_stable_version() {
 
     // n1 dies; v2 rolls out without it; n1 comes back on its state dir and is brought to v2.
     n1.kill9();
-    eventually(Duration::from_secs(20), "n1's registration to expire", || {
-        let mut c = client.clone();
-        async move {
-            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
-            (s.nodes.len() == 1).then_some(())
-        }
+    status_until(&client, Duration::from_secs(20), "n1's registration to expire", |s| {
+        (s.nodes.len() == 1).then_some(())
     })
     .await;
     client.submit_config(submit_req(&lite(88), "0s")).await.unwrap();
     assert_eq!(wait_rollout_done(&c1, Duration::from_secs(30)).await.state, "SUCCEEDED");
     let n1 = NodeProc::start("n1", &cfg, dir.path(), &[&c1], &[]);
     assert_eq!(n1.version().await, 1, "a restarted node boots on its last applied config");
-    eventually(Duration::from_secs(20), "n1 reconciled to v2", || async { (n1.version().await == 2).then_some(()) })
-        .await;
+    n1.wait_version(2).await;
 
     // With no coordinator at all, a restarted node still serves its last config.
     drop(c1);

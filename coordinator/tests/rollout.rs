@@ -112,17 +112,7 @@ async fn a_failed_health_check_during_the_bake_rolls_every_touched_node_back() {
     let mut client = cl.rolled_out(&standard(&db, &redis, 30)).await;
 
     // v2 moves Redis to a server of the test's own: it applies fine…
-    let port = free_port();
-    let mut own = ChildGuard(
-        std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(port, Duration::from_secs(10), "redis");
-    let own_url = format!("redis://127.0.0.1:{port}/0");
+    let (mut own, own_url) = redis_server();
     let mut req = submit_req(&standard(&db, &own_url, 31), "20s");
     req.policy.as_mut().unwrap().stages = vec!["1".into(), "50%".into()];
     client.submit_config(req).await.unwrap();

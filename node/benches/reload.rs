@@ -14,7 +14,7 @@ use std::{hint::black_box, time::Instant};
 
 use anyhow::Context;
 use axum::{Json, Router, routing::get};
-use confroll_node::{Node, NodeOptions, ReloadReport, ReloadStatus};
+use confroll_node::{Node, NodeOptions, ReloadReport, ReloadStatus, pipeline::Phase};
 
 struct Knobs {
     level: &'static str,
@@ -44,9 +44,20 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// One scenario's (p50, p95, p99): of the whole reload, and of each phase
+/// in [`Phase::ALL`] order.
 struct Row {
     name: &'static str,
-    reports: Vec<ReloadReport>,
+    total: (f64, f64, f64),
+    phases: Vec<(f64, f64, f64)>,
+}
+
+impl Row {
+    fn new(name: &'static str, reports: &[ReloadReport]) -> Row {
+        let total = stats(reports.iter().map(|r| r.total_ms));
+        let phases = Phase::ALL.iter().map(|p| stats(reports.iter().map(|r| r.phase_ms(p.as_str())))).collect();
+        Row { name, total, phases }
+    }
 }
 
 fn stats(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
@@ -110,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         }
         // Return to the base config for the next scenario.
         node.apply(doc(&db, &redis, &llm, &base)).await;
-        rows.push(Row { name, reports });
+        rows.push(Row::new(name, &reports));
     }
 
     println!("\nconfroll-node reload latency, {iters} reloads per scenario (milliseconds)\n");
@@ -119,24 +130,15 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---:|---:|---:|---|");
     for row in &rows {
-        let (p50, p95, p99) = stats(row.reports.iter().map(|r| r.total_ms));
-        let phases: Vec<String> = ["load", "validate", "diff", "apply", "reload", "health"]
-            .iter()
-            .map(|ph| format!("{:.3}", stats(row.reports.iter().map(|r| r.phase_ms(ph))).0))
-            .collect();
+        let (p50, p95, p99) = row.total;
+        let phases: Vec<String> = row.phases.iter().map(|p| format!("{:.3}", p.0)).collect();
         println!("| {} | {p50:.3} | {p95:.3} | {p99:.3} | {} |", row.name, phases.join(" / "));
     }
     println!("\nper-phase p95 / p99 (milliseconds)\n");
     println!("| scenario | load | validate | diff | apply | reload | health |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
-        let cells: Vec<String> = ["load", "validate", "diff", "apply", "reload", "health"]
-            .iter()
-            .map(|ph| {
-                let (_, p95, p99) = stats(row.reports.iter().map(|r| r.phase_ms(ph)));
-                format!("{p95:.3} / {p99:.3}")
-            })
-            .collect();
+        let cells: Vec<String> = row.phases.iter().map(|(_, p95, p99)| format!("{p95:.3} / {p99:.3}")).collect();
         println!("| {} | {} |", row.name, cells.join(" | "));
     }
 
@@ -185,8 +187,8 @@ async fn main() -> anyhow::Result<()> {
     println!("| `config()` (ArcSwap::load_full, Arc kept across awaits) | {full_ns:.1} |");
     println!("| `config_guard()` while {stores} reloads stored new configs | {contended_ns:.1} |");
 
-    let (_, _, log_p99) = stats(rows[0].reports.iter().map(|r| r.total_ms));
-    let (_, full_p95, full_p99) = stats(rows[3].reports.iter().map(|r| r.total_ms));
+    let (_, _, log_p99) = rows[0].total;
+    let (_, full_p95, full_p99) = rows[3].total;
     if smoke {
         println!(
             "\nsmoke run (no --bench: debug build, {iters} reloads): figures are not meaningful; run `bash scripts/bench.sh`"

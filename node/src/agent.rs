@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    config::MAX_CONFIG_BYTES,
+    config::{ConfigError, MAX_CONFIG_BYTES},
+    net::{self, MAX_MESSAGE_BYTES},
     node::{Node, Push, PushError},
     pb_impl::node_status,
 };
@@ -60,10 +61,8 @@ impl NodeAgent for NodeAgentServiceImpl {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let r = req.into_inner();
         if r.content.len() > MAX_CONFIG_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "config is {} bytes; the limit is {MAX_CONFIG_BYTES} bytes",
-                r.content.len()
-            )));
+            let e = ConfigError::TooLarge { size: r.content.len(), limit: MAX_CONFIG_BYTES };
+            return Err(Status::invalid_argument(e.to_string()));
         }
         let report = self
             .node
@@ -103,24 +102,14 @@ impl NodeAgent for NodeAgentServiceImpl {
 /// Serves the agent (plus reflection and health) on `listener` until
 /// `shutdown` resolves; in-flight RPCs finish first.
 pub async fn run(node: Node, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<NodeAgentServer<NodeAgentServiceImpl>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(confroll_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(confroll_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let incoming = crate::net::nodelay_incoming(listener);
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            // A 4 MiB config plus its envelope.
-            NodeAgentServer::new(NodeAgentServiceImpl::new(node)).max_decoding_message_size(8 * 1024 * 1024),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+    let sets = [confroll_proto::FILE_DESCRIPTOR_SET];
+    net::with_health_and_reflection::<NodeAgentServer<NodeAgentServiceImpl>>(
+        tonic::transport::Server::builder(),
+        &sets,
+    )
+    .await?
+    .add_service(NodeAgentServer::new(NodeAgentServiceImpl::new(node)).max_decoding_message_size(MAX_MESSAGE_BYTES))
+    .serve_with_incoming_shutdown(net::nodelay_incoming(listener), shutdown)
+    .await?;
     Ok(())
 }

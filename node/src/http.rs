@@ -150,7 +150,7 @@ async fn status(State(node): State<Node>) -> Json<StatusReply> {
         service: node.service().into(),
         version: live.version,
         sha256: live.sha256.clone(),
-        applied_at: humantime::format_rfc3339_millis(live.applied_at).to_string(),
+        applied_at: live.applied_at_rfc3339(),
         source: live.source.as_str(),
         highest_fencing_token: node.highest_token(),
         config: live.config.redacted_json(),

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::node::Node;
+use crate::{net, node::Node};
 
 /// Where and how to register.
 #[derive(Debug, Clone)]
@@ -27,15 +27,7 @@ pub struct Membership {
 }
 
 async fn connect(url: &str, ca: Option<&[u8]>) -> Option<CoordinatorClient<Channel>> {
-    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
-    let mut ep = Endpoint::from_shared(url.clone()).ok()?.connect_timeout(Duration::from_secs(2));
-    if url.starts_with("https://") {
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        if let Some(ca) = ca {
-            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
-        }
-        ep = ep.tls_config(tls).ok()?;
-    }
+    let ep = net::endpoint(&net::with_scheme(url), ca).ok()?;
     Some(CoordinatorClient::new(ep.connect().await.ok()?))
 }
 
@@ -43,11 +35,7 @@ impl Membership {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(Duration::from_secs(5));
-        if let Some(t) = &self.token
-            && let Ok(v) = format!("Bearer {t}").parse()
-        {
-            r.metadata_mut().insert("authorization", v);
-        }
+        net::bearer(&mut r, self.token.as_deref());
         r
     }
 

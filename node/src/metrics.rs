@@ -12,6 +12,18 @@ use prometheus::{
 
 use crate::config::MetricsConfig;
 
+/// A registry whose every series carries `name="value"`.
+pub fn labelled_registry(name: &str, value: &str) -> Registry {
+    let labels = [(name.to_owned(), value.to_owned())].into_iter().collect();
+    Registry::new_custom(None, Some(labels)).expect("valid registry label")
+}
+
+/// Registers `c` in `r` and hands it back (metric names are fixed and unique).
+pub fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
 const RELOAD_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -43,65 +55,73 @@ pub struct NodeMetrics {
 impl NodeMetrics {
     /// A registry whose series all carry `node="<id>"`.
     pub fn new(node_id: &str) -> Arc<Self> {
-        let labels = [("node".to_owned(), node_id.to_owned())].into_iter().collect();
-        let registry = Registry::new_custom(None, Some(labels)).expect("static registry labels are valid");
+        let registry = labelled_registry("node", node_id);
         let hist = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(RELOAD_BUCKETS.to_vec());
         let m = Self {
             settings: ArcSwap::from_pointee(MetricsConfig::default()),
-            config_version: IntGauge::new("confroll_config_version", "Config version this node runs").unwrap(),
-            reload_total: IntCounterVec::new(
-                Opts::new("confroll_config_reload_total", "Reloads by outcome"),
-                &["status"],
-            )
-            .unwrap(),
-            reload_duration: Histogram::with_opts(hist("confroll_config_reload_duration_seconds", "Whole reload"))
+            config_version: registered(
+                &registry,
+                IntGauge::new("confroll_config_version", "Config version this node runs").unwrap(),
+            ),
+            reload_total: registered(
+                &registry,
+                IntCounterVec::new(Opts::new("confroll_config_reload_total", "Reloads by outcome"), &["status"])
+                    .unwrap(),
+            ),
+            reload_duration: registered(
+                &registry,
+                Histogram::with_opts(hist("confroll_config_reload_duration_seconds", "Whole reload")).unwrap(),
+            ),
+            phase_duration: registered(
+                &registry,
+                HistogramVec::new(
+                    hist("confroll_config_reload_phase_duration_seconds", "Reload time per phase"),
+                    &["phase"],
+                )
                 .unwrap(),
-            phase_duration: HistogramVec::new(
-                hist("confroll_config_reload_phase_duration_seconds", "Reload time per phase"),
-                &["phase"],
-            )
-            .unwrap(),
-            component_duration: HistogramVec::new(
-                hist("confroll_config_reload_component_duration_seconds", "Component build and check time"),
-                &["component"],
-            )
-            .unwrap(),
-            errors_total: IntCounterVec::new(
-                Opts::new("confroll_config_reload_errors_total", "Reload errors by type"),
-                &["type"],
-            )
-            .unwrap(),
-            last_success: Gauge::new(
-                "confroll_config_reload_last_success_timestamp_seconds",
-                "Unix time of the last successful reload",
-            )
-            .unwrap(),
-            rollbacks_total: IntCounterVec::new(
-                Opts::new("confroll_config_reload_rollbacks_total", "Automatic rollbacks by reason"),
-                &["reason"],
-            )
-            .unwrap(),
-            http_requests: IntCounterVec::new(
-                Opts::new("confroll_http_requests_total", "HTTP requests served"),
-                &["route", "code"],
-            )
-            .unwrap(),
+            ),
+            component_duration: registered(
+                &registry,
+                HistogramVec::new(
+                    hist("confroll_config_reload_component_duration_seconds", "Component build and check time"),
+                    &["component"],
+                )
+                .unwrap(),
+            ),
+            errors_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("confroll_config_reload_errors_total", "Reload errors by type"),
+                    &["type"],
+                )
+                .unwrap(),
+            ),
+            last_success: registered(
+                &registry,
+                Gauge::new(
+                    "confroll_config_reload_last_success_timestamp_seconds",
+                    "Unix time of the last successful reload",
+                )
+                .unwrap(),
+            ),
+            rollbacks_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("confroll_config_reload_rollbacks_total", "Automatic rollbacks by reason"),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            http_requests: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("confroll_http_requests_total", "HTTP requests served"),
+                    &["route", "code"],
+                )
+                .unwrap(),
+            ),
             registry,
         };
-        let r = &m.registry;
-        for c in [
-            Box::new(m.config_version.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.reload_total.clone()),
-            Box::new(m.reload_duration.clone()),
-            Box::new(m.phase_duration.clone()),
-            Box::new(m.component_duration.clone()),
-            Box::new(m.errors_total.clone()),
-            Box::new(m.last_success.clone()),
-            Box::new(m.rollbacks_total.clone()),
-            Box::new(m.http_requests.clone()),
-        ] {
-            r.register(c).expect("metric names are unique");
-        }
         Arc::new(m)
     }
 

@@ -13,3 +13,56 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
         Ok(s)
     })
 }
+
+/// `url` with `http://` in front when it names no scheme.
+pub fn with_scheme(url: &str) -> String {
+    if url.contains("://") { url.to_owned() } else { format!("http://{url}") }
+}
+
+/// A client endpoint for `url` (with its scheme) that gives up connecting
+/// after 2 s. `https://` speaks TLS, trusting `ca` (PEM) when given and the
+/// system roots otherwise.
+pub fn endpoint(url: &str, ca: Option<&[u8]>) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let ep =
+        tonic::transport::Endpoint::from_shared(url.to_owned())?.connect_timeout(std::time::Duration::from_secs(2));
+    if !url.starts_with("https://") {
+        return Ok(ep);
+    }
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    if let Some(ca) = ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    }
+    ep.tls_config(tls)
+}
+
+/// Adds `authorization: Bearer <token>` when there is a token.
+pub fn bearer<T>(r: &mut tonic::Request<T>, token: Option<&str>) {
+    if let Some(t) = token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        r.metadata_mut().insert("authorization", v);
+    }
+}
+
+/// Largest gRPC message confroll's servers accept: room above the 4 MiB
+/// config limit for its envelope, so an oversized config gets a clear
+/// INVALID_ARGUMENT rather than a transport error.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// `builder` serving what every confroll gRPC port serves next to its own
+/// service: `grpc.health.v1` (reporting `S` as serving) and server
+/// reflection v1 and v1alpha over `descriptor_sets`.
+pub async fn with_health_and_reflection<S: tonic::server::NamedService>(
+    mut builder: tonic::transport::Server,
+    descriptor_sets: &[&'static [u8]],
+) -> Result<tonic::transport::server::Router, tonic_reflection::server::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<S>().await;
+    let reflection = || {
+        descriptor_sets
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, s| b.register_encoded_file_descriptor_set(s))
+    };
+    let (v1, v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+    Ok(builder.add_service(health).add_service(v1).add_service(v1alpha))
+}

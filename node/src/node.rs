@@ -96,6 +96,13 @@ pub struct Applied {
     pub source: Trigger,
 }
 
+impl Applied {
+    /// `applied_at` as RFC 3339 with milliseconds (status, state dir, API).
+    pub fn applied_at_rfc3339(&self) -> String {
+        humantime::format_rfc3339_millis(self.applied_at).to_string()
+    }
+}
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -208,7 +215,8 @@ pub struct ComponentHealth {
 /// Where a reload reads its candidate from.
 enum Source {
     File(PathBuf),
-    Bytes(Vec<u8>),
+    /// A document, with its hex SHA-256 when the caller already hashed it.
+    Bytes(Vec<u8>, Option<String>),
 }
 
 /// A handle to a running node; cheap to clone.
@@ -396,7 +404,7 @@ impl Node {
         let _g = self.inner.reload_lock.lock().await;
         let source = match &self.inner.opts.config_path {
             Some(p) => Source::File(p.clone()),
-            None => Source::Bytes(Vec::new()),
+            None => Source::Bytes(Vec::new(), None),
         };
         self.run(source, None, trigger).await
     }
@@ -406,7 +414,7 @@ impl Node {
         let (me, content) = (self.clone(), content.into());
         detached(async move {
             let _g = me.inner.reload_lock.lock().await;
-            me.run(Source::Bytes(content), None, Trigger::Api).await
+            me.run(Source::Bytes(content, None), None, Trigger::Api).await
         })
         .await
     }
@@ -445,7 +453,7 @@ impl Node {
             self.inner.highest_token.store(push.fencing_token, Ordering::SeqCst);
         }
         tracing::info!(version = push.version, token = push.fencing_token, rollout = %push.rollout_id, "applying pushed version");
-        Ok(self.run(Source::Bytes(push.content), Some(push.version), Trigger::Push).await)
+        Ok(self.run(Source::Bytes(push.content, Some(actual)), Some(push.version), Trigger::Push).await)
     }
 
     /// Parses and statically validates a candidate against the running
@@ -495,7 +503,7 @@ impl Node {
     }
 
     /// Runs the pipeline once. The caller holds the reload lock.
-    async fn run(&self, source: Source, version: Option<u64>, trigger: Trigger) -> ReloadReport {
+    async fn run(&self, mut source: Source, version: Option<u64>, trigger: Trigger) -> ReloadReport {
         let started = Instant::now();
         let prev = self.config();
         let mut run = Run::default();
@@ -510,7 +518,7 @@ impl Node {
             }
             let phase = cmd.phase();
             let t = Instant::now();
-            let event = self.execute(cmd, &source, &prev, version, trigger, &mut run).await;
+            let event = self.execute(cmd, &mut source, &prev, version, trigger, &mut run).await;
             *run.phases.entry(phase).or_default() += t.elapsed();
             if let Some(e) = event {
                 queue.extend(machine.step(e));
@@ -522,10 +530,18 @@ impl Node {
         report
     }
 
+    /// Makes `a` the live config: gauge, `ArcSwap`, version watchers.
+    fn set_live(&self, a: Arc<Applied>) {
+        let v = a.version;
+        self.inner.metrics.config_version.set(v as i64);
+        self.inner.live.store(a);
+        self.inner.version_tx.send_replace(v);
+    }
+
     async fn execute(
         &self,
         cmd: Command,
-        source: &Source,
+        source: &mut Source,
         prev: &Arc<Applied>,
         version: Option<u64>,
         trigger: Trigger,
@@ -535,11 +551,14 @@ impl Node {
         match cmd {
             Command::Load => {
                 let r = match source {
-                    Source::File(p) => read_limited(p).await.map_err(|e| format!("read {}: {e}", p.display())),
-                    Source::Bytes(b) => Ok(b.clone()),
+                    Source::File(p) => {
+                        read_limited(p).await.map(|b| (b, None)).map_err(|e| format!("read {}: {e}", p.display()))
+                    }
+                    // Moved, not copied: a run loads its source once.
+                    Source::Bytes(b, sha) => Ok((std::mem::take(b), sha.take())),
                 };
-                Some(Event::Loaded(r.map(|b| {
-                    run.sha = Some(sha256_hex(&b));
+                Some(Event::Loaded(r.map(|(b, sha)| {
+                    run.sha = Some(sha.unwrap_or_else(|| sha256_hex(&b)));
                     run.bytes = b;
                 })))
             }
@@ -556,8 +575,9 @@ impl Node {
             Command::Diff => {
                 let cfg = run.config.as_ref()?;
                 let d = ConfigDiff::between(&prev.config, cfg);
-                run.diff = d.changes.clone();
-                if let Err(e) = d.check_restart_only() {
+                let restart_only = d.check_restart_only();
+                run.diff = d.changes;
+                if let Err(e) = restart_only {
                     run.error_type = Some("restart_only");
                     return Some(Event::Diffed(Err(e.to_string())));
                 }
@@ -577,10 +597,7 @@ impl Node {
                     applied_at: SystemTime::now(),
                     source: trigger,
                 });
-                self.inner.metrics.config_version.set(next.version as i64);
-                let v = next.version;
-                self.inner.live.store(next);
-                self.inner.version_tx.send_replace(v);
+                self.set_live(next);
                 None
             }
             Command::Prepare(kinds) => {
@@ -624,7 +641,7 @@ impl Node {
             Command::Discard(kinds) => {
                 for k in kinds {
                     if let Some(inst) = run.staged.remove(&k) {
-                        c.discard(inst);
+                        c.retire(inst);
                     }
                 }
                 None
@@ -637,12 +654,10 @@ impl Node {
                 ))
             }
             Command::RollBack(kinds) => {
-                self.inner.metrics.config_version.set(prev.version as i64);
-                self.inner.live.store(prev.clone());
-                self.inner.version_tx.send_replace(prev.version);
+                self.set_live(prev.clone());
                 for k in kinds {
                     if let Some(inst) = run.previous.remove(&k) {
-                        c.discard(c.swap(inst));
+                        c.retire(c.swap(inst));
                     }
                 }
                 None
@@ -766,7 +781,7 @@ impl Node {
         let p = PersistedConfig {
             version: live.version,
             sha256: live.sha256.clone(),
-            applied_at: humantime::format_rfc3339_millis(live.applied_at).to_string(),
+            applied_at: live.applied_at_rfc3339(),
             source: live.source.as_str().into(),
             content: live.content.clone(),
             file_sha256: self.last_file_sha(),

@@ -77,7 +77,7 @@ pub fn node_status(node: &Node, healthy: bool) -> pb::NodeStatus {
         service: node.service().into(),
         version: live.version,
         sha256: live.sha256.clone(),
-        applied_at: humantime::format_rfc3339_millis(live.applied_at).to_string(),
+        applied_at: live.applied_at_rfc3339(),
         highest_fencing_token: node.highest_token(),
         last_reload: node.last_report().as_deref().map(Into::into),
         healthy,

@@ -166,22 +166,11 @@ async fn a_critical_health_failure_after_the_swap_rolls_everything_back() {
     assert!(Arc::ptr_eq(&redis_before, &s.node.redis().unwrap()));
 
     // Redis comes back on the same port: the kept pool reconnects, no reload needed.
-    let _redis2 = restart_on(redis.port);
+    let _redis2 = common::RedisServer::start_on(redis.port);
     common::eventually(Duration::from_secs(10), "/work to recover", || async {
         (s.work().await.status() == 200).then_some(())
     })
     .await;
-}
-
-fn restart_on(port: u16) -> common::ChildGuard {
-    let c = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = common::ChildGuard(c);
-    common::wait_for_port(port, Duration::from_secs(10));
-    guard
 }
 
 #[tokio::test]

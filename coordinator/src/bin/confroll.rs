@@ -6,13 +6,14 @@
 //! ```
 #![allow(clippy::print_stdout)]
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use confroll_node::net;
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
@@ -147,11 +148,7 @@ struct Ctx {
 impl Ctx {
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
-        if let Some(t) = &self.token
-            && let Ok(v) = format!("Bearer {t}").parse()
-        {
-            r.metadata_mut().insert("authorization", v);
-        }
+        net::bearer(&mut r, self.token.as_deref());
         r
     }
 
@@ -166,16 +163,8 @@ impl Ctx {
 async fn connect(urls: &[String], ca: Option<&[u8]>) -> anyhow::Result<CoordinatorClient<Channel>> {
     let mut last = String::new();
     for u in urls {
-        let url = if u.contains("://") { u.clone() } else { format!("http://{u}") };
-        let mut ep = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2));
-        if url.starts_with("https://") {
-            let mut tls = tonic::transport::ClientTlsConfig::new();
-            if let Some(ca) = ca {
-                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
-            }
-            ep = ep.tls_config(tls)?;
-        }
-        match ep.connect().await {
+        let url = net::with_scheme(u);
+        match net::endpoint(&url, ca)?.connect().await {
             Ok(ch) => return Ok(CoordinatorClient::new(ch)),
             Err(e) => last = format!("{url}: {e}"),
         }
@@ -184,7 +173,11 @@ async fn connect(urls: &[String], ca: Option<&[u8]>) -> anyhow::Result<Coordinat
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    let hint = s.metadata().get("x-confroll-leader").and_then(|v| v.to_str().ok()).map(|l| format!(" (leader: {l})"));
+    let hint = s
+        .metadata()
+        .get(confroll_coordinator::service::LEADER_HINT)
+        .and_then(|v| v.to_str().ok())
+        .map(|l| format!(" (leader: {l})"));
     anyhow::anyhow!("{:?}: {}{}", s.code(), s.message(), hint.unwrap_or_default())
 }
 
@@ -196,16 +189,25 @@ async fn main() {
     }
 }
 
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+}
+
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+}
+
+/// Submits (or, with `dry_run`, checks) and prints the answer.
+async fn submit(ctx: &mut Ctx, req: pb::SubmitConfigRequest) -> anyhow::Result<pb::SubmitConfigResponse> {
+    let r = ctx.client.submit_config(ctx.req(req)).await.map_err(status_err)?.into_inner();
+    ctx.print(&r, || print_submit(&r));
+    Ok(r)
+}
+
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let token = match &cli.token_file {
-        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned()),
-        None => None,
-    };
-    let ca = match &cli.tls_ca {
-        Some(f) => Some(std::fs::read(f).with_context(|| format!("read {}", f.display()))?),
-        None => None,
-    };
+    let token = cli.token_file.as_deref().map(read_text).transpose()?.map(|t| t.trim().to_owned());
+    let ca = cli.tls_ca.as_deref().map(read).transpose()?;
     let mut ctx = Ctx {
         client: connect(&cli.coordinator, ca.as_deref()).await?,
         token,
@@ -214,28 +216,24 @@ async fn run() -> anyhow::Result<()> {
     };
     match cli.cmd {
         Cmd::Submit { file, author, message, dry_run, policy, watch } => {
-            let content = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
-            let policy = pb::RolloutPolicy::from(policy);
             let req = pb::SubmitConfigRequest {
                 service: ctx.service.clone(),
-                content,
+                content: read_text(&file)?,
                 author,
                 message,
                 dry_run,
-                policy: Some(policy),
+                policy: Some(pb::RolloutPolicy::from(policy)),
             };
-            let r = ctx.client.submit_config(ctx.req(req)).await.map_err(status_err)?.into_inner();
-            ctx.print(&r, || print_submit(&r));
+            let r = submit(&mut ctx, req).await?;
             if watch && !dry_run {
                 return follow(&mut ctx, &r.rollout_id).await;
             }
         }
         Cmd::Validate { file } => {
-            let content = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+            let content = read_text(&file)?;
             let req =
                 pb::SubmitConfigRequest { service: ctx.service.clone(), content, dry_run: true, ..Default::default() };
-            let r = ctx.client.submit_config(ctx.req(req)).await.map_err(status_err)?.into_inner();
-            ctx.print(&r, || print_submit(&r));
+            submit(&mut ctx, req).await?;
         }
         Cmd::Status => {
             let r = ctx

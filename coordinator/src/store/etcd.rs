@@ -114,16 +114,21 @@ impl EtcdStore {
         });
     }
 
-    fn fence_compares(fence: &Fence<'_>) -> Vec<Compare> {
-        let TermHandle::Etcd { key, .. } = &fence.term.handle else {
-            // A term of another backend: a compare that never holds.
-            return vec![Compare::create_revision(b"\0confroll/no-such-term".to_vec(), CompareOp::Equal, 1)];
-        };
-        let mut cmp = vec![Compare::create_revision(key.clone(), CompareOp::Equal, fence.term.token as i64)];
+    fn fence_compares(fence: &Fence<'_>) -> Result<Vec<Compare>, StoreError> {
+        let (key, _) = etcd_term(fence.term)?;
+        let mut cmp = vec![Compare::create_revision(key.to_vec(), CompareOp::Equal, fence.term.token as i64)];
         if let Some(lock) = fence.lock {
             cmp.push(Compare::create_revision(lock_key(&lock.name), CompareOp::Equal, lock.token as i64));
         }
-        cmp
+        Ok(cmp)
+    }
+}
+
+/// The leader key and lease of a term won on etcd.
+fn etcd_term(term: &Term) -> Result<(&[u8], i64), StoreError> {
+    match &term.handle {
+        TermHandle::Etcd { key, lease } => Ok((key, *lease)),
+        TermHandle::Raft => Err(StoreError::FencedOut("a term of another backend".into())),
     }
 }
 
@@ -141,10 +146,6 @@ fn entry(kv: &etcd_client::KeyValue) -> Entry {
 
 #[async_trait::async_trait]
 impl Store for EtcdStore {
-    fn backend(&self) -> &'static str {
-        "etcd"
-    }
-
     async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
         let value = serde_json::to_vec(me).expect("member serializes");
         loop {
@@ -153,51 +154,41 @@ impl Store for EtcdStore {
             let lost = CancellationToken::new();
             self.keep_alive(lease, granted, lost.clone());
             let mut client = self.streams.clone();
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    lost.cancel();
-                    let _ = self.c().lease_revoke(lease).await;
-                    return Ok(None);
-                }
-                _ = lost.cancelled() => {
-                    // The lease died while we waited: start over with a new one.
-                    let _ = self.c().lease_revoke(lease).await;
-                    continue;
-                }
-                r = client.campaign(ELECTION, value.clone(), lease) => {
-                    let resp = match r {
-                        Ok(r) => r,
-                        Err(e) => {
-                            lost.cancel();
-                            let _ = self.c().lease_revoke(lease).await;
-                            return Err(unavailable(e));
+            // `None`: the lease died while we waited; start over with a new one.
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => Some(Ok(None)),
+                _ = lost.cancelled() => None,
+                r = client.campaign(ELECTION, value.clone(), lease) => match r.map_err(unavailable) {
+                    Ok(resp) => match resp.leader() {
+                        Some(key) => {
+                            return Ok(Some(Term {
+                                token: key.rev() as u64,
+                                lost,
+                                handle: TermHandle::Etcd { key: key.key().to_vec(), lease },
+                            }));
                         }
-                    };
-                    let Some(key) = resp.leader() else {
-                        lost.cancel();
-                        let _ = self.c().lease_revoke(lease).await;
-                        return Err(StoreError::Unavailable("campaign answered no leader key".into()));
-                    };
-                    return Ok(Some(Term {
-                        token: key.rev() as u64,
-                        lost,
-                        handle: TermHandle::Etcd { key: key.key().to_vec(), lease },
-                    }));
-                }
+                        None => Some(Err(StoreError::Unavailable("campaign answered no leader key".into()))),
+                    },
+                    Err(e) => Some(Err(e)),
+                },
+            };
+            // Not leading on this lease: give it back.
+            lost.cancel();
+            let _ = self.c().lease_revoke(lease).await;
+            if let Some(r) = outcome {
+                return r;
             }
         }
     }
 
     async fn resign(&self, term: &Term) -> Result<(), StoreError> {
-        let TermHandle::Etcd { key, lease } = &term.handle else {
-            return Err(StoreError::FencedOut("a term of another backend".into()));
-        };
+        let (key, lease) = etcd_term(term)?;
         term.lost.cancel();
         // Deleting the leader key hands over at once; revoking the lease also
         // drops every lock held on it.
         let mut c = self.c();
-        let _ = c.delete(key.clone(), None).await;
-        c.lease_revoke(*lease).await.map_err(unavailable)?;
+        let _ = c.delete(key, None).await;
+        c.lease_revoke(lease).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -217,6 +208,12 @@ impl Store for EtcdStore {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let r = self.c().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
         Ok(r.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), entry(kv))).collect())
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let opts = GetOptions::new().with_prefix().with_keys_only();
+        let r = self.c().get(prefix, Some(opts)).await.map_err(unavailable)?;
+        Ok(r.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect())
     }
 
     async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
@@ -244,7 +241,7 @@ impl Store for EtcdStore {
         let Some(fence) = fence else {
             return Ok(self.c().txn(inner).await.map_err(unavailable)?.succeeded());
         };
-        let outer = Txn::new().when(Self::fence_compares(&fence)).and_then([TxnOp::txn(inner)]);
+        let outer = Txn::new().when(Self::fence_compares(&fence)?).and_then([TxnOp::txn(inner)]);
         let r = self.c().txn(outer).await.map_err(unavailable)?;
         if !r.succeeded() {
             return Err(StoreError::FencedOut(format!(
@@ -329,17 +326,15 @@ impl Store for EtcdStore {
     }
 
     async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {
-        let TermHandle::Etcd { key: leader_key, lease } = &term.handle else {
-            return Err(StoreError::FencedOut("a term of another backend".into()));
-        };
+        let (leader_key, lease) = etcd_term(term)?;
         let key = lock_key(name);
         let txn = Txn::new()
             .when([
-                Compare::create_revision(leader_key.clone(), CompareOp::Equal, term.token as i64),
+                Compare::create_revision(leader_key.to_vec(), CompareOp::Equal, term.token as i64),
                 Compare::create_revision(key.clone(), CompareOp::Equal, 0),
             ])
-            .and_then([TxnOp::put(key.clone(), holder.to_vec(), Some(PutOptions::new().with_lease(*lease)))])
-            .or_else([TxnOp::get(key.clone(), None), TxnOp::get(leader_key.clone(), None)]);
+            .and_then([TxnOp::put(key.clone(), holder.to_vec(), Some(PutOptions::new().with_lease(lease)))])
+            .or_else([TxnOp::get(key.clone(), None), TxnOp::get(leader_key, None)]);
         let r = self.c().txn(txn).await.map_err(unavailable)?;
         if r.succeeded() {
             let rev = r.header().map(|h| h.revision()).unwrap_or_default() as u64;

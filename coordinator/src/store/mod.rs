@@ -26,6 +26,11 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+/// Wall clock, ms since the Unix epoch (raft proposals, rollout timing).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
 /// A store revision (etcd's, or a raft log position).
 pub type Revision = u64;
 
@@ -170,9 +175,6 @@ pub enum LockAttempt {
 /// The coordinator's store.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Backend name (`etcd`, `raft`).
-    fn backend(&self) -> &'static str;
-
     /// Campaigns until `me` leads (or `cancel` fires). The term's lease is
     /// kept alive in the background; `Term::lost` fires when it is lost.
     async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError>;
@@ -188,6 +190,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every key under `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError>;
+
+    /// The keys under `prefix`, in key order, without their values (which
+    /// may be whole config versions).
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 
     /// Applies `ops` atomically if every condition holds and, with a fence,
     /// the term (and lock) still hold. `Ok(false)`: a condition failed.

@@ -71,19 +71,10 @@ impl Drop for ChildGuard {
     }
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A single-member etcd on free loopback ports.
 pub struct Etcd {
     pub endpoint: String,
-    _proc: Proc,
+    _proc: ChildGuard,
     pub dir: tempfile::TempDir,
 }
 
@@ -104,7 +95,7 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .expect("etcd on PATH (scripts/test.sh installs etcd-server)");
-        let p = Proc(child);
+        let p = ChildGuard(child);
         wait_for_port(client, Duration::from_secs(20), "etcd");
         Etcd { endpoint: format!("http://127.0.0.1:{client}"), _proc: p, dir }
     }
@@ -176,7 +167,7 @@ pub struct Coord {
     pub port: u16,
     pub http_port: u16,
     pub log: PathBuf,
-    proc: Option<Proc>,
+    proc: Option<ChildGuard>,
 }
 
 impl Coord {
@@ -199,7 +190,7 @@ impl Coord {
             .stderr(out)
             .spawn()
             .unwrap();
-        let c = Coord { id: id.into(), port, http_port, log, proc: Some(Proc(child)) };
+        let c = Coord { id: id.into(), port, http_port, log, proc: Some(ChildGuard(child)) };
         wait_for_port(port, Duration::from_secs(20), "coordinator");
         c
     }
@@ -231,8 +222,9 @@ pub struct NodeProc {
     pub id: String,
     pub http_port: u16,
     pub agent_port: u16,
-    pub log: PathBuf,
-    proc: Option<Proc>,
+    /// One HTTP client (and connection) for every status poll.
+    http: reqwest::Client,
+    proc: Option<ChildGuard>,
 }
 
 impl NodeProc {
@@ -259,13 +251,21 @@ impl NodeProc {
             .stderr(out)
             .spawn()
             .unwrap();
-        let n = NodeProc { id: id.into(), http_port, agent_port, log, proc: Some(Proc(child)) };
+        let n = NodeProc {
+            id: id.into(),
+            http_port,
+            agent_port,
+            http: reqwest::Client::new(),
+            proc: Some(ChildGuard(child)),
+        };
         wait_for_port(http_port, Duration::from_secs(20), "node");
         n
     }
 
     pub async fn status(&self) -> serde_json::Value {
-        reqwest::get(format!("http://127.0.0.1:{}/api/v2/config/status", self.http_port))
+        self.http
+            .get(format!("http://127.0.0.1:{}/api/v2/config/status", self.http_port))
+            .send()
             .await
             .unwrap()
             .json()
@@ -275,6 +275,12 @@ impl NodeProc {
 
     pub async fn version(&self) -> u64 {
         self.status().await["version"].as_u64().unwrap()
+    }
+
+    /// Waits until the node runs version `v`.
+    pub async fn wait_version(&self, v: u64) {
+        let what = format!("node {} on v{v}", self.id);
+        eventually(Duration::from_secs(20), &what, || async { (self.version().await == v).then_some(()) }).await
     }
 
     pub async fn agent(&self) -> NodeAgentClient<Channel> {
@@ -302,15 +308,63 @@ where
     }
 }
 
+/// Polls `GetStatus` through `client` until `f` accepts the answer.
+pub async fn status_until<T>(
+    client: &CoordinatorClient<Channel>,
+    within: Duration,
+    what: &str,
+    f: impl Fn(pb::GetStatusResponse) -> Option<T>,
+) -> T {
+    let f = &f;
+    eventually(within, what, || {
+        let mut c = client.clone();
+        async move { f(c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner()) }
+    })
+    .await
+}
+
+/// Waits until some replica leads, as `client`'s replica sees it; its id.
+pub async fn leader_via(client: &CoordinatorClient<Channel>) -> String {
+    status_until(client, Duration::from_secs(20), "a leader", |s| (!s.leader_id.is_empty()).then_some(s.leader_id))
+        .await
+}
+
 /// Waits until some replica leads; returns its id.
 pub async fn leader_of(c: &Coord) -> String {
-    let client = c.client().await;
-    eventually(Duration::from_secs(20), "a leader", || {
-        let mut c = client.clone();
-        async move {
-            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
-            (!s.leader_id.is_empty()).then_some(s.leader_id)
-        }
+    leader_via(&c.client().await).await
+}
+
+/// Waits until `c` sees a leader other than `old`; returns its id.
+pub async fn new_leader(c: &Coord, old: &str) -> String {
+    status_until(&c.client().await, Duration::from_secs(20), "a new leader", |s| {
+        (!s.leader_id.is_empty() && s.leader_id != old).then_some(s.leader_id)
+    })
+    .await
+}
+
+/// A throwaway redis-server on a free loopback port, and its URL.
+pub fn redis_server() -> (ChildGuard, String) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH (scripts/test.sh installs it)");
+    let guard = ChildGuard(child);
+    wait_for_port(port, Duration::from_secs(10), "redis");
+    (guard, format!("redis://127.0.0.1:{port}/0"))
+}
+
+/// Submits `req` until a replica accepts it (a follower learns who leads
+/// with the next heartbeat).
+pub async fn submit_until_accepted(
+    client: &CoordinatorClient<Channel>,
+    req: pb::SubmitConfigRequest,
+) -> pb::SubmitConfigResponse {
+    eventually(Duration::from_secs(20), "a submit to be accepted", || {
+        let (mut c, req) = (client.clone(), req.clone());
+        async move { c.submit_config(req).await.ok().map(|r| r.into_inner()) }
     })
     .await
 }
@@ -332,16 +386,8 @@ pub fn submit_req(content: &str, bake: &str) -> pb::SubmitConfigRequest {
 
 /// Waits until `n` nodes are registered.
 pub async fn wait_registered(c: &Coord, n: usize) {
-    let mut client = c.client().await;
-    eventually(Duration::from_secs(20), &format!("{n} registered nodes"), || {
-        let mut client = client.clone();
-        async move {
-            let s = client.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
-            (s.nodes.len() >= n).then_some(())
-        }
-    })
-    .await;
-    let _ = &mut client;
+    let what = format!("{n} registered nodes");
+    status_until(&c.client().await, Duration::from_secs(20), &what, |s| (s.nodes.len() >= n).then_some(())).await
 }
 
 /// Follows WatchRollout until it ends; returns every event.
@@ -359,26 +405,14 @@ pub async fn watch_to_end(url: String) -> Vec<pb::RolloutEvent> {
 
 /// Waits until at least `n` nodes of the running rollout have applied it.
 pub async fn wait_applied(client: &CoordinatorClient<Channel>, n: u32) {
-    eventually(Duration::from_secs(20), &format!("{n} node(s) to apply the rollout"), || {
-        let mut c = client.clone();
-        async move {
-            let r = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner().rollout?;
-            (r.applied_nodes >= n).then_some(())
-        }
-    })
-    .await
+    let what = format!("{n} node(s) to apply the rollout");
+    status_until(client, Duration::from_secs(20), &what, |s| (s.rollout?.applied_nodes >= n).then_some(())).await
 }
 
 /// Waits for the rollout record to reach a terminal state.
 pub async fn wait_rollout_done(c: &Coord, within: Duration) -> pb::RolloutInfo {
-    let client = c.client().await;
-    eventually(within, "the rollout to end", || {
-        let mut client = client.clone();
-        async move {
-            let s = client.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
-            let r = s.rollout?;
-            matches!(r.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED").then_some(r)
-        }
+    status_until(&c.client().await, within, "the rollout to end", |s| {
+        s.rollout.filter(|r| matches!(r.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED"))
     })
     .await
 }
@@ -395,10 +429,14 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(coords: usize, nodes: usize, base: &str) -> Cluster {
-        let store = Backing::start(coords);
+        Self::start_with(Backing::start(coords), coords, nodes, base, &[]).await
+    }
+
+    /// [`Cluster::start`] on `store`, with `extra` coordinator flags.
+    pub async fn start_with(store: Backing, coords: usize, nodes: usize, base: &str, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let coords: Vec<Coord> =
-            (1..=coords).map(|i| Coord::start(&store, &format!("c{i}"), dir.path(), &[])).collect();
+            (1..=coords).map(|i| Coord::start(&store, &format!("c{i}"), dir.path(), extra)).collect();
         let cfg = dir.path().join("base.yaml");
         std::fs::write(&cfg, base).unwrap();
         let refs: Vec<&Coord> = coords.iter().collect();

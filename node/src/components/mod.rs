@@ -1,5 +1,5 @@
 //! The swappable components and the one place that knows how to build,
-//! swap, health-check, drain and discard each of them.
+//! swap, health-check and drain each of them.
 //!
 //! Every component lives behind its own `ArcSwap` slot. Request handlers take
 //! an `Arc` to the instance they start with (`load_full`) and keep it until
@@ -10,8 +10,8 @@
 //! ```text
 //!   prepare(kind, cfg) ──▶ Instance (built and checked, not yet visible)
 //!   swap(Instance)     ──▶ previous Instance      (atomic; requests see the new one)
-//!   retire(previous)   ──▶ background drain, then close
-//!   discard(Instance)  ──▶ close now (never served)
+//!   retire(previous)   ──▶ background drain, then close (also for an
+//!                          instance a rollback takes out again)
 //! ```
 
 pub mod database;
@@ -174,14 +174,7 @@ impl Components {
             },
             ComponentKind::Redis => match config.redis_enabled() {
                 None => Instance::Redis(None),
-                Some(r) => {
-                    let pool = RedisPool::build(r)?;
-                    if let Err(e) = pool.ping().await {
-                        pool.close();
-                        return Err(e);
-                    }
-                    Instance::Redis(Some(Arc::new(pool)))
-                }
+                Some(r) => Instance::Redis(Some(Arc::new(RedisPool::connect(r).await?))),
             },
             ComponentKind::Llm => Instance::Llm(config.llm.as_ref().map(LlmClient::new).transpose()?.map(Arc::new)),
             ComponentKind::Metrics => Instance::Metrics(Arc::new(config.metrics.clone())),
@@ -208,12 +201,6 @@ impl Components {
             // the last one finishes. Logger and metrics hold no resources.
             _ => {}
         }
-    }
-
-    /// Closes an instance that never served (prepared, then not used, or
-    /// swapped out again by a rollback).
-    pub(crate) fn discard(&self, instance: Instance) {
-        self.retire(instance)
     }
 
     /// Health of the live instance of `kind`.

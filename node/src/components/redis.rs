@@ -40,6 +40,16 @@ impl RedisPool {
         Ok(Self { pool, timeout: cfg.timeout.0, secrets })
     }
 
+    /// Builds a pool and proves it works with `PING` (closed again if not).
+    pub(crate) async fn connect(cfg: &RedisConfig) -> Result<Self, String> {
+        let pool = Self::build(cfg)?;
+        if let Err(e) = pool.ping().await {
+            pool.close();
+            return Err(e);
+        }
+        Ok(pool)
+    }
+
     /// A pooled connection.
     pub async fn get(&self) -> Result<Connection, String> {
         self.pool.get().await.map_err(|e| format!("redis: {}", scrub(&e.to_string(), &self.secrets)))

@@ -42,15 +42,12 @@ pub struct Cfg {
     pub format: &'static str,
     pub db_url: String,
     pub max_conns: u32,
-    pub min_conns: u32,
     pub redis_url: String,
     pub pool_size: u32,
     pub llm: Option<(String, String)>,
     pub metrics_enabled: bool,
     pub labels: Vec<(String, String)>,
     pub ttl: &'static str,
-    pub port: u16,
-    pub profile: &'static str,
 }
 
 impl Cfg {
@@ -60,22 +57,19 @@ impl Cfg {
             format: "text",
             db_url: database_url(),
             max_conns: 5,
-            min_conns: 1,
             redis_url: redis_url(),
             pool_size: 4,
             llm: None,
             metrics_enabled: true,
             labels: vec![],
             ttl: "30s",
-            port: 8080,
-            profile: "standard",
         }
     }
 
     pub fn yaml(&self) -> String {
         let mut s = format!(
-            "log:\n  level: {}\n  format: {}\nprofile: {}\nserver:\n  host: 127.0.0.1\n  port: {}\ncache:\n  ttl: {}\nmetrics:\n  enabled: {}\n",
-            self.level, self.format, self.profile, self.port, self.ttl, self.metrics_enabled
+            "log:\n  level: {}\n  format: {}\nprofile: standard\nserver:\n  host: 127.0.0.1\n  port: 8080\ncache:\n  ttl: {}\nmetrics:\n  enabled: {}\n",
+            self.level, self.format, self.ttl, self.metrics_enabled
         );
         if !self.labels.is_empty() {
             s.push_str("  labels:\n");
@@ -85,8 +79,8 @@ impl Cfg {
         }
         if !self.db_url.is_empty() {
             s.push_str(&format!(
-                "database:\n  url: \"{}\"\n  max_conns: {}\n  min_conns: {}\n  acquire_timeout: 2s\n  idle_timeout: 1m\n",
-                self.db_url, self.max_conns, self.min_conns
+                "database:\n  url: \"{}\"\n  max_conns: {}\n  min_conns: 1\n  acquire_timeout: 2s\n  idle_timeout: 1m\n",
+                self.db_url, self.max_conns
             ));
         }
         if !self.redis_url.is_empty() {
@@ -159,8 +153,12 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_on(free_port())
+    }
+
+    /// On `port` (a restart on the port a killed one left).
+    pub fn start_on(port: u16) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -187,16 +185,6 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// A child process killed (and reaped) when the guard drops.
-pub struct ChildGuard(pub Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

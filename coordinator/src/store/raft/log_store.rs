@@ -27,10 +27,6 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-fn any(e: impl std::fmt::Display) -> AnyError {
-    AnyError::error(e.to_string())
-}
-
 /// Log and vote storage (cheap to clone: one shared database).
 #[derive(Clone)]
 pub(crate) struct LogStore {
@@ -50,12 +46,7 @@ impl LogStore {
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AnyError> {
-        let tx = self.db.begin_read().map_err(any)?;
-        let t = tx.open_table(META).map_err(any)?;
-        match t.get(key).map_err(any)? {
-            Some(v) => Ok(Some(postcard::from_bytes(v.value()).map_err(any)?)),
-            None => Ok(None),
-        }
+        meta(&self.db.begin_read().map_err(AnyError::error)?, key)
     }
 
     /// Runs one durable write transaction on the blocking pool.
@@ -65,18 +56,18 @@ impl LogStore {
     {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(any)?;
+            let tx = db.begin_write().map_err(AnyError::error)?;
             f(&tx)?;
-            tx.commit().map_err(any)
+            tx.commit().map_err(AnyError::error)
         })
         .await
-        .map_err(any)?
+        .map_err(AnyError::error)?
     }
 
     async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), AnyError> {
-        let bytes = postcard::to_allocvec(value).map_err(any)?;
+        let bytes = postcard::to_allocvec(value).map_err(AnyError::error)?;
         self.write(move |tx| {
-            tx.open_table(META).map_err(any)?.insert(key, bytes.as_slice()).map_err(any)?;
+            tx.open_table(META).map_err(AnyError::error)?.insert(key, bytes.as_slice()).map_err(AnyError::error)?;
             Ok(())
         })
         .await
@@ -84,11 +75,22 @@ impl LogStore {
 
     /// Whether nothing was ever stored (a pristine replica).
     pub(crate) fn is_pristine(&self) -> Result<bool, String> {
-        let tx = self.db.begin_read().map_err(|e| e.to_string())?;
-        let log = tx.open_table(LOG).map_err(|e| e.to_string())?;
-        let vote: Option<Vote<NodeId>> = self.get_meta("vote").map_err(|e| e.to_string())?;
-        let purged: Option<LogId<NodeId>> = self.get_meta("purged").map_err(|e| e.to_string())?;
-        Ok(log.is_empty().map_err(|e| e.to_string())? && vote.is_none() && purged.is_none())
+        let read = || -> Result<bool, AnyError> {
+            let tx = self.db.begin_read().map_err(AnyError::error)?;
+            let vote: Option<Vote<NodeId>> = meta(&tx, "vote")?;
+            let purged: Option<LogId<NodeId>> = meta(&tx, "purged")?;
+            let empty = tx.open_table(LOG).map_err(AnyError::error)?.is_empty().map_err(AnyError::error)?;
+            Ok(empty && vote.is_none() && purged.is_none())
+        };
+        read().map_err(|e| e.to_string())
+    }
+}
+
+/// One value of the `meta` table, read in `tx`.
+fn meta<T: DeserializeOwned>(tx: &redb::ReadTransaction, key: &str) -> Result<Option<T>, AnyError> {
+    match tx.open_table(META).map_err(AnyError::error)?.get(key).map_err(AnyError::error)? {
+        Some(v) => Ok(Some(postcard::from_bytes(v.value()).map_err(AnyError::error)?)),
+        None => Ok(None),
     }
 }
 
@@ -98,12 +100,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry>> {
         let read = || -> Result<Vec<Entry>, AnyError> {
-            let tx = self.db.begin_read().map_err(any)?;
-            let t = tx.open_table(LOG).map_err(any)?;
+            let tx = self.db.begin_read().map_err(AnyError::error)?;
+            let t = tx.open_table(LOG).map_err(AnyError::error)?;
             let mut out = Vec::new();
-            for item in t.range::<u64>(range.clone()).map_err(any)? {
-                let (_, v) = item.map_err(any)?;
-                out.push(postcard::from_bytes(v.value()).map_err(any)?);
+            for item in t.range::<u64>(range.clone()).map_err(AnyError::error)? {
+                let (_, v) = item.map_err(AnyError::error)?;
+                out.push(postcard::from_bytes(v.value()).map_err(AnyError::error)?);
             }
             Ok(out)
         };
@@ -116,11 +118,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let read = || -> Result<LogState<TypeConfig>, AnyError> {
-            let purged: Option<LogId<NodeId>> = self.get_meta("purged")?;
-            let tx = self.db.begin_read().map_err(any)?;
-            let t = tx.open_table(LOG).map_err(any)?;
-            let last = match t.last().map_err(any)? {
-                Some((_, v)) => Some(postcard::from_bytes::<Entry>(v.value()).map_err(any)?.log_id),
+            let tx = self.db.begin_read().map_err(AnyError::error)?;
+            let purged: Option<LogId<NodeId>> = meta(&tx, "purged")?;
+            let t = tx.open_table(LOG).map_err(AnyError::error)?;
+            let last = match t.last().map_err(AnyError::error)? {
+                Some((_, v)) => Some(postcard::from_bytes::<Entry>(v.value()).map_err(AnyError::error)?.log_id),
                 None => None,
             };
             Ok(LogState { last_purged_log_id: purged, last_log_id: last.or(purged) })
@@ -155,13 +157,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         for e in entries {
-            rows.push((e.log_id.index, postcard::to_allocvec(&e).map_err(|e| StorageIOError::write_logs(any(e)))?));
+            rows.push((
+                e.log_id.index,
+                postcard::to_allocvec(&e).map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?,
+            ));
         }
         let r = self
             .write(move |tx| {
-                let mut t = tx.open_table(LOG).map_err(any)?;
+                let mut t = tx.open_table(LOG).map_err(AnyError::error)?;
                 for (i, bytes) in &rows {
-                    t.insert(*i, bytes.as_slice()).map_err(any)?;
+                    t.insert(*i, bytes.as_slice()).map_err(AnyError::error)?;
                 }
                 Ok(())
             })
@@ -181,7 +186,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let from = log_id.index;
         self.write(move |tx| {
-            tx.open_table(LOG).map_err(any)?.retain_in(from.., |_, _| false).map_err(any)?;
+            tx.open_table(LOG).map_err(AnyError::error)?.retain_in(from.., |_, _| false).map_err(AnyError::error)?;
             Ok(())
         })
         .await
@@ -189,11 +194,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let bytes = postcard::to_allocvec(&log_id).map_err(|e| StorageIOError::write_logs(any(e)))?;
+        let bytes = postcard::to_allocvec(&log_id).map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
         let upto = log_id.index;
         self.write(move |tx| {
-            tx.open_table(META).map_err(any)?.insert("purged", bytes.as_slice()).map_err(any)?;
-            tx.open_table(LOG).map_err(any)?.retain_in(..=upto, |_, _| false).map_err(any)?;
+            tx.open_table(META)
+                .map_err(AnyError::error)?
+                .insert("purged", bytes.as_slice())
+                .map_err(AnyError::error)?;
+            tx.open_table(LOG).map_err(AnyError::error)?.retain_in(..=upto, |_, _| false).map_err(AnyError::error)?;
             Ok(())
         })
         .await

@@ -39,7 +39,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{FutureExt, future::BoxFuture};
 use openraft::{
     BasicNode, Config, ServerState, SnapshotPolicy,
     error::{ClientWriteError, RaftError},
@@ -50,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Cond, Entry as KvEntry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent,
-    WatchStream,
+    WatchStream, now_ms,
     raft_sm::{Command, FenceSpec, Proposal, Reply},
 };
 
@@ -64,7 +63,6 @@ openraft::declare_raft_types!(
 
 pub(crate) type Entry = openraft::Entry<TypeConfig>;
 pub(crate) type OpenRaft = openraft::Raft<TypeConfig>;
-pub(crate) type ProposeFn = Arc<dyn Fn(Proposal) -> BoxFuture<'static, Result<Reply, ProposeError>> + Send + Sync>;
 
 /// Why a proposal did not commit.
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
@@ -119,17 +117,20 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     Ok(out)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Commits `p` on this replica if it leads, stamped with its clock.
-async fn write_local(raft: &OpenRaft, mut p: Proposal) -> Result<Reply, ProposeError> {
-    p.at_ms = now_ms();
-    match raft.client_write(p).await {
+/// Commits `cmd` on this replica if it leads, stamped with its clock.
+async fn write_local(raft: &OpenRaft, cmd: Command) -> Result<Reply, ProposeError> {
+    match raft.client_write(Proposal { at_ms: now_ms(), cmd }).await {
         Ok(r) => Ok(r.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader(f.leader_id)),
         Err(e) => Err(ProposeError::Failed(e.to_string())),
+    }
+}
+
+/// What a reply that does not answer `cmd` means: the fence failed, or a bug.
+fn unexpected(cmd: &str, r: Reply) -> StoreError {
+    match r {
+        Reply::FencedOut => StoreError::FencedOut("the term or the lock is gone".into()),
+        r => StoreError::Unavailable(format!("unexpected reply to {cmd}: {r:?}")),
     }
 }
 
@@ -188,12 +189,7 @@ impl RaftStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("raft did not start: {e}")))?;
 
-        let r = raft.clone();
-        let propose: ProposeFn = Arc::new(move |p| {
-            let r = r.clone();
-            async move { write_local(&r, p).await }.boxed()
-        });
-        let svc = network::server(network::RaftServiceImpl { raft: raft.clone(), propose });
+        let svc = network::server(network::RaftServiceImpl { raft: raft.clone() });
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let incoming = confroll_node::net::nodelay_incoming(listener);
@@ -234,11 +230,6 @@ impl RaftStore {
         Ok(store)
     }
 
-    /// Raft metrics (leader, term, log indexes) for status and tests.
-    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, Node> {
-        self.raft.metrics().borrow().clone()
-    }
-
     /// The leader proposes `Expire` whenever a lease ran out.
     async fn expire_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let every = (self.lease_ttl / 8).max(Duration::from_millis(100));
@@ -253,7 +244,7 @@ impl RaftStore {
             };
             if due
                 && self.raft.metrics().borrow().current_leader == Some(self.id)
-                && let Err(e) = write_local(&self.raft, Proposal { at_ms: 0, cmd: Command::Expire }).await
+                && let Err(e) = write_local(&self.raft, Command::Expire).await
             {
                 tracing::debug!(error = %e, "expire not committed");
             }
@@ -274,9 +265,9 @@ impl RaftStore {
         Ok(c)
     }
 
-    async fn forward(&self, leader: NodeId, p: &Proposal) -> Result<Reply, ProposeError> {
+    async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Reply, ProposeError> {
         let mut c = self.client(leader)?;
-        let frame = network::encode(p).map_err(|s| ProposeError::Failed(s.message().into()))?;
+        let frame = network::encode(cmd).map_err(|s| ProposeError::Failed(s.message().into()))?;
         let mut req = tonic::Request::new(frame);
         req.set_timeout(Duration::from_secs(5));
         match c.propose(req).await {
@@ -290,11 +281,10 @@ impl RaftStore {
 
     /// Commits `cmd` through the leader (this replica or, forwarded, another).
     async fn propose(&self, cmd: Command) -> Result<Reply, StoreError> {
-        let p = Proposal { at_ms: 0, cmd };
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let r = match write_local(&self.raft, p.clone()).await {
-                Err(ProposeError::NotLeader(Some(l))) if l != self.id => self.forward(l, &p).await,
+            let r = match write_local(&self.raft, cmd.clone()).await {
+                Err(ProposeError::NotLeader(Some(l))) if l != self.id => self.forward(l, &cmd).await,
                 other => other,
             };
             match r {
@@ -305,13 +295,6 @@ impl RaftStore {
                 }
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             }
-        }
-    }
-
-    fn fenced(reply: Reply) -> Result<Reply, StoreError> {
-        match reply {
-            Reply::FencedOut => Err(StoreError::FencedOut("the term or the lock is gone".into())),
-            r => Ok(r),
         }
     }
 
@@ -355,10 +338,6 @@ impl RaftStore {
 
 #[async_trait::async_trait]
 impl Store for RaftStore {
-    fn backend(&self) -> &'static str {
-        "raft"
-    }
-
     async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
         let mut m = self.raft.metrics();
         loop {
@@ -373,7 +352,7 @@ impl Store for RaftStore {
             }
             let raft_term = m.borrow().current_term;
             // Only ever committed by this replica as raft leader: never forwarded.
-            let lead = Proposal { at_ms: 0, cmd: Command::Lead { member: me.clone(), node: self.id } };
+            let lead = Command::Lead { member: me.clone(), node: self.id };
             match write_local(&self.raft, lead).await {
                 Ok(Reply::Led { token }) => {
                     let lost = CancellationToken::new();
@@ -381,7 +360,7 @@ impl Store for RaftStore {
                     tracing::info!(token, raft_term, "leading (raft)");
                     return Ok(Some(Term { token, lost, handle: TermHandle::Raft }));
                 }
-                Ok(r) => return Err(StoreError::Unavailable(format!("unexpected reply to Lead: {r:?}"))),
+                Ok(r) => return Err(unexpected("Lead", r)),
                 Err(e) => {
                     tracing::debug!(error = %e, "Lead not committed; campaigning on");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -391,7 +370,7 @@ impl Store for RaftStore {
     }
 
     async fn resign(&self, term: &Term) -> Result<(), StoreError> {
-        let r = write_local(&self.raft, Proposal { at_ms: 0, cmd: Command::Resign { term_token: term.token } }).await;
+        let r = write_local(&self.raft, Command::Resign { term_token: term.token }).await;
         term.lost.cancel();
         r.map(|_| ()).map_err(|e| StoreError::Unavailable(e.to_string()))
     }
@@ -420,12 +399,17 @@ impl Store for RaftStore {
             .collect())
     }
 
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let st = self.shared.state.read().expect("state");
+        Ok(st.sm.kv.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect())
+    }
+
     async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
         let fence =
             fence.map(|f| FenceSpec { term_token: f.term.token, lock: f.lock.map(|l| (l.name.clone(), l.token)) });
-        match Self::fenced(self.propose(Command::Txn { fence, conds, ops }).await?)? {
+        match self.propose(Command::Txn { fence, conds, ops }).await? {
             Reply::Txn(ok) => Ok(ok),
-            r => Err(StoreError::Unavailable(format!("unexpected reply to Txn: {r:?}"))),
+            r => Err(unexpected("Txn", r)),
         }
     }
 
@@ -453,10 +437,10 @@ impl Store for RaftStore {
 
     async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {
         let cmd = Command::TryLock { term_token: term.token, name: name.to_owned(), holder: holder.to_vec() };
-        match Self::fenced(self.propose(cmd).await?)? {
+        match self.propose(cmd).await? {
             Reply::Locked { token } => Ok(LockAttempt::Acquired(Lock { name: name.to_owned(), token })),
             Reply::Held(h) => Ok(LockAttempt::Held(h)),
-            r => Err(StoreError::Unavailable(format!("unexpected reply to TryLock: {r:?}"))),
+            r => Err(unexpected("TryLock", r)),
         }
     }
 
@@ -468,7 +452,7 @@ impl Store for RaftStore {
         let cmd = Command::Register { key: key.to_owned(), value: value.to_vec(), ttl_ms: ttl.as_millis() as u64 };
         match self.propose(cmd).await? {
             Reply::Registered { lease } => Ok(lease),
-            r => Err(StoreError::Unavailable(format!("unexpected reply to Register: {r:?}"))),
+            r => Err(unexpected("Register", r)),
         }
     }
 
@@ -476,7 +460,7 @@ impl Store for RaftStore {
         let cmd = Command::Refresh { lease: id, key: key.to_owned(), value: value.map(<[u8]>::to_vec) };
         match self.propose(cmd).await? {
             Reply::Refreshed(ok) => Ok(ok),
-            r => Err(StoreError::Unavailable(format!("unexpected reply to Refresh: {r:?}"))),
+            r => Err(unexpected("Refresh", r)),
         }
     }
 }

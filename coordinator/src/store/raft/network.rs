@@ -31,7 +31,7 @@ use tonic::{
 };
 
 use super::{Node, NodeId, OpenRaft, ProposeError, TypeConfig};
-use crate::store::raft_sm::{Proposal, Reply};
+use crate::store::raft_sm::{Command, Reply};
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Frame, Status> {
     postcard::to_allocvec(v).map(|data| Frame { data }).map_err(|e| Status::internal(format!("encode: {e}")))
@@ -72,24 +72,20 @@ pub(crate) struct Conn {
     client: Result<RaftClient<Channel>, AnyError>,
 }
 
-#[derive(Debug)]
-struct Transport(String);
+type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
 
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// The call could not be made or answered in a form we understand.
+fn network<E: std::error::Error>(m: impl ToString) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+    RPCError::Network(NetworkError::new(&AnyError::error(m)))
 }
 
-impl std::error::Error for Transport {}
+/// The peer did not answer: openraft backs off from it.
+fn unreachable<E: std::error::Error>(m: impl ToString) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+    RPCError::Unreachable(Unreachable::new(&AnyError::error(m)))
+}
 
 impl Conn {
-    async fn call<Req, Resp, E>(
-        &mut self,
-        req: &Req,
-        ttl: Duration,
-        which: Rpc,
-    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
+    async fn call<Req, Resp, E>(&mut self, req: &Req, ttl: Duration, which: Rpc) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -97,18 +93,17 @@ impl Conn {
     {
         let c = match &self.client {
             Ok(c) => c.clone(),
-            Err(e) => return Err(RPCError::Network(NetworkError::new(&Transport(e.to_string())))),
+            Err(e) => return Err(network(e)),
         };
-        let frame = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.message().into()))))?;
+        let frame = encode(req).map_err(|s| network(s.message()))?;
         let mut r = Request::new(frame);
         r.set_timeout(ttl);
         let resp = match tokio::time::timeout(ttl, which(c, r)).await {
-            Err(_) => return Err(RPCError::Unreachable(Unreachable::new(&Transport("timed out".into())))),
-            Ok(Err(s)) => return Err(RPCError::Unreachable(Unreachable::new(&Transport(s.message().into())))),
+            Err(_) => return Err(unreachable("timed out")),
+            Ok(Err(s)) => return Err(unreachable(s.message())),
             Ok(Ok(r)) => r.into_inner(),
         };
-        let out: Result<Resp, RaftError<NodeId, E>> =
-            decode(&resp).map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.message().into()))))?;
+        let out: Result<Resp, RaftError<NodeId, E>> = decode(&resp).map_err(|s| network(s.message()))?;
         out.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -142,7 +137,6 @@ impl RaftNetwork<TypeConfig> for Conn {
 /// Serves the raft port: openraft's RPCs and proposals forwarded by followers.
 pub(crate) struct RaftServiceImpl {
     pub(crate) raft: OpenRaft,
-    pub(crate) propose: super::ProposeFn,
 }
 
 #[tonic::async_trait]
@@ -163,8 +157,8 @@ impl RaftRpc for RaftServiceImpl {
     }
 
     async fn propose(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
-        let p: Proposal = decode(req.get_ref())?;
-        let out: Result<Reply, ProposeError> = (self.propose)(p).await;
+        let cmd: Command = decode(req.get_ref())?;
+        let out: Result<Reply, ProposeError> = super::write_local(&self.raft, cmd).await;
         Ok(Response::new(encode(&out)?))
     }
 }

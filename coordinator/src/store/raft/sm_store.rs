@@ -62,10 +62,6 @@ pub(crate) struct SmStore {
     dir: PathBuf,
 }
 
-fn any(e: impl std::fmt::Display) -> AnyError {
-    AnyError::error(e.to_string())
-}
-
 impl SmStore {
     /// Opens the state machine at the last snapshot in `dir`, if any.
     pub(crate) fn open(dir: &Path) -> Result<Self, String> {
@@ -84,26 +80,35 @@ impl SmStore {
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, AnyError> {
         match std::fs::read(self.path()) {
-            Ok(b) => Ok(Some(postcard::from_bytes(&b).map_err(any)?)),
+            Ok(b) => Ok(Some(postcard::from_bytes(&b).map_err(AnyError::error)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(any(e)),
+            Err(e) => Err(AnyError::error(e)),
         }
     }
 
     /// Writes the snapshot file durably: temp file, fsync, rename, fsync dir.
     fn write_snapshot(&self, s: &StoredSnapshot) -> Result<(), AnyError> {
-        let bytes = postcard::to_allocvec(s).map_err(any)?;
+        let bytes = postcard::to_allocvec(s).map_err(AnyError::error)?;
         let tmp = self.dir.join("snapshot.bin.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(any)?;
-        f.write_all(&bytes).map_err(any)?;
-        f.sync_all().map_err(any)?;
-        std::fs::rename(&tmp, self.path()).map_err(any)?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(any)?;
+        let mut f = std::fs::File::create(&tmp).map_err(AnyError::error)?;
+        f.write_all(&bytes).map_err(AnyError::error)?;
+        f.sync_all().map_err(AnyError::error)?;
+        std::fs::rename(&tmp, self.path()).map_err(AnyError::error)?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(AnyError::error)?;
         Ok(())
     }
 
+    /// Writes `s` on the blocking pool and hands it back.
+    async fn persist(&self, s: StoredSnapshot) -> StorageResult<StoredSnapshot> {
+        let (me, sig) = (self.clone(), s.meta.signature());
+        tokio::task::spawn_blocking(move || me.write_snapshot(&s).map(|()| s))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), AnyError::error(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig), e).into())
+    }
+
     fn load(&self, s: &StoredSnapshot) -> Result<(), AnyError> {
-        let sm: StateMachine = postcard::from_bytes(&s.data).map_err(any)?;
+        let sm: StateMachine = postcard::from_bytes(&s.data).map_err(AnyError::error)?;
         let mut st = self.shared.state.write().expect("state lock");
         *st = Applied { sm, last_applied: s.meta.last_log_id, membership: s.meta.last_membership.clone() };
         Ok(())
@@ -114,7 +119,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let (data, last, membership) = {
             let st = self.shared.state.read().expect("state lock");
-            let data = postcard::to_allocvec(&st.sm).map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+            let data =
+                postcard::to_allocvec(&st.sm).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)))?;
             (data, st.last_applied, st.membership.clone())
         };
         let id = match last {
@@ -122,13 +128,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SmStore {
             None => "empty".to_owned(),
         };
         let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.write_snapshot(&stored))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let s = self.persist(StoredSnapshot { meta, data }).await?;
+        Ok(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) })
     }
 }
 
@@ -187,19 +188,19 @@ impl RaftStateMachine<TypeConfig> for SmStore {
     ) -> StorageResult<()> {
         let stored = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
         self.load(&stored).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), e))?;
-        let me = self.clone();
-        let sig = meta.signature();
-        tokio::task::spawn_blocking(move || me.write_snapshot(&stored))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig), e))?;
+        self.persist(stored).await?;
         // Watchers cannot know what the snapshot changed: re-read.
         let _ = self.shared.events.send(WatchEvent::Reset);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let s = self.read_snapshot().map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        // A whole file read and decode: off the state machine's task.
+        let me = self.clone();
+        let s = tokio::task::spawn_blocking(move || me.read_snapshot())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::error(e)))?
+            .map_err(|e| StorageIOError::read_snapshot(None, e))?;
         Ok(s.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
