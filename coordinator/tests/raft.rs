@@ -28,7 +28,8 @@ async fn all_three_replicas_restart_with_history_intact_after_log_compaction() {
     let mut cl = Cluster::start_with(Backing::raft(3), 3, 2, &lite(30), &extra).await;
     let client = cl.coords[0].client().await;
     for ttl in [41, 42, 43, 44] {
-        client.clone().submit_config(submit_req(&lite(ttl), "0s")).await.unwrap();
+        // Right after an election the new leader may still be taking office.
+        submit_until_accepted(&client, submit_req(&lite(ttl), "0s")).await;
         assert_eq!(wait_rollout_done(&cl.coords[0], Duration::from_secs(30)).await.state, "SUCCEEDED");
     }
     let before = history(&client).await;

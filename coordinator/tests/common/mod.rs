@@ -448,8 +448,10 @@ impl Cluster {
 
     /// Submits `content` with no bake and waits until it is rolled out.
     pub async fn rolled_out(&self, content: &str) -> CoordinatorClient<Channel> {
-        let mut client = self.coords[0].client().await;
-        client.submit_config(submit_req(content, "0s")).await.unwrap();
+        let client = self.coords[0].client().await;
+        // Right after start the elected leader may still be taking office
+        // ("leadership is changing hands; retry shortly").
+        submit_until_accepted(&client, submit_req(content, "0s")).await;
         let done = wait_rollout_done(&self.coords[0], Duration::from_secs(30)).await;
         assert_eq!(done.state, "SUCCEEDED", "{done:?}");
         client
