@@ -27,11 +27,16 @@ use std::{
 };
 
 use anyhow::Context;
-use common::{ChildGuard, Etcd, free_port, redis_server, wait_for_port};
+use common::{Backing, ChildGuard, Etcd, free_port, redis_server, submit_until_accepted, wait_for_port};
 use confroll_coordinator::{
     model::{NodeRecord, now_rfc3339},
     replica::{Replica, ReplicaOptions},
-    store::{Store, etcd::EtcdStore, now_ms},
+    store::{
+        Store,
+        etcd::EtcdStore,
+        now_ms,
+        raft::{RaftOptions, RaftStore},
+    },
 };
 use confroll_node::{Node, NodeOptions};
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
@@ -168,58 +173,97 @@ fn submit(service: &str, content: String, stages: &[&str], bake: &str, interval:
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--list") {
-        return Ok(());
-    }
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    // CONFROLL_BENCH_SIZES=100,1000 narrows a profiling run.
-    let sizes: Vec<usize> = match std::env::var("CONFROLL_BENCH_SIZES") {
-        Ok(s) => s.split(',').map(|n| n.trim().parse()).collect::<Result<_, _>>().context("CONFROLL_BENCH_SIZES")?,
-        Err(_) if smoke => vec![10],
-        Err(_) => vec![10, 100, 1000],
-    };
-    let dir = tempfile::tempdir()?;
-    let etcd = Etcd::start();
-    let endpoint = etcd.endpoint.clone();
+/// The store under the in-process coordinator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Etcd,
+    Raft,
+}
 
-    // 1. Floor, on one shared connection and on one connection per watcher.
-    let (mut floors, mut floors_own) = (Vec::new(), Vec::new());
-    for &n in &sizes {
-        let iters = if smoke {
-            3
-        } else if n >= 1000 {
-            30
-        } else {
-            50
-        };
-        floors.push(stats(floor(&endpoint, n, iters, true).await?));
-        floors_own.push(stats(floor(&endpoint, n, iters, false).await?));
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Etcd => "etcd",
+            Backend::Raft => "raft",
+        }
     }
+}
 
-    // 2. Rollouts through an in-process coordinator.
-    let store: Arc<dyn Store> =
-        Arc::new(EtcdStore::connect(std::slice::from_ref(&endpoint), Duration::from_secs(2)).await?);
-    let mut opts = ReplicaOptions::new("bench-c1", "127.0.0.1:0");
+fn replica_options(id: &str, addr: std::net::SocketAddr) -> ReplicaOptions {
+    let mut opts = ReplicaOptions::new(id, addr.to_string());
     opts.registration_ttl = Duration::from_secs(3600);
     opts.reconcile_interval = Duration::from_secs(3600);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    opts.address = addr.to_string();
-    let replica = Replica::new(opts, store);
-    let stop = CancellationToken::new();
-    tokio::spawn(confroll_coordinator::service::run(replica.clone(), None, l, stop.clone().cancelled_owned()));
-    tokio::spawn(replica.clone().run(stop.clone()));
-    while replica.term().is_none() {
+    opts
+}
+
+/// In-process coordinator replicas on `backend`, serving gRPC on loopback:
+/// one on etcd; three on the raft store, each replica with its own raft
+/// group member (log fsynced in `dir`), as three coordinator processes would
+/// be. Returns the leader's replica and address.
+async fn coordinators(
+    backend: Backend,
+    etcd: &str,
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Replica, std::net::SocketAddr)> {
+    let ttl = Duration::from_secs(2);
+    let stores: Vec<Arc<dyn Store>> = match backend {
+        Backend::Etcd => vec![Arc::new(EtcdStore::connect(&[etcd.to_owned()], ttl).await?)],
+        Backend::Raft => {
+            let mut listeners = Vec::new();
+            for _ in 0..3 {
+                listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+            }
+            let peers = listeners.iter().enumerate().map(|(i, l)| Ok((i as u64 + 1, l.local_addr()?.to_string())));
+            let peers: std::collections::BTreeMap<u64, String> = peers.collect::<anyhow::Result<_>>()?;
+            let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+            for (i, l) in listeners.into_iter().enumerate() {
+                let opts = RaftOptions {
+                    id: i as u64 + 1,
+                    peers: peers.clone(),
+                    data_dir: dir.join(format!("bench-raft-{}", i + 1)),
+                    lease_ttl: ttl,
+                    snapshot_every: 1000,
+                };
+                stores.push(RaftStore::start(opts, l, stop.clone()).await?);
+            }
+            stores
+        }
+    };
+    let mut replicas = Vec::new();
+    for (i, store) in stores.into_iter().enumerate() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let replica = Replica::new(replica_options(&format!("bench-{}-c{}", backend.name(), i + 1), addr), store);
+        tokio::spawn(confroll_coordinator::service::run(replica.clone(), None, l, stop.clone().cancelled_owned()));
+        tokio::spawn(replica.clone().run(stop.clone()));
+        replicas.push((replica, addr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((r, a)) = replicas.iter().find(|(r, _)| r.term().is_some()) {
+            return Ok((r.clone(), *a));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no {} leader within 30 s", backend.name());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Rollout samples of one backend: (N, label, from sent, from accepted).
+type Rows = Vec<(usize, &'static str, (f64, f64), (f64, f64))>;
+
+async fn bench_rollouts(
+    replica: &Replica,
+    addr: std::net::SocketAddr,
+    sizes: &[usize],
+    smoke: bool,
+) -> anyhow::Result<Rows> {
     let mut client = CoordinatorClient::connect(format!("http://{addr}")).await?.max_decoding_message_size(8 << 20);
     let mut rows = Vec::new();
     let mut ttl = 1000u64;
-    for &n in &sizes {
+    for &n in sizes {
         let service = format!("bench-{n}");
-        let f = fleet(&replica, &service, n, &lite(1)).await?;
+        let f = fleet(replica, &service, n, &lite(1)).await?;
         client.submit_config(submit(&service, lite(ttl), &["100%"], "0s", "10ms")).await?;
         ttl += 1;
         wait_done(&mut client, &service).await;
@@ -252,63 +296,142 @@ async fn main() -> anyhow::Result<()> {
         }
         f.shutdown.cancel();
     }
+    Ok(rows)
+}
 
-    // 3. Failed health → every node back.
-    let rollback = match (std::env::var("CONFROLL_TEST_DATABASE_URL"), std::env::var("CONFROLL_TEST_REDIS_URL")) {
-        (Ok(db), Ok(redis)) => {
-            let (n, iters) = if smoke { (10, 1) } else { (100, 5) };
-            Some(bench_rollback(&replica, &mut client, &db, &redis, n, iters).await?)
-        }
-        _ => None,
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    // CONFROLL_BENCH_SIZES=100,1000 narrows a profiling run.
+    let sizes: Vec<usize> = match std::env::var("CONFROLL_BENCH_SIZES") {
+        Ok(s) => s.split(',').map(|n| n.trim().parse()).collect::<Result<_, _>>().context("CONFROLL_BENCH_SIZES")?,
+        Err(_) if smoke => vec![10],
+        Err(_) => vec![10, 100, 1000],
     };
-    stop.cancel();
+    // CONFROLL_BENCH_BACKENDS=raft narrows it to one store.
+    let backends: Vec<Backend> = match std::env::var("CONFROLL_BENCH_BACKENDS").as_deref() {
+        Ok("etcd") => vec![Backend::Etcd],
+        Ok("raft") => vec![Backend::Raft],
+        _ => vec![Backend::Etcd, Backend::Raft],
+    };
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint.clone();
 
-    // 4. Leader SIGKILL → a survivor accepts writes.
-    let failover = bench_failover(&endpoint, dir.path(), if smoke { 1 } else { 5 }).await?;
+    // 1. Floor, on one shared connection and on one connection per watcher.
+    let (mut floors, mut floors_own) = (Vec::new(), Vec::new());
+    for &n in &sizes {
+        let iters = if smoke {
+            3
+        } else if n >= 1000 {
+            30
+        } else {
+            50
+        };
+        floors.push(stats(floor(&endpoint, n, iters, true).await?));
+        floors_own.push(stats(floor(&endpoint, n, iters, false).await?));
+    }
 
-    println!("\nconfroll rollout benchmark (etcd backend; milliseconds)\n");
+    // 2. Rollouts and 3. rollback, through in-process coordinators on each store.
+    let mut rows = Vec::new();
+    let mut rollbacks = Vec::new();
+    for &b in &backends {
+        let stop = CancellationToken::new();
+        let (replica, addr) = coordinators(b, &endpoint, dir.path(), &stop).await?;
+        for r in bench_rollouts(&replica, addr, &sizes, smoke).await? {
+            rows.push((b, r));
+        }
+        if let (Ok(db), Ok(redis)) =
+            (std::env::var("CONFROLL_TEST_DATABASE_URL"), std::env::var("CONFROLL_TEST_REDIS_URL"))
+        {
+            let (n, iters) = if smoke { (10, 1) } else { (100, 5) };
+            let mut client = CoordinatorClient::connect(format!("http://{addr}")).await?;
+            rollbacks.push((b, bench_rollback(&replica, &mut client, &db, &redis, n, iters).await?));
+        }
+        stop.cancel();
+        // Let the replicas resign and the raft servers close before the next phase.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // 4. Leader SIGKILL → a survivor accepts writes, three processes per store.
+    let mut failovers = Vec::new();
+    for &b in &backends {
+        let iters = if smoke { 1 } else { 5 };
+        let sample = match b {
+            Backend::Etcd => {
+                let etcd_args = |_: &str| -> Vec<String> {
+                    vec!["--store".into(), "etcd".into(), "--etcd-endpoints".into(), endpoint.clone()]
+                };
+                bench_failover(&etcd_args, dir.path(), iters).await?
+            }
+            Backend::Raft => {
+                let raft = Backing::raft(3);
+                bench_failover(&|id: &str| raft.args(id), dir.path(), iters).await?
+            }
+        };
+        failovers.push((b, sample));
+    }
+
+    println!("\nconfroll rollout benchmark (milliseconds; the floors are etcd's, as the goal defines them)\n");
     println!("Rollout from SubmitConfig accepted (version stored) to every node running it:\n");
     println!(
-        "| N | floor A: put → N watch streams on 1 connection (p50 / p99) | floor B: put → N watchers, 1 connection each (p50 / p99) | 1 stage (p50 / p99) | 4 stages (p50 / p99) | ÷ floor A: 1 stage / 4 stages | ÷ floor B: 1 stage / 4 stages |"
+        "| store | N | floor A: put → N watch streams on 1 connection (p50 / p99) | floor B: put → N watchers, 1 connection each (p50 / p99) | 1 stage (p50 / p99) | 4 stages (p50 / p99) | ÷ floor A: 1 stage / 4 stages | ÷ floor B: 1 stage / 4 stages |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for (i, &n) in sizes.iter().enumerate() {
-        let (f50, f99) = floors[i];
-        let (g50, g99) = floors_own[i];
-        let one = rows.iter().find(|r| r.0 == n && r.1 == "1 stage").unwrap().3;
-        let four = rows.iter().find(|r| r.0 == n && r.1 == "4 stages").unwrap().3;
-        println!(
-            "| {n} | {f50:.2} / {f99:.2} | {g50:.2} / {g99:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
-            one.0,
-            one.1,
-            four.0,
-            four.1,
-            one.0 / f50,
-            four.0 / f50,
-            one.0 / g50,
-            four.0 / g50
-        );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let row = |b: Backend, n: usize, label: &str| {
+        rows.iter().find(|(rb, r)| *rb == b && r.0 == n && r.1 == label).map(|(_, r)| *r)
+    };
+    for &b in &backends {
+        for (i, &n) in sizes.iter().enumerate() {
+            let (f50, f99) = floors[i];
+            let (g50, g99) = floors_own[i];
+            let one = row(b, n, "1 stage").context("row")?.3;
+            let four = row(b, n, "4 stages").context("row")?.3;
+            println!(
+                "| {} | {n} | {f50:.2} / {f99:.2} | {g50:.2} / {g99:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} |",
+                b.name(),
+                one.0,
+                one.1,
+                four.0,
+                four.1,
+                one.0 / f50,
+                four.0 / f50,
+                one.0 / g50,
+                four.0 / g50
+            );
+        }
     }
     println!(
         "\nThe same rollouts timed from the request being sent (parse, schema, node dry run, lock and version write included):\n"
     );
-    println!("| N | 1 stage (p50 / p99) | 4 stages (p50 / p99) |");
-    println!("|---:|---:|---:|");
-    for &n in &sizes {
-        let one = rows.iter().find(|r| r.0 == n && r.1 == "1 stage").unwrap().2;
-        let four = rows.iter().find(|r| r.0 == n && r.1 == "4 stages").unwrap().2;
-        println!("| {n} | {:.1} / {:.1} | {:.1} / {:.1} |", one.0, one.1, four.0, four.1);
+    println!("| store | N | 1 stage (p50 / p99) | 4 stages (p50 / p99) |");
+    println!("|---|---:|---:|---:|");
+    for &b in &backends {
+        for &n in &sizes {
+            let one = row(b, n, "1 stage").context("row")?.2;
+            let four = row(b, n, "4 stages").context("row")?.2;
+            println!("| {} | {n} | {:.1} / {:.1} | {:.1} / {:.1} |", b.name(), one.0, one.1, four.0, four.1);
+        }
     }
-    match rollback {
-        Some((n, (p50, p99))) => println!(
-            "\nfailed health seen → all {n} nodes back on the old version: p50 {p50:.1} ms, p99 {p99:.1} ms (goal ≤ 100 ms)"
-        ),
-        None => println!("\nrollback timing skipped: CONFROLL_TEST_DATABASE_URL / CONFROLL_TEST_REDIS_URL not set"),
+    println!();
+    if rollbacks.is_empty() {
+        println!("rollback timing skipped: CONFROLL_TEST_DATABASE_URL / CONFROLL_TEST_REDIS_URL not set");
     }
-    let (f50, f99) = failover;
-    println!(
-        "leader SIGKILL → a survivor accepts a write: p50 {f50:.0} ms, p99 {f99:.0} ms (lease TTL 2000 ms; goal ≤ 3000 ms)"
-    );
+    for (b, (n, (p50, p99))) in &rollbacks {
+        println!(
+            "{}: failed health seen → all {n} nodes back on the old version: p50 {p50:.1} ms, p99 {p99:.1} ms (goal ≤ 100 ms)",
+            b.name()
+        );
+    }
+    for (b, (f50, f99)) in &failovers {
+        println!(
+            "{}: leader SIGKILL → a survivor accepts a write: p50 {f50:.0} ms, p99 {f99:.0} ms (lease TTL 2000 ms; goal ≤ 3000 ms)",
+            b.name()
+        );
+    }
     if smoke {
         println!("(smoke run without --bench: N = 10 only, few iterations, debug build; run `bash scripts/bench.sh`)");
     }
@@ -354,22 +477,18 @@ async fn bench_rollback(
     Ok((n, stats(samples)))
 }
 
-async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> anyhow::Result<(f64, f64)> {
+async fn bench_failover(
+    store_args: &dyn Fn(&str) -> Vec<String>,
+    dir: &std::path::Path,
+    iters: usize,
+) -> anyhow::Result<(f64, f64)> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_confroll-coordinator"));
     let spawn = |id: &str, port: u16| -> anyhow::Result<ChildGuard> {
-        let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("failover-{id}.log")))?;
         Ok(ChildGuard(
             Command::new(&bin)
-                .args([
-                    "--id",
-                    id,
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--store",
-                    "etcd",
-                    "--etcd-endpoints",
-                    endpoint,
-                ])
+                .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
+                .args(store_args(id))
                 .args(["--lease-ttl", "2s"])
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -379,25 +498,28 @@ async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> 
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut procs: Vec<Option<ChildGuard>> = Vec::new();
     for (i, p) in ports.iter().enumerate() {
-        procs.push(Some(spawn(&format!("f{i}"), *p)?));
+        procs.push(Some(spawn(&format!("c{}", i + 1), *p)?));
+    }
+    for p in &ports {
         wait_for_port(*p, Duration::from_secs(20), "coordinator");
     }
     let mut samples = Vec::new();
     for it in 0..iters {
-        let leader = loop {
-            let mut c = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[it % 3])).await?;
-            let s = c.get_status(pb::GetStatusRequest::default()).await?.into_inner();
-            // Until one of these three leads (the in-process replica of the
-            // earlier phases may still be handing over).
-            if let Some(Ok(i)) = s.leader_id.strip_prefix('f').map(str::parse::<usize>) {
-                break i;
+        let idx = loop {
+            if let Ok(mut c) = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[it % 3])).await
+                && let Ok(s) = c.get_status(pb::GetStatusRequest::default()).await
+                // Until one of these three leads (an in-process replica of the
+                // earlier phases may still be handing over on etcd).
+                && let Some(Ok(i)) = s.into_inner().leader_id.strip_prefix('c').map(str::parse::<usize>)
+            {
+                break i - 1;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let idx = leader;
         // The leader accepts writes before it is killed.
-        let mut lc = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[idx])).await?;
-        lc.submit_config(submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms")).await?;
+        let lc = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[idx])).await?;
+        let first = submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms");
+        submit_until_accepted(&lc, first).await;
         procs[idx] = None; // SIGKILL
         let t0 = Instant::now();
         let survivors: Vec<u16> = ports.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, p)| *p).collect();
@@ -413,7 +535,7 @@ async fn bench_failover(endpoint: &str, dir: &std::path::Path, iters: usize) -> 
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         samples.push(t0.elapsed().as_secs_f64() * 1000.0);
-        procs[idx] = Some(spawn(&format!("f{idx}"), ports[idx])?);
+        procs[idx] = Some(spawn(&format!("c{}", idx + 1), ports[idx])?);
         wait_for_port(ports[idx], Duration::from_secs(20), "coordinator");
     }
     Ok(stats(samples))

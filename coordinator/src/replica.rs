@@ -184,6 +184,10 @@ struct Inner {
     metrics: CoordinatorMetrics,
     /// Set while this replica leads.
     term: ArcSwapOption<Term>,
+    /// Woken when this replica takes office, so a request that arrives
+    /// between the store electing it and `term` being set can wait instead
+    /// of failing.
+    took_office: tokio::sync::Notify,
     /// Running rollout drivers, by service (leader only).
     drivers: std::sync::Mutex<HashMap<String, DriverHandle>>,
     /// JSON Schema of the node config (`confroll-node schema`).
@@ -228,6 +232,7 @@ impl Replica {
                 agents: Agents::default(),
                 metrics,
                 term: ArcSwapOption::empty(),
+                took_office: tokio::sync::Notify::new(),
                 drivers: Default::default(),
                 schema,
                 reg_writes: Default::default(),
@@ -262,6 +267,21 @@ impl Replica {
         self.inner.term.load_full().filter(|t| !t.lost.is_cancelled())
     }
 
+    /// Waits up to `within` for this replica to take office; the term, if it did.
+    pub async fn await_office(&self, within: Duration) -> Option<Arc<Term>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Registered before the check, so a wake-up in between is not lost.
+            let woken = self.inner.took_office.notified();
+            if let Some(t) = self.term() {
+                return Some(t);
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return self.term();
+            }
+        }
+    }
+
     /// The leader, as the store says.
     pub async fn leader(&self) -> Result<Option<Member>, ApiError> {
         Ok(self.inner.store.leader().await?)
@@ -285,6 +305,7 @@ impl Replica {
             };
             tracing::info!(replica = %me.id, token = term.token, "elected leader");
             self.inner.term.store(Some(Arc::new(term.clone())));
+            self.inner.took_office.notify_waiters();
             self.inner.metrics.is_leader.set(1);
             tokio::spawn(self.clone().lead(term.clone()));
             tokio::select! {

@@ -76,23 +76,17 @@ impl CoordinatorServiceImpl {
         }
     }
 
-    async fn leader_client(&self) -> Result<(CoordinatorClient<tonic::transport::Channel>, Member), Status> {
-        let leader = self
-            .replica
-            .leader()
-            .await?
-            .ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?;
+    async fn leader_client(&self, leader: &Member) -> Result<CoordinatorClient<tonic::transport::Channel>, Status> {
         let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
         let ep = net::endpoint(&format!("{scheme}://{}", leader.address), self.tls_ca.as_deref())
             .map_err(|e| Status::internal(format!("leader endpoint: {e}")))?;
         let ch = ep
             .connect()
             .await
-            .map_err(|e| with_leader_hint(Status::unavailable(format!("leader unreachable: {e}")), &leader))?;
-        let client = CoordinatorClient::new(ch)
+            .map_err(|e| with_leader_hint(Status::unavailable(format!("leader unreachable: {e}")), leader))?;
+        Ok(CoordinatorClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok((client, leader))
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 }
 
@@ -135,19 +129,41 @@ fn forward_request<T>(mut req: Request<T>) -> Request<T> {
     req
 }
 
+/// How long a write waits for this replica to take office when the store
+/// already names it leader (its term is being set up). Well under a client's
+/// patience; a new leader takes office within milliseconds.
+const OFFICE_WAIT: Duration = Duration::from_secs(2);
+
 /// Runs `local` when this replica leads, else forwards with `remote`.
 macro_rules! on_leader {
     ($self:ident, $req:ident, $local:expr, $remote:ident) => {{
+        let mut leader = None;
+        if $self.replica.term().is_none() {
+            // The store may already name this replica while it takes office.
+            let l = $self.replica.leader().await?;
+            if l.as_ref().is_some_and(|l| l.id == $self.replica.id()) {
+                $self.replica.await_office(OFFICE_WAIT).await;
+            }
+            leader = l;
+        }
         if $self.replica.term().is_some() {
             match $local.await {
-                Err(ApiError::NotLeader(_)) => {}
+                Err(ApiError::NotLeader(l)) => leader = l,
                 other => return other.map(Response::new).map_err(to_status),
             }
         }
-        let (mut client, leader) = $self.leader_client().await?;
+        let leader = match leader {
+            Some(l) => l,
+            None => $self
+                .replica
+                .leader()
+                .await?
+                .ok_or_else(|| Status::unavailable("no leader is elected right now; retry shortly"))?,
+        };
         if leader.id == $self.replica.id() {
             return Err(Status::unavailable("leadership is changing hands; retry shortly"));
         }
+        let mut client = $self.leader_client(&leader).await?;
         client
             .$remote(forward_request($req))
             .await

@@ -146,6 +146,11 @@ pub struct LlmConfig {
     /// Retries after a connection error or a 5xx answer (0..=10).
     #[serde(default = "default_retries")]
     pub max_retries: u32,
+    /// The service cannot work without the endpoint: when true, a failed
+    /// health check of it makes the node unhealthy and rolls a reload back,
+    /// as for the database. When false (the default) the node runs degraded.
+    #[serde(default)]
+    pub required: bool,
 }
 
 fn default_llm_timeout() -> Dur {

@@ -481,7 +481,7 @@ impl Node {
             .map(|(k, r)| ComponentHealth {
                 component: k.as_str(),
                 healthy: r.is_ok(),
-                critical: k.is_critical(),
+                critical: k.is_critical_in(&live.config),
                 error: r.err(),
             })
             .collect();
@@ -583,8 +583,7 @@ impl Node {
                 }
                 let same_bytes = run.sha.as_deref() == Some(prev.sha256.as_str());
                 let unchanged = same_bytes && version.is_none_or(|v| v == prev.version);
-                let critical =
-                    ComponentKind::ALL.into_iter().filter(|k| k.is_critical() && k.enabled_in(cfg)).collect();
+                let critical = ComponentKind::ALL.into_iter().filter(|k| k.is_critical_in(cfg)).collect();
                 Some(Event::Diffed(Ok(DiffSummary { unchanged, affected: d.affected, critical })))
             }
             Command::Apply => {

@@ -16,11 +16,12 @@
 //! roll back, what "degraded" means) be unit-tested without sockets or sleeps.
 //!
 //! Failure policy:
-//! * a critical component (database, redis) that fails to prepare, or fails
+//! * a critical component (database, redis; the llm with `required: true`,
+//!   see [`ComponentKind::is_critical_in`]) that fails to prepare, or fails
 //!   the health check after the swap, rolls the node back: the previous config
 //!   is stored again and every component swapped by this reload gets its
 //!   previous instance back;
-//! * a non-critical component (logger, llm, metrics) that fails keeps its
+//! * a non-critical component (logger, metrics, an optional llm) that fails keeps its
 //!   previous instance and settings; the new config stays applied and the
 //!   reload ends `degraded`, with the failure in the report and in
 //!   `confroll_config_reload_errors_total{type="component"}`.
@@ -89,7 +90,8 @@ pub struct DiffSummary {
     pub unchanged: bool,
     /// Components to rebuild.
     pub affected: Vec<ComponentKind>,
-    /// Critical components enabled in the candidate (always health-checked).
+    /// Components the candidate makes critical (always health-checked; a
+    /// failure of one rolls the run back).
     pub critical: Vec<ComponentKind>,
 }
 
@@ -310,12 +312,13 @@ impl Machine {
     fn on_prepared(&mut self, mut results: Vec<(ComponentKind, Result<(), String>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
         let ok: Vec<ComponentKind> = results.iter().filter(|(_, r)| r.is_ok()).map(|(k, _)| *k).collect();
-        let critical_failure =
-            results.iter().find_map(|(k, r)| r.as_ref().err().filter(|_| k.is_critical()).map(|e| (*k, e.clone())));
+        let critical_failure = results
+            .iter()
+            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.clone())));
         for (k, r) in &results {
             if let Err(e) = r {
                 self.statuses.insert(*k, ComponentStatus::Failed(e.clone()));
-                if !k.is_critical() {
+                if !self.critical.contains(k) {
                     self.degraded.push((*k, e.clone()));
                 }
             }
@@ -352,8 +355,9 @@ impl Machine {
 
     fn on_checked(&mut self, mut results: Vec<(ComponentKind, Result<(), String>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
-        let critical_failure =
-            results.iter().find_map(|(k, r)| r.as_ref().err().filter(|_| k.is_critical()).map(|e| (*k, e.clone())));
+        let critical_failure = results
+            .iter()
+            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.clone())));
         if let Some((component, error)) = critical_failure {
             for k in &self.committed {
                 self.statuses.insert(*k, ComponentStatus::RolledBack);
@@ -520,6 +524,30 @@ mod tests {
         assert_eq!(
             cmds,
             vec![Command::Retire(vec![Llm]), Command::Finish(Outcome::Applied { degraded: vec![(Llm, "503".into())] })]
+        );
+    }
+
+    #[test]
+    fn a_required_llm_that_fails_health_rolls_back() {
+        let (mut m, _) = Machine::start();
+        to_diff(&mut m);
+        // `llm.required: true` puts the LLM among the critical components.
+        m.step(Event::Diffed(Ok(DiffSummary { unchanged: false, affected: vec![Llm], critical: vec![Llm] })));
+        assert_eq!(
+            m.step(Event::Prepared(vec![(Llm, Ok(()))])),
+            vec![Command::Commit(vec![Llm]), Command::CheckHealth(vec![Llm])]
+        );
+        let cmds = m.step(Event::Checked(vec![(Llm, Err("connection refused".into()))]));
+        assert_eq!(
+            cmds,
+            vec![
+                Command::RollBack(vec![Llm]),
+                Command::Finish(Outcome::RolledBack {
+                    reason: RollbackReason::Health,
+                    component: Llm,
+                    error: "connection refused".into()
+                })
+            ]
         );
     }
 

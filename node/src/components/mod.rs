@@ -81,9 +81,16 @@ impl ComponentKind {
         }
     }
 
-    /// A failure of a critical component rolls the node back.
-    pub fn is_critical(self) -> bool {
-        matches!(self, ComponentKind::Database | ComponentKind::Redis)
+    /// Whether `config` makes this component critical: enabled, and the node
+    /// cannot serve without it. A critical component that fails rolls the
+    /// reload back and makes the node unhealthy. The database and Redis always
+    /// are; the LLM endpoint is when its section says `required: true`.
+    pub fn is_critical_in(self, config: &Config) -> bool {
+        match self {
+            ComponentKind::Database | ComponentKind::Redis => self.enabled_in(config),
+            ComponentKind::Llm => config.llm.as_ref().is_some_and(|l| l.required),
+            ComponentKind::Logger | ComponentKind::Metrics => false,
+        }
     }
 
     /// Whether `config` runs this component at all.

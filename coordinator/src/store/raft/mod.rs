@@ -172,12 +172,15 @@ impl RaftStore {
         let ttl = opts.lease_ttl.as_millis().max(300) as u64;
         let config = Config {
             cluster_name: "confroll".into(),
-            heartbeat_interval: (ttl / 10).max(50),
-            // Elections start TTL/2..TTL after the last heartbeat; a leader
-            // steps down after TTL/4 without a quorum ack (see `monitor`), so
-            // it has stopped before any successor can be elected.
-            election_timeout_min: ttl / 2,
-            election_timeout_max: ttl,
+            heartbeat_interval: (ttl / 20).max(15),
+            // openraft grants a vote only once the voter has heard no leader
+            // for `election_timeout_max` (its leader lease), so a first
+            // candidacy TTL/4..TTL/2 after the last heartbeat is refused and
+            // the next one wins: failover takes TTL/2..TTL. A leader steps
+            // down after TTL/4 without a quorum ack (see `monitor`), so it
+            // has stopped before any successor can be elected.
+            election_timeout_min: ttl / 4,
+            election_timeout_max: ttl / 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every.max(2)),
             max_in_snapshot_log_to_keep: (opts.snapshot_every / 10).max(1),
             ..Default::default()

@@ -3,8 +3,11 @@
 //! ```text
 //! confroll [-c URL,…] [--token-file F] [-o text|json] submit FILE [--watch] [--dry-run] [--stages 1,50%] [--bake 5s]
 //! confroll validate FILE | status | versions | diff FROM TO | rollback VERSION | abort | watch
+//! confroll demo [--once]     # the whole system on loopback (see demo.rs)
 //! ```
 #![allow(clippy::print_stdout)]
+
+mod demo;
 
 use std::path::PathBuf;
 
@@ -98,6 +101,14 @@ enum Cmd {
     Policy {
         #[command(flatten)]
         policy: PolicyArgs,
+    },
+    /// Run 3 coordinators (embedded raft store) and 5 nodes on loopback and
+    /// walk through a rollout, a rolled-back bad config and a leader kill.
+    /// Needs nothing but the build; Ctrl-C stops everything and removes it.
+    Demo {
+        /// Run the story once and exit: 0 only if every step behaved as shown.
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -206,6 +217,9 @@ async fn submit(ctx: &mut Ctx, req: pb::SubmitConfigRequest) -> anyhow::Result<p
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Demo { once } = cli.cmd {
+        return demo::run(once).await;
+    }
     let token = cli.token_file.as_deref().map(read_text).transpose()?.map(|t| t.trim().to_owned());
     let ca = cli.tls_ca.as_deref().map(read).transpose()?;
     let mut ctx = Ctx {
@@ -285,6 +299,7 @@ async fn run() -> anyhow::Result<()> {
             ctx.print(&r, || println!("abort requested for rollout {}", r.rollout_id));
         }
         Cmd::Watch => return follow(&mut ctx, "").await,
+        Cmd::Demo { .. } => unreachable!("handled before connecting"),
         Cmd::Policy { policy } => {
             let req = pb::SetServicePolicyRequest { service: ctx.service.clone(), policy: Some(policy.into()) };
             let r = ctx.client.set_service_policy(ctx.req(req)).await.map_err(status_err)?.into_inner();
@@ -313,20 +328,7 @@ async fn follow(ctx: &mut Ctx, rollout_id: &str) -> anyhow::Result<()> {
         if !rollout_id.is_empty() && r.id != rollout_id {
             continue;
         }
-        ctx.print(&ev, || {
-            let done = if r.state == "RUNNING" { r.stage_nodes.min(r.applied_nodes) } else { r.applied_nodes };
-            let width = 20usize;
-            let filled = if r.total_nodes == 0 { width } else { (done as usize * width) / r.total_nodes as usize };
-            println!(
-                "[{}{}] {:<12} stage {}/{}  {}",
-                "#".repeat(filled),
-                "-".repeat(width - filled.min(width)),
-                r.state,
-                (r.stage + 1).min(r.stages.max(1)),
-                r.stages,
-                ev.summary
-            );
-        });
+        ctx.print(&ev, || println!("{}", event_line(r, &ev.summary)));
         last_state = r.state.clone();
     }
     match last_state.as_str() {
@@ -334,6 +336,23 @@ async fn follow(ctx: &mut Ctx, rollout_id: &str) -> anyhow::Result<()> {
         "" => bail!("no rollout to watch"),
         s => bail!("rollout ended {s}"),
     }
+}
+
+/// One progress line of a rollout: a bar of the nodes that applied, the
+/// state, the stage and the coordinator's summary.
+fn event_line(r: &pb::RolloutInfo, summary: &str) -> String {
+    let done = if r.state == "RUNNING" { r.stage_nodes.min(r.applied_nodes) } else { r.applied_nodes };
+    let width = 20usize;
+    let filled = if r.total_nodes == 0 { width } else { (done as usize * width) / r.total_nodes as usize };
+    format!(
+        "[{}{}] {:<12} stage {}/{}  {}",
+        "#".repeat(filled.min(width)),
+        "-".repeat(width - filled.min(width)),
+        r.state,
+        (r.stage + 1).min(r.stages.max(1)),
+        r.stages,
+        summary
+    )
 }
 
 fn print_submit(r: &pb::SubmitConfigResponse) {

@@ -1,0 +1,644 @@
+//! `confroll demo [--once]`: the whole system on loopback, nothing else installed.
+//!
+//! ```text
+//!                  spawns                        raft (own group, tonic)
+//!  confroll demo ─────────▶ c1 ◀──────▶ c2 ◀──────▶ c3   confroll-coordinator --store raft
+//!       │   gRPC (submit,     ▲  register, heartbeat  ▲
+//!       │   watch, status)    │  push (Apply, fenced) ▼
+//!       └─────────────────▶ n1 n2 n3 n4 n5               confroll-node, profile: lite
+//! ```
+//!
+//! The story, each step checked before the next one starts:
+//! 1. the cluster comes up: a leader is elected, the five nodes register;
+//! 2. a good config rolls out stage by stage (1 node, 25 %, 50 %, 100 %);
+//! 3. a bad config (it requires an LLM endpoint that is down) fails health on
+//!    the canary and the whole cluster rolls back; history says ROLLED_BACK;
+//! 4. the leader is SIGKILLed; another replica takes over and rolls out the
+//!    next version; the killed one restarts from its data dir and catches up.
+//!
+//! Every process is a child of the demo. They are killed and reaped, and the
+//! temporary directory (logs, raft data, node state) is removed, on every way
+//! out: the story ends with `--once`, a step fails, Ctrl-C or SIGTERM.
+//! Progress goes to stdout: this is a terminal program, not a service.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient};
+use tokio::{
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
+};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// Coordinator replicas.
+const REPLICAS: usize = 3;
+/// Nodes of the `default` service.
+const NODES: usize = 5;
+/// Leader lease: a killed leader is replaced within about this long.
+const LEASE_TTL: &str = "2s";
+/// Bake per stage: long enough to watch, short enough to wait for.
+const BAKE: &str = "1s";
+/// Bound on each step's waits; a step that takes longer fails the demo.
+const STEP: Duration = Duration::from_secs(30);
+/// Ports are drawn from here: below Linux's ephemeral range (32768+), so an
+/// outgoing connection cannot take a port between the check and the bind.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// Runs the demo. With `once`, returns after the story (error if a step
+/// misbehaved); otherwise keeps everything running until Ctrl-C or SIGTERM.
+pub(crate) async fn run(once: bool) -> anyhow::Result<()> {
+    let bins = Bins::locate()?;
+    let mut demo = Demo::new(bins)?;
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let outcome = tokio::select! {
+        r = demo.story() => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+    };
+    let result = match outcome {
+        None => {
+            println!("\ninterrupted: stopping every process");
+            Ok(())
+        }
+        Some(Err(e)) => {
+            println!("\nDEMO FAILED: {e:#}");
+            demo.print_logs();
+            Err(anyhow::anyhow!("the demo failed: {e:#}"))
+        }
+        Some(Ok(())) if once => {
+            println!("\ndemo OK: every step behaved as shown");
+            Ok(())
+        }
+        Some(Ok(())) => {
+            println!("\nEverything keeps running; try the commands above. Ctrl-C stops it all and removes the data.");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            println!("\nstopping every process");
+            Ok(())
+        }
+    };
+    let dir = demo.dir.path().to_path_buf();
+    demo.shutdown().await;
+    println!("stopped {} processes; removed {}", REPLICAS + NODES, dir.display());
+    result
+}
+
+/// The two server binaries, built next to this one by `cargo build`.
+struct Bins {
+    coordinator: PathBuf,
+    node: PathBuf,
+}
+
+impl Bins {
+    fn locate() -> anyhow::Result<Bins> {
+        let exe = std::env::current_exe().context("locate the confroll binary")?;
+        let dir = exe.parent().context("the confroll binary has no directory")?;
+        let find = |name: &str| {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!(
+                    "{} not found next to {} (build every binary first: `cargo build --bins`)",
+                    p.display(),
+                    exe.display()
+                )
+            }
+        };
+        Ok(Bins { coordinator: find("confroll-coordinator")?, node: find("confroll-node")? })
+    }
+}
+
+/// A child process with its log file.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    pid: u32,
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Proc> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            // Backstop: a child handle dropped on any path kills the process.
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {name} ({})", program.display()))?;
+        let pid = child.id().unwrap_or_default();
+        Ok(Proc { name: name.to_owned(), child: Some(child), log, pid })
+    }
+
+    /// Waits until `port` accepts connections; fails early if the process exits.
+    async fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("{} exited ({status}) before listening on {port}", self.name);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {port} within {STEP:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL and reap.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// One coordinator replica.
+struct Replica {
+    n: usize,
+    api: u16,
+    http: u16,
+    args: Vec<String>,
+    proc: Proc,
+}
+
+impl Replica {
+    fn id(&self) -> String {
+        format!("c{}", self.n)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api)
+    }
+}
+
+/// One node.
+struct Node {
+    id: String,
+    http: u16,
+    agent: u16,
+    proc: Proc,
+}
+
+/// Everything the demo started. Owns the temporary directory.
+struct Demo {
+    bins: Bins,
+    dir: tempfile::TempDir,
+    replicas: Vec<Replica>,
+    nodes: Vec<Node>,
+    taken: Vec<u16>,
+}
+
+impl Demo {
+    fn new(bins: Bins) -> anyhow::Result<Demo> {
+        let dir =
+            tempfile::Builder::new().prefix("confroll-demo.").tempdir().context("create a temporary directory")?;
+        Ok(Demo { bins, dir, replicas: Vec::new(), nodes: Vec::new(), taken: Vec::new() })
+    }
+
+    /// A free loopback port in [`PORTS`], distinct from the ones already taken.
+    fn port(&mut self) -> anyhow::Result<u16> {
+        for _ in 0..1000 {
+            let p = rand::random_range(PORTS);
+            if !self.taken.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                self.taken.push(p);
+                return Ok(p);
+            }
+        }
+        bail!("no free loopback port in {PORTS:?}")
+    }
+
+    async fn shutdown(mut self) {
+        for r in &mut self.replicas {
+            r.proc.kill().await;
+        }
+        for n in &mut self.nodes {
+            n.proc.kill().await;
+        }
+        // `self.dir` is removed when dropped here, after every process is gone.
+    }
+
+    fn print_logs(&self) {
+        let procs = self.replicas.iter().map(|r| &r.proc).chain(self.nodes.iter().map(|n| &n.proc));
+        for p in procs {
+            println!("--- {} log (last 15 lines)\n{}", p.name, p.tail(15));
+        }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.replicas.iter().filter(|r| r.proc.child.is_some()).map(Replica::url).collect()
+    }
+
+    async fn story(&mut self) -> anyhow::Result<()> {
+        self.start_cluster().await?;
+        let v1 = self.good_rollout().await?;
+        self.bad_rollout(v1).await?;
+        self.leader_killed(v1).await?;
+        self.print_endpoints();
+        Ok(())
+    }
+
+    async fn start_cluster(&mut self) -> anyhow::Result<()> {
+        step(1, "Start 3 coordinators (their own raft group: no etcd) and 5 nodes (profile: lite)");
+        println!("   data, logs and raft state live in {} (removed on exit)", self.dir.path().display());
+        let raft: Vec<u16> = (0..REPLICAS).map(|_| self.port()).collect::<anyhow::Result<_>>()?;
+        let peers: Vec<String> = raft.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect();
+        for n in 1..=REPLICAS {
+            let (api, http) = (self.port()?, self.port()?);
+            let data = self.dir.path().join(format!("c{n}"));
+            let args: Vec<String> = [
+                "--id",
+                &format!("c{n}"),
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--http-listen",
+                &format!("127.0.0.1:{http}"),
+                "--store",
+                "raft",
+                "--raft-id",
+                &n.to_string(),
+                "--raft-peers",
+                &peers.join(","),
+                "--data-dir",
+                &data.display().to_string(),
+                "--lease-ttl",
+                LEASE_TTL,
+                "--default-bake",
+                BAKE,
+                "--default-health-interval",
+                "200ms",
+                "--registration-ttl",
+                "3s",
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            let log = self.dir.path().join(format!("c{n}.log"));
+            let proc = Proc::spawn(&format!("c{n}"), &self.bins.coordinator, &args, log)?;
+            println!(
+                "   c{n}  api 127.0.0.1:{api}  raft 127.0.0.1:{}  metrics http://127.0.0.1:{http}/metrics  (pid {})",
+                raft[n - 1],
+                proc.pid
+            );
+            self.replicas.push(Replica { n, api, http, args, proc });
+        }
+        for r in &mut self.replicas {
+            r.proc.wait_listening(r.api).await?;
+        }
+        let started = Instant::now();
+        let leader = self.leader(None).await?;
+        println!("   leader elected: {} ({:.1} s after the replicas listened)", leader.0, secs(started.elapsed()));
+
+        let config = self.dir.path().join("node.yaml");
+        std::fs::write(&config, "profile: lite\ncache: {ttl: 30s}\n").context("write the nodes' first config")?;
+        let urls = self.urls().join(",");
+        for k in 1..=NODES {
+            let id = format!("n{k}");
+            let (http, agent) = (self.port()?, self.port()?);
+            let args: Vec<String> = vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--id".into(),
+                id.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{http}"),
+                "--agent-listen".into(),
+                format!("127.0.0.1:{agent}"),
+                "--state-dir".into(),
+                self.dir.path().join(format!("{id}.state")).display().to_string(),
+                "--coordinator".into(),
+                urls.clone(),
+                "--no-watch".into(),
+            ];
+            let log = self.dir.path().join(format!("{id}.log"));
+            let proc = Proc::spawn(&id, &self.bins.node, &args, log)?;
+            println!("   {id}  http://127.0.0.1:{http}  agent 127.0.0.1:{agent}  (pid {})", proc.pid);
+            self.nodes.push(Node { id, http, agent, proc });
+        }
+        for n in &mut self.nodes {
+            n.proc.wait_listening(n.http).await?;
+        }
+        let mut client = self.client().await?;
+        let deadline = Instant::now() + STEP;
+        loop {
+            let s = client.get_status(pb::GetStatusRequest::default()).await.map(|r| r.into_inner());
+            if let Ok(s) = s
+                && s.nodes.len() == NODES
+            {
+                println!("   all {NODES} nodes registered with the coordinators");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the {NODES} nodes did not all register within {STEP:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn good_rollout(&mut self) -> anyhow::Result<u64> {
+        step(2, "A good config rolls out stage by stage: 1 node, 25%, 50%, 100%, each baked 1 s");
+        let content = "profile: lite\nlog: {level: info}\ncache: {ttl: 45s}\nmetrics: {labels: {env: demo}}\n";
+        let r = self.submit(content, "raise the cache ttl to 45s").await?;
+        let done = self.follow(&r.rollout_id).await?;
+        if done.state != "SUCCEEDED" {
+            bail!("the good rollout ended {}: {}", done.state, done.reason);
+        }
+        self.expect_versions(r.version, "after the good rollout").await?;
+        Ok(r.version)
+    }
+
+    async fn bad_rollout(&mut self, good: u64) -> anyhow::Result<()> {
+        step(3, "A bad config: it requires an LLM endpoint that is down. The canary fails health; all roll back");
+        let dead = self.port()?; // reserved, never listened on
+        let content = format!(
+            "profile: lite\nlog: {{level: info}}\ncache: {{ttl: 45s}}\nmetrics: {{labels: {{env: demo}}}}\n\
+             llm: {{endpoint: 'http://127.0.0.1:{dead}/v1', model: demo-model, required: true}}\n"
+        );
+        let r = self.submit(&content, "use the new LLM gateway").await?;
+        let done = self.follow(&r.rollout_id).await?;
+        if done.state != "ROLLED_BACK" {
+            bail!("the bad rollout ended {}, expected ROLLED_BACK", done.state);
+        }
+        let canary = done.canary_order.first().cloned().unwrap_or_default();
+        if done.failing_node != canary {
+            bail!("the failing node is {:?}, expected the canary {canary:?}", done.failing_node);
+        }
+        println!("   the canary {canary} failed: {}", done.reason);
+        self.expect_versions(good, "after the rollback").await?;
+        let mut client = self.client().await?;
+        let versions = client.list_versions(pb::ListVersionsRequest::default()).await?.into_inner().versions;
+        println!("   history:");
+        for v in &versions {
+            println!("     v{}  {:<12} {}", v.version, v.state, v.message);
+        }
+        let bad = versions.iter().find(|v| v.version == r.version).context("the bad version is not in the history")?;
+        if bad.state != "ROLLED_BACK" {
+            bail!("history shows v{} as {}, expected ROLLED_BACK", bad.version, bad.state);
+        }
+        let s = client.get_status(pb::GetStatusRequest::default()).await?.into_inner();
+        if s.stable_version != good {
+            bail!(
+                "the stable version is v{}, expected v{good} (it must never move to a bad version)",
+                s.stable_version
+            );
+        }
+        println!("   the stable version never moved: v{good}");
+        Ok(())
+    }
+
+    async fn leader_killed(&mut self, stable: u64) -> anyhow::Result<()> {
+        step(4, "Kill the leader with SIGKILL (no resignation): another replica takes over");
+        let (old, _) = self.leader(None).await?;
+        let i = self.replicas.iter().position(|r| r.id() == old).context("the leader is not one of ours")?;
+        let killed = Instant::now();
+        self.replicas[i].proc.kill().await;
+        println!("   killed {old} (was pid {})", self.replicas[i].proc.pid);
+        let (new, _) = self.leader(Some(&old)).await?;
+        let content = "profile: lite\nlog: {level: info}\ncache: {ttl: 90s}\nmetrics: {labels: {env: demo}}\n";
+        let r = self.submit(content, "cache ttl 90s, under the new leader").await?;
+        println!(
+            "   {new} took over; it accepted a write {:.1} s after the kill (lease {LEASE_TTL})",
+            secs(killed.elapsed())
+        );
+        if r.version != stable + 2 {
+            bail!(
+                "the new leader assigned v{}, expected v{} (versions continue across leaders)",
+                r.version,
+                stable + 2
+            );
+        }
+        let done = self.follow(&r.rollout_id).await?;
+        if done.state != "SUCCEEDED" {
+            bail!("the rollout under the new leader ended {}: {}", done.state, done.reason);
+        }
+        self.expect_versions(r.version, "under the new leader").await?;
+
+        let rep = &mut self.replicas[i];
+        let log = rep.proc.log.clone();
+        rep.proc = Proc::spawn(&old, &self.bins.coordinator, &rep.args, log)?;
+        println!("   restarted {old} (pid {}) on its data dir: it rejoins the raft group as a follower", rep.proc.pid);
+        rep.proc.wait_listening(rep.api).await?;
+        let url = rep.url();
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Ok(mut c) = connect(&url).await
+                && let Ok(s) = c.get_status(pb::GetStatusRequest::default()).await
+                && s.get_ref().stable_version == r.version
+            {
+                let s = s.into_inner();
+                println!("   {old} caught up: it reports stable v{}, leader {}", s.stable_version, s.leader_id);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{old} did not catch up to v{} within {STEP:?}", r.version);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn print_endpoints(&self) {
+        step(5, "Point your tools at it");
+        let first = &self.replicas[0];
+        let urls = self.urls().join(",");
+        println!("   grpcurl (server reflection is on):");
+        println!("     grpcurl -plaintext 127.0.0.1:{} list", first.api);
+        println!("     grpcurl -plaintext -d '{{}}' 127.0.0.1:{} confroll.v1.Coordinator/GetStatus", first.api);
+        println!("   the CLI (any replica; writes are forwarded to the leader):");
+        println!("     target/debug/confroll -c {urls} status");
+        println!("     target/debug/confroll -c {urls} versions");
+        println!("     target/debug/confroll -c {urls} diff 1 3");
+        println!("   Prometheus scrape targets:");
+        let coords: Vec<String> = self.replicas.iter().map(|r| format!("'127.0.0.1:{}'", r.http)).collect();
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("'127.0.0.1:{}'", n.http)).collect();
+        println!("     - job_name: confroll-coordinators   # confroll_stable_version, confroll_rollout_stage, ...");
+        println!("       static_configs: [{{targets: [{}]}}]", coords.join(", "));
+        println!("     - job_name: confroll-nodes          # confroll_config_version, reload metrics, ...");
+        println!("       static_configs: [{{targets: [{}]}}]", nodes.join(", "));
+    }
+
+    /// A client of the first live replica that answers.
+    async fn client(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
+        let mut last = None;
+        for url in self.urls() {
+            match connect(&url).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no coordinator is running")))
+    }
+
+    /// Waits for a leader other than `not`; its id and address.
+    async fn leader(&self, not: Option<&str>) -> anyhow::Result<(String, String)> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            for url in self.urls() {
+                if let Ok(mut c) = connect(&url).await
+                    && let Ok(s) = c.get_status(pb::GetStatusRequest::default()).await
+                {
+                    let s = s.into_inner();
+                    if !s.leader_id.is_empty() && Some(s.leader_id.as_str()) != not {
+                        return Ok((s.leader_id, s.leader_address));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader within {STEP:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Submits through any live replica, retrying while leadership settles
+    /// (UNAVAILABLE), and prints the checks and the diff.
+    async fn submit(&self, content: &str, message: &str) -> anyhow::Result<pb::SubmitConfigResponse> {
+        let req = pb::SubmitConfigRequest {
+            content: content.to_owned(),
+            author: "demo".into(),
+            message: message.to_owned(),
+            policy: Some(pb::RolloutPolicy {
+                stages: ["1", "25%", "50%", "100%"].map(str::to_owned).to_vec(),
+                bake: Some(BAKE.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let deadline = Instant::now() + STEP;
+        loop {
+            let answer = match self.client().await {
+                Ok(mut c) => c.submit_config(req.clone()).await.map_err(|s| (s.code(), s.message().to_owned())),
+                Err(e) => Err((tonic::Code::Unavailable, e.to_string())),
+            };
+            match answer {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    println!(
+                        "   submitted \"{message}\": v{} (checks passed, diff against v{}):",
+                        r.version, r.base_version
+                    );
+                    for c in &r.diff {
+                        println!(
+                            "     {:<28} {} -> {}",
+                            c.path,
+                            c.old_value.as_deref().unwrap_or("(unset)"),
+                            c.new_value.as_deref().unwrap_or("(unset)")
+                        );
+                    }
+                    return Ok(r);
+                }
+                Err((tonic::Code::Unavailable, _)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err((code, m)) => bail!("submit refused: {code:?}: {m}"),
+            }
+        }
+    }
+
+    /// Prints the rollout's progress until it ends; its last state.
+    async fn follow(&self, rollout_id: &str) -> anyhow::Result<pb::RolloutInfo> {
+        let deadline = Instant::now() + STEP;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            // A replica may still be catching up and stream an older rollout
+            // (or end at once): reconnect until this one is seen to its end.
+            let Ok(mut c) = self.client().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            if let Ok(stream) = c.watch_rollout(pb::WatchRolloutRequest::default()).await {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(Ok(ev))) =
+                    tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), stream.next()).await
+                {
+                    let Some(r) = ev.rollout else { continue };
+                    if r.id != rollout_id {
+                        continue;
+                    }
+                    let line = super::event_line(&r, &ev.summary);
+                    if line != last {
+                        println!("   {line}");
+                        last = line;
+                    }
+                    if !matches!(r.state.as_str(), "RUNNING" | "ROLLING_BACK") {
+                        return Ok(r);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("rollout {rollout_id} did not end within {STEP:?}")
+    }
+
+    /// Asks every node itself (its agent, not the coordinator) which version
+    /// it runs; all must run `version` and be healthy.
+    async fn expect_versions(&self, version: u64, when: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let mut seen = Vec::new();
+            for n in &self.nodes {
+                let status = async {
+                    let mut a = NodeAgentClient::connect(format!("http://127.0.0.1:{}", n.agent)).await?;
+                    anyhow::Ok(a.status(pb::StatusRequest {}).await?.into_inner())
+                };
+                seen.push(match status.await {
+                    Ok(s) => (n.id.clone(), s.version, s.healthy),
+                    Err(_) => (n.id.clone(), 0, false),
+                });
+            }
+            if seen.iter().all(|(_, v, h)| *v == version && *h) {
+                let line: Vec<String> = seen.iter().map(|(id, v, _)| format!("{id}=v{v}")).collect();
+                println!("   every node reports it runs v{version}, healthy: {}", line.join(" "));
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{when}: nodes run {seen:?}, expected all on v{version} and healthy");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(CoordinatorClient::new(ch))
+}
+
+fn step(n: u32, what: &str) {
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("\n\x1b[1m== {n}. {what}\x1b[0m");
+    } else {
+        println!("\n== {n}. {what}");
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
