@@ -13,9 +13,9 @@
 //! with every call, executes the [`Action`]s in order and feeds results back
 //! as [`Input`]s. A node is pushed only once a written record lists it in
 //! `touched`, so a new leader always knows which nodes may hold the new
-//! version. Each record lists the next stage's nodes too: the runtime can
-//! write it in the background while the current stage runs, and push the
-//! next stage without waiting for a write. Its unit tests below decide every case
+//! version. The first record lists every node of the rollout: the runtime
+//! writes later records (stage progress) in the background and never waits
+//! for one before a push. Its unit tests below decide every case
 //! without a socket or a sleep.
 //!
 //! **A new leader resumes, it does not roll back.** A coordinator crash says
@@ -103,8 +103,8 @@ pub struct RolloutRecord {
     /// State.
     pub state: RolloutState,
     /// Nodes that were sent, or may be sent before the next write of this
-    /// record, the new version: the stages so far and the next one. Writing
-    /// one stage ahead takes the write off the path between stages, and a
+    /// record, the new version: every node of the rollout, from the first
+    /// record on. That takes every write off the path between stages, and a
     /// new leader still knows every node that may hold the new version.
     pub touched: BTreeSet<String>,
     /// Why it rolled back or was aborted.
@@ -251,11 +251,15 @@ impl Engine {
         &self.rec
     }
 
-    /// Records the nodes of the stage after `stage` as touched, so that the
-    /// write that starts `stage` already covers the pushes of the next one.
-    fn look_ahead(&mut self, stage: usize) {
-        let next: Vec<String> = self.stage_nodes(stage + 1).to_vec();
-        self.rec.touched.extend(next);
+    /// Records every node of the rollout as touched, so that the first write
+    /// (the one that goes out with the version) already covers every push:
+    /// no stage ever waits for a record write. The price is paid only if a
+    /// new leader resumes a rollback: it cannot know which listed nodes were
+    /// pushed and reverts them all, a no-op ("unchanged") on the ones that
+    /// never left the stable version.
+    fn look_ahead(&mut self) {
+        let all = self.rec.order.clone();
+        self.rec.touched.extend(all);
     }
 
     fn stage_nodes(&self, stage: usize) -> &[String] {
@@ -394,12 +398,12 @@ impl Engine {
     }
 
     /// Pushes the current stage's nodes from position `from` on, after a
-    /// write that lists them (and the next stage) as touched.
+    /// write that lists them (and every later stage) as touched.
     fn push_stage(&mut self, from: usize) -> Vec<Action> {
         let nodes: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
         self.rec.touched.extend(nodes.iter().cloned());
         self.live.may_hold.extend(nodes.iter().cloned());
-        self.look_ahead(self.rec.stage);
+        self.look_ahead();
         let mut a = vec![Action::Persist];
         a.extend(nodes.into_iter().map(Action::Push));
         a
@@ -694,14 +698,13 @@ mod tests {
     }
 
     #[test]
-    fn each_record_covers_the_next_stage_but_a_rollback_reverts_only_what_may_hold_it() {
+    fn the_first_record_covers_every_push_but_a_live_rollback_reverts_only_what_may_hold_it() {
         let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
         let order = e.record().order.clone();
         assert_eq!(pushes(&e.start(0)), vec![order[0].clone()]);
-        // Targets 1, 2, 4: the first record already lists stage 1's node.
-        assert_eq!(e.record().touched, order[..2].iter().cloned().collect());
+        // Targets 1, 2, 4: the first record already lists every node.
+        assert_eq!(e.record().touched, order.iter().cloned().collect());
         assert_eq!(e.step(0, ok(&order[0])), vec![Action::Persist, Action::Push(order[1].clone())]);
-        assert_eq!(e.record().touched, order.iter().cloned().collect(), "stage 2 listed before stage 1 ends");
         // A failure now reverts the two pushed nodes, not the two listed ahead.
         let a = e.step(1, Input::Applied { node: order[1].clone(), result: Err("x".into()) });
         assert_eq!(a.iter().filter(|x| matches!(x, Action::Revert(_))).count(), 2);

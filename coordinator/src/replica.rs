@@ -820,18 +820,22 @@ impl Replica {
         match self.inner.store.try_lock(term, service, rollout_id.as_bytes()).await? {
             LockAttempt::Acquired(l) => {
                 // The lock is free, but a rollout of a dead leader may wait
-                // for resumption: refuse rather than race it.
+                // for resumption. We hold its lock now: resume it at once
+                // (rather than leave it to the next reconcile pass, which
+                // this very submit could keep losing the lock to) and refuse.
                 let current = self.unlock_on_err(&l, self.rollout(service).await.map_err(Into::into)).await?;
                 if let Some(r) = current
                     && !r.state.is_terminal()
                 {
-                    let _ = self.inner.store.unlock(&l).await;
-                    return Err(ApiError::FailedPrecondition(format!(
-                        "rollout {} of version {} is {} for service `{service}`",
+                    let msg = format!(
+                        "rollout {} of version {} is {} for service `{service}` (resumed from the previous leader); wait for it or abort it",
                         r.id,
                         r.version,
                         r.state.as_str().to_lowercase()
-                    )));
+                    );
+                    tracing::info!(%service, rollout = %r.id, state = r.state.as_str(), stage = r.stage, "resuming rollout of the previous leader");
+                    self.spawn_driver(term.clone(), l, r, None);
+                    return Err(ApiError::FailedPrecondition(msg));
                 }
                 Ok(l)
             }
@@ -986,7 +990,7 @@ impl Replica {
         let (new, old, mut addresses, mut engine, mut actions) = (p.new, p.old, p.addresses, p.engine, p.actions);
         // Records are written in the background, in order, latest wins; a
         // push waits for a write only when its node is not yet listed in a
-        // written record (the engine lists the next stage ahead).
+        // written record (the engine lists every node in the first one).
         let (records, written) = self.spawn_writer(&term, &lock, p.durable);
         let mut issued = 0u64;
         loop {
