@@ -820,9 +820,9 @@ impl Replica {
         match self.inner.store.try_lock(term, service, rollout_id.as_bytes()).await? {
             LockAttempt::Acquired(l) => {
                 // The lock is free, but a rollout of a dead leader may wait
-                // for resumption. We hold its lock now: resume it at once
-                // (rather than leave it to the next reconcile pass, which
-                // this very submit could keep losing the lock to) and refuse.
+                // for resumption: resume it at once (rather than leave it to
+                // the next reconcile pass, which retrying submits like this
+                // one could keep taking the lock from) and refuse.
                 let current = self.unlock_on_err(&l, self.rollout(service).await.map_err(Into::into)).await?;
                 if let Some(r) = current
                     && !r.state.is_terminal()
@@ -833,8 +833,10 @@ impl Replica {
                         r.version,
                         r.state.as_str().to_lowercase()
                     );
-                    tracing::info!(%service, rollout = %r.id, state = r.state.as_str(), stage = r.stage, "resuming rollout of the previous leader");
-                    self.spawn_driver(term.clone(), l, r, None);
+                    // Its driver holds the lock under the rollout's own id,
+                    // which is what later refusals name.
+                    let _ = self.inner.store.unlock(&l).await;
+                    self.resume(term, service, r).await?;
                     return Err(ApiError::FailedPrecondition(msg));
                 }
                 Ok(l)
@@ -1011,9 +1013,14 @@ impl Replica {
                         return;
                     }
                     Action::Push(node) => {
-                        if !written.borrow().touched.contains(&node)
-                            && let Err(e) = Self::written_up_to(&written, issued).await
-                        {
+                        // Wait for a write only when no written record lists
+                        // the node; stop at once when a write failed for good
+                        // (nothing pushed from then on could be persisted).
+                        let must_wait = {
+                            let d = written.borrow();
+                            !d.touched.contains(&node) || d.failed.is_some()
+                        };
+                        if must_wait && let Err(e) = Self::written_up_to(&written, issued).await {
                             tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
                             return;
                         }

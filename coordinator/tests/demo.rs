@@ -1,6 +1,6 @@
 //! `confroll demo`: the story runs to its end with `--once`, and every way
-//! out (the end, Ctrl-C mid-story, SIGTERM while it idles) leaves no process
-//! and no temporary data behind.
+//! out (the end, Ctrl-C or a hangup mid-story, SIGTERM while it idles) leaves
+//! no process and no temporary data behind.
 
 mod common;
 
@@ -12,10 +12,33 @@ use std::{
     time::Duration,
 };
 
-use common::{ChildGuard, node_bin, serial};
+use common::{node_bin, serial};
+
+/// The demo process. Dropped (a failed assertion included), it is asked to
+/// stop with SIGTERM so that it stops its own children, and killed only if
+/// it does not exit in time.
+struct DemoProc(Child);
+
+impl Drop for DemoProc {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// Starts `confroll demo [args]` with stdout piped; its lines arrive on the channel.
-fn start(args: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+fn start(args: &[&str]) -> (DemoProc, mpsc::Receiver<String>) {
     node_bin(); // the demo runs the node binary from the same directory
     let mut child = Command::new(env!("CARGO_BIN_EXE_confroll"))
         .arg("demo")
@@ -34,7 +57,7 @@ fn start(args: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
             }
         }
     });
-    (ChildGuard(child), rx)
+    (DemoProc(child), rx)
 }
 
 /// What the demo said it started: its data dir and every child's pid.
@@ -149,20 +172,31 @@ async fn demo_once_tells_the_whole_story_and_exits_zero() {
     seen.assert_nothing_left();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_mid_story_stops_every_process_and_removes_the_data() {
+/// Interrupts the demo with `sig` once every process runs and the first
+/// rollout is under way; nothing may be left behind.
+async fn interrupted_mid_story(sig: &str) {
     let _serial = serial().await;
     let (mut demo, rx) = start(&[]);
     let mut seen = Seen::default();
-    // Interrupt once every process runs and the first rollout is under way.
     seen.until(&rx, "submitted", Duration::from_secs(60));
     assert_eq!(seen.pids.len(), 8);
-    signal(&demo.0, "-INT");
+    signal(&demo.0, sig);
     let status = wait_exit(&mut demo.0, Duration::from_secs(20));
     seen.drain(&rx);
     assert!(status.success(), "an interrupted demo exits cleanly: {status}\n{}", seen.text());
     assert!(seen.text().contains("interrupted"), "{}", seen.text());
     seen.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_mid_story_stops_every_process_and_removes_the_data() {
+    interrupted_mid_story("-INT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_hangup_mid_story_stops_every_process_and_removes_the_data() {
+    // The nodes treat SIGHUP as "reload"; the demo must stop them itself.
+    interrupted_mid_story("-HUP").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

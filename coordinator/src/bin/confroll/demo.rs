@@ -56,10 +56,14 @@ pub(crate) async fn run(once: bool) -> anyhow::Result<()> {
     let bins = Bins::locate()?;
     let mut demo = Demo::new(bins)?;
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    // The children run in their own process group, so a terminal's Ctrl-C
+    // or hangup reaches only the demo, which then stops them in order.
+    let mut hup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
     let outcome = tokio::select! {
         r = demo.story() => Some(r),
         _ = tokio::signal::ctrl_c() => None,
         _ = term.recv() => None,
+        _ = hup.recv() => None,
     };
     let result = match outcome {
         None => {
@@ -80,14 +84,15 @@ pub(crate) async fn run(once: bool) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
             println!("\nstopping every process");
             Ok(())
         }
     };
     let dir = demo.dir.path().to_path_buf();
-    demo.shutdown().await;
-    println!("stopped {} processes; removed {}", REPLICAS + NODES, dir.display());
+    let stopped = demo.shutdown().await;
+    println!("stopped {stopped} processes; removed {}", dir.display());
     result
 }
 
@@ -137,6 +142,9 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
+            // Own process group: signals meant for the demo (Ctrl-C, hangup)
+            // are the demo's to handle; it stops the children itself.
+            .process_group(0)
             // Backstop: a child handle dropped on any path kills the process.
             .kill_on_drop(true)
             .spawn()
@@ -208,17 +216,19 @@ struct Node {
 /// Everything the demo started. Owns the temporary directory.
 struct Demo {
     bins: Bins,
-    dir: tempfile::TempDir,
     replicas: Vec<Replica>,
     nodes: Vec<Node>,
     taken: Vec<u16>,
+    /// Declared last so that it drops last: even on a panic the children
+    /// (killed on drop) are gone before their directory is removed.
+    dir: tempfile::TempDir,
 }
 
 impl Demo {
     fn new(bins: Bins) -> anyhow::Result<Demo> {
         let dir =
             tempfile::Builder::new().prefix("confroll-demo.").tempdir().context("create a temporary directory")?;
-        Ok(Demo { bins, dir, replicas: Vec::new(), nodes: Vec::new(), taken: Vec::new() })
+        Ok(Demo { bins, replicas: Vec::new(), nodes: Vec::new(), taken: Vec::new(), dir })
     }
 
     /// A free loopback port in [`PORTS`], distinct from the ones already taken.
@@ -233,14 +243,16 @@ impl Demo {
         bail!("no free loopback port in {PORTS:?}")
     }
 
-    async fn shutdown(mut self) {
-        for r in &mut self.replicas {
-            r.proc.kill().await;
-        }
-        for n in &mut self.nodes {
-            n.proc.kill().await;
+    /// Kills and reaps every child; how many were running.
+    async fn shutdown(mut self) -> usize {
+        let mut stopped = 0;
+        let procs = self.replicas.iter_mut().map(|r| &mut r.proc).chain(self.nodes.iter_mut().map(|n| &mut n.proc));
+        for p in procs {
+            stopped += usize::from(p.child.is_some());
+            p.kill().await;
         }
         // `self.dir` is removed when dropped here, after every process is gone.
+        stopped
     }
 
     fn print_logs(&self) {
@@ -384,7 +396,7 @@ impl Demo {
             bail!("the bad rollout ended {}, expected ROLLED_BACK", done.state);
         }
         let canary = done.canary_order.first().cloned().unwrap_or_default();
-        if done.failing_node != canary {
+        if canary.is_empty() || done.failing_node != canary {
             bail!("the failing node is {:?}, expected the canary {canary:?}", done.failing_node);
         }
         println!("   the canary {canary} failed: {}", done.reason);
@@ -601,8 +613,12 @@ impl Demo {
             let mut seen = Vec::new();
             for n in &self.nodes {
                 let status = async {
-                    let mut a = NodeAgentClient::connect(format!("http://127.0.0.1:{}", n.agent)).await?;
-                    anyhow::Ok(a.status(pb::StatusRequest {}).await?.into_inner())
+                    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", n.agent))?
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(Duration::from_secs(2))
+                        .connect()
+                        .await?;
+                    anyhow::Ok(NodeAgentClient::new(ch).status(pb::StatusRequest {}).await?.into_inner())
                 };
                 seen.push(match status.await {
                     Ok(s) => (n.id.clone(), s.version, s.healthy),
