@@ -24,14 +24,12 @@
 mod common;
 
 use std::{
-    path::PathBuf,
-    process::Command,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
-use common::{Backing, ChildGuard, Etcd, free_port, redis_server, submit_until_accepted, wait_for_port};
+use common::{Backing, Coord, Etcd, redis_server, service_status_until, status_until, submit_until_accepted};
 use confroll_coordinator::{
     model::{NodeRecord, now_rfc3339},
     replica::{Replica, ReplicaOptions},
@@ -323,8 +321,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
 
-    let etcd = Etcd::start();
-    let endpoint = etcd.endpoint.clone();
+    let etcd = Backing::Etcd(Etcd::start());
+    let endpoint = etcd.etcd_endpoint().context("an etcd store")?.to_owned();
 
     // 1. Floor, on one shared connection and on one connection per watcher.
     let (mut floors, mut floors_own) = (Vec::new(), Vec::new());
@@ -369,17 +367,11 @@ async fn main() -> anyhow::Result<()> {
         } else {
             5
         });
+        let logs = dir.path().join(format!("failover-{}", b.name()));
+        std::fs::create_dir_all(&logs)?;
         let sample = match b {
-            Backend::Etcd => {
-                let etcd_args = |_: &str| -> Vec<String> {
-                    vec!["--store".into(), "etcd".into(), "--etcd-endpoints".into(), endpoint.clone()]
-                };
-                bench_failover(&etcd_args, dir.path(), iters).await?
-            }
-            Backend::Raft => {
-                let raft = Backing::raft(3);
-                bench_failover(&|id: &str| raft.args(id), dir.path(), iters).await?
-            }
+            Backend::Etcd => bench_failover(&etcd, &logs, iters).await?,
+            Backend::Raft => bench_failover(&Backing::raft(3), &logs, iters).await?,
         };
         failovers.push((b, sample));
     }
@@ -486,58 +478,29 @@ async fn bench_rollback(
     Ok((n, stats(samples)))
 }
 
-async fn bench_failover(
-    store_args: &dyn Fn(&str) -> Vec<String>,
-    dir: &std::path::Path,
-    iters: usize,
-) -> anyhow::Result<(f64, f64, String)> {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_confroll-coordinator"));
-    let spawn = |id: &str, port: u16| -> anyhow::Result<ChildGuard> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("failover-{id}.log")))?;
-        Ok(ChildGuard(
-            Command::new(&bin)
-                .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
-                .args(store_args(id))
-                .args(["--lease-ttl", "2s"])
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?,
-        ))
-    };
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut procs: Vec<Option<ChildGuard>> = Vec::new();
-    for (i, p) in ports.iter().enumerate() {
-        procs.push(Some(spawn(&format!("c{}", i + 1), *p)?));
-    }
-    for p in &ports {
-        wait_for_port(*p, Duration::from_secs(20), "coordinator");
-    }
+async fn bench_failover(store: &Backing, dir: &std::path::Path, iters: usize) -> anyhow::Result<(f64, f64, String)> {
+    let mut coords: Vec<Coord> = (1..=3).map(|i| Coord::start(store, &format!("c{i}"), dir, &[])).collect();
     let mut samples: Vec<f64> = Vec::new();
     // What the slowest sample was last told before a write was accepted.
-    let mut slowest_refusal = String::new();
+    let (mut slowest_ms, mut slowest_refusal) = (0.0, String::new());
     for it in 0..iters {
-        let idx = loop {
-            if let Ok(mut c) = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[it % 3])).await
-                && let Ok(s) = c.get_status(pb::GetStatusRequest::default()).await
-                // Until one of these three leads (an in-process replica of the
-                // earlier phases may still be handing over on etcd).
-                && let Some(Ok(i)) = s.into_inner().leader_id.strip_prefix('c').map(str::parse::<usize>)
-            {
-                break i - 1;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        // Until one of these three leads (an in-process replica of the
+        // earlier phases may still be handing over on etcd).
+        let idx = status_until(&coords[it % 3].client().await, Duration::from_secs(20), "c1..c3 to lead", |s| {
+            s.leader_id.strip_prefix('c')?.parse::<usize>().ok().map(|i| i - 1)
+        })
+        .await;
         // The leader accepts writes before it is killed.
-        let lc = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[idx])).await?;
         let first = submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms");
-        submit_until_accepted(&lc, first).await;
-        procs[idx] = None; // SIGKILL
+        submit_until_accepted(&coords[idx].client().await, first).await;
+        coords[idx].kill9();
         let t0 = Instant::now();
         let mut last_err = String::new();
-        let survivors: Vec<u16> = ports.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, p)| *p).collect();
+        let survivors: Vec<String> =
+            coords.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, c)| c.url()).collect();
         let accepted = 'outer: loop {
-            for p in &survivors {
-                if let Ok(mut sc) = CoordinatorClient::connect(format!("http://127.0.0.1:{p}")).await {
+            for url in &survivors {
+                if let Ok(mut sc) = CoordinatorClient::connect(url.clone()).await {
                     let req = submit("failover", lite(10_001 + it as u64 * 2), &["100%"], "0s", "10ms");
                     match sc.submit_config(req).await {
                         Ok(r) => break 'outer r.into_inner().version,
@@ -547,25 +510,21 @@ async fn bench_failover(
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
-        if samples.iter().all(|x| *x <= *samples.last().unwrap_or(&0.0)) {
-            slowest_refusal = last_err;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        samples.push(ms);
+        if ms >= slowest_ms {
+            (slowest_ms, slowest_refusal) = (ms, last_err);
         }
-        procs[idx] = Some(spawn(&format!("c{}", idx + 1), ports[idx])?);
-        wait_for_port(ports[idx], Duration::from_secs(20), "coordinator");
+        let (id, port, http_port) = (coords[idx].id.clone(), coords[idx].port, coords[idx].http_port);
+        coords[idx] = Coord::start_on(store, &id, dir, &[], port, http_port);
         // Each sample starts from a whole cluster: the restarted replica has
         // caught up (on raft, killing the leader while it still lags would be
         // a second failure, and only the third replica could be elected).
-        let mut rc = CoordinatorClient::connect(format!("http://127.0.0.1:{}", ports[idx])).await?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = rc.get_status(pb::GetStatusRequest { service: "failover".into() }).await?.into_inner();
-            if !s.leader_id.is_empty() && s.desired_version >= accepted {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the restarted replica did not catch up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = "the restarted replica to catch up";
+        service_status_until(&coords[idx].client().await, "failover", Duration::from_secs(20), what, |s| {
+            (!s.leader_id.is_empty() && s.desired_version >= accepted).then_some(())
+        })
+        .await;
     }
     let (p50, p99) = stats(samples);
     Ok((p50, p99, slowest_refusal))

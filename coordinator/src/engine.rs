@@ -251,17 +251,6 @@ impl Engine {
         &self.rec
     }
 
-    /// Records every node of the rollout as touched, so that the first write
-    /// (the one that goes out with the version) already covers every push:
-    /// no stage ever waits for a record write. The price is paid only if a
-    /// new leader resumes a rollback: it cannot know which listed nodes were
-    /// pushed and reverts them all, a no-op ("unchanged") on the ones that
-    /// never left the stable version.
-    fn look_ahead(&mut self) {
-        let all = self.rec.order.clone();
-        self.rec.touched.extend(all);
-    }
-
     fn stage_nodes(&self, stage: usize) -> &[String] {
         let end = self.rec.targets.get(stage).copied().unwrap_or(0);
         &self.rec.order[..end]
@@ -399,11 +388,17 @@ impl Engine {
 
     /// Pushes the current stage's nodes from position `from` on, after a
     /// write that lists them (and every later stage) as touched.
+    ///
+    /// The record lists every node of the rollout as touched, so that the
+    /// first write (the one that goes out with the version) already covers
+    /// every push: no stage ever waits for a record write. The price is paid
+    /// only if a new leader resumes a rollback: it cannot know which listed
+    /// nodes were pushed and reverts them all, a no-op ("unchanged") on the
+    /// ones that never left the stable version.
     fn push_stage(&mut self, from: usize) -> Vec<Action> {
         let nodes: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
-        self.rec.touched.extend(nodes.iter().cloned());
+        self.rec.touched.extend(self.rec.order.iter().cloned());
         self.live.may_hold.extend(nodes.iter().cloned());
-        self.look_ahead();
         let mut a = vec![Action::Persist];
         a.extend(nodes.into_iter().map(Action::Push));
         a

@@ -158,13 +158,17 @@ struct Prepared {
 /// What the background writer of a rollout record has made durable.
 #[derive(Debug, Clone, Default)]
 struct Durable {
-    /// Generation of the last record written (0: the one the driver started from).
+    /// Generation of the last record written (0: the one the driver started
+    /// from). Every record the driver writes while pushing lists every node
+    /// of the rollout (see `Engine`), so once one is written any node may be
+    /// pushed.
     generation: u64,
-    /// Its `touched`.
-    touched: Arc<BTreeSet<String>>,
     /// Set when a write failed for good (leadership or lock lost): stop.
     failed: Option<String>,
 }
+
+/// A record handed to the background writer, with its generation.
+type Issued = (u64, Arc<RolloutRecord>);
 
 struct DriverHandle {
     rollout_id: String,
@@ -720,7 +724,8 @@ impl Replica {
             return Ok(out);
         };
         let version = meta.latest_version + 1;
-        let record = VersionRecord {
+        // Shared with the driver: the content is not copied again.
+        let record = Arc::new(VersionRecord {
             version,
             sha256,
             content: req.content,
@@ -732,7 +737,7 @@ impl Replica {
             reason: String::new(),
             failing_node: String::new(),
             rollout_id: rollout_id.clone(),
-        };
+        });
         // Coordinator defaults, then the service's, then this submit's.
         let policy = submit_overrides.apply_to(&self.service_policy(&meta));
         let rec =
@@ -750,7 +755,7 @@ impl Replica {
             engine.touch(now_rfc3339());
             Some(Prepared {
                 durable: engine.record().touched.clone(),
-                new: Arc::new(record.clone()),
+                new: record.clone(),
                 old: base.map(Arc::new),
                 addresses: nodes.iter().map(|n| (n.id.clone(), n.address.clone())).collect(),
                 engine,
@@ -763,7 +768,7 @@ impl Replica {
         let new_meta = ServiceMeta { latest_version: version, desired_version: version, ..meta };
         let ops = vec![
             Op::Put(keys::meta(&service), encode(&new_meta)),
-            Op::Put(keys::version(&service, version), encode(&record)),
+            Op::Put(keys::version(&service, version), encode(&*record)),
             Op::Put(keys::rollout(&service), encode(first)),
         ];
         self.commit_start(&term, &lock, &service, &rollout_id, meta_cond(&service, meta_rev), ops).await?;
@@ -993,7 +998,8 @@ impl Replica {
         // Records are written in the background, in order, latest wins; a
         // push waits for a write only when its node is not yet listed in a
         // written record (the engine lists every node in the first one).
-        let (records, written) = self.spawn_writer(&term, &lock, p.durable);
+        let (records, written) = self.spawn_writer(&term, &lock);
+        let durable = p.durable;
         let mut issued = 0u64;
         loop {
             for action in std::mem::take(&mut actions) {
@@ -1006,7 +1012,7 @@ impl Replica {
                         let r = engine.record();
                         metrics.rollout_stage.with_label_values(&[&service]).set(r.stage as i64);
                         issued += 1;
-                        let _ = records.send(Some((issued, r.clone())));
+                        let _ = records.send(Some((issued, Arc::new(r.clone()))));
                     }
                     Action::Push(node) | Action::Revert(node) if term.lost.is_cancelled() => {
                         tracing::warn!(%service, %node, "leadership lost; not pushing");
@@ -1018,7 +1024,7 @@ impl Replica {
                         // (nothing pushed from then on could be persisted).
                         let must_wait = {
                             let d = written.borrow();
-                            !d.touched.contains(&node) || d.failed.is_some()
+                            d.failed.is_some() || (d.generation == 0 && !durable.contains(&node))
                         };
                         if must_wait && let Err(e) = Self::written_up_to(&written, issued).await {
                             tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
@@ -1141,21 +1147,16 @@ impl Replica {
 
     /// Starts the task that writes a rollout's records (fenced by its lock),
     /// in order, skipping to the latest when several wait.
-    fn spawn_writer(
-        &self,
-        term: &Term,
-        lock: &Lock,
-        touched: BTreeSet<String>,
-    ) -> (watch::Sender<Option<(u64, RolloutRecord)>>, watch::Receiver<Durable>) {
-        let (records, mut pending) = watch::channel::<Option<(u64, RolloutRecord)>>(None);
-        let (done, written) = watch::channel(Durable { touched: Arc::new(touched), ..Durable::default() });
+    fn spawn_writer(&self, term: &Term, lock: &Lock) -> (watch::Sender<Option<Issued>>, watch::Receiver<Durable>) {
+        let (records, mut pending) = watch::channel::<Option<Issued>>(None);
+        let (done, written) = watch::channel(Durable::default());
         let (me, term, lock) = (self.clone(), term.clone(), lock.clone());
         tokio::spawn(async move {
             while pending.changed().await.is_ok() {
                 let Some((generation, rec)) = pending.borrow_and_update().clone() else { continue };
                 match me.persist(&term, &lock, &rec).await {
                     Ok(()) => {
-                        done.send_replace(Durable { generation, touched: Arc::new(rec.touched), failed: None });
+                        done.send_replace(Durable { generation, failed: None });
                     }
                     Err(e) => {
                         done.send_modify(|d| d.failed = Some(e.to_string()));

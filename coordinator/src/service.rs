@@ -134,9 +134,12 @@ fn forward_request<T>(mut req: Request<T>) -> Request<T> {
 /// patience; a new leader takes office within milliseconds.
 const OFFICE_WAIT: Duration = Duration::from_secs(2);
 
-/// Runs `local` when this replica leads, else forwards with `remote`.
+/// A mutating RPC: checks the bearer token, then runs `local` (with `$r`
+/// bound to the request's message) when this replica leads, else forwards
+/// the request unchanged with `remote`.
 macro_rules! on_leader {
-    ($self:ident, $req:ident, $local:expr, $remote:ident) => {{
+    ($self:ident, $req:ident, |$r:ident| $local:expr, $remote:ident) => {{
+        $self.authorize(&$req)?;
         let mut leader = None;
         if $self.replica.term().is_none() {
             // The store may already name this replica while it takes office.
@@ -147,6 +150,7 @@ macro_rules! on_leader {
             leader = l;
         }
         if $self.replica.term().is_some() {
+            let $r = $req.get_ref();
             match $local.await {
                 Err(ApiError::NotLeader(l)) => leader = l,
                 other => return other.map(Response::new).map_err(to_status),
@@ -198,10 +202,8 @@ impl Coordinator for CoordinatorServiceImpl {
         if dry_run {
             return Ok(Response::new(to_pb(self.replica.submit(submit(req.into_inner())).await?)));
         }
-        self.authorize(&req)?;
-        // One copy: the request itself is kept for forwarding.
-        let local = submit(req.get_ref().clone());
-        on_leader!(self, req, async { self.replica.submit(local).await.map(to_pb) }, submit_config)
+        // Copied only when it runs here: a follower forwards the request itself.
+        on_leader!(self, req, |r| async { self.replica.submit(submit(r.clone())).await.map(to_pb) }, submit_config)
     }
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
@@ -264,12 +266,10 @@ impl Coordinator for CoordinatorServiceImpl {
     }
 
     async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
-        self.authorize(&req)?;
-        let r = req.get_ref().clone();
         on_leader!(
             self,
             req,
-            async {
+            |r| async {
                 self.replica
                     .rollback(&r.service, r.to_version)
                     .await
@@ -283,12 +283,10 @@ impl Coordinator for CoordinatorServiceImpl {
         &self,
         req: Request<pb::AbortRolloutRequest>,
     ) -> Result<Response<pb::AbortRolloutResponse>, Status> {
-        self.authorize(&req)?;
-        let r = req.get_ref().clone();
         on_leader!(
             self,
             req,
-            async {
+            |r| async {
                 self.replica
                     .abort(&r.service, &r.reason)
                     .await
@@ -302,12 +300,10 @@ impl Coordinator for CoordinatorServiceImpl {
         &self,
         req: Request<pb::SetServicePolicyRequest>,
     ) -> Result<Response<pb::SetServicePolicyResponse>, Status> {
-        self.authorize(&req)?;
-        let r = req.get_ref().clone();
         on_leader!(
             self,
             req,
-            async {
+            |r| async {
                 self.replica
                     .set_policy(&r.service, r.policy.as_ref())
                     .await

@@ -12,29 +12,40 @@ use std::{
     time::Duration,
 };
 
-use common::{node_bin, serial};
+use common::{ChildGuard, node_bin, serial};
 
 /// The demo process. Dropped (a failed assertion included), it is asked to
 /// stop with SIGTERM so that it stops its own children, and killed only if
 /// it does not exit in time.
-struct DemoProc(Child);
+struct DemoProc(ChildGuard);
 
 impl Drop for DemoProc {
     fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_some() {
-            return;
+        if exited_within(&mut self.0.0, Duration::ZERO).is_none() {
+            let _ = Command::new("kill").args(["-TERM", &self.0.0.id().to_string()]).status();
+            exited_within(&mut self.0.0, Duration::from_secs(15));
         }
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if self.0.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // Then the guard kills (if it still runs) and reaps it.
     }
+}
+
+/// Its exit status, if `child` exits within `within`.
+fn exited_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().ok().flatten() {
+            return Some(s);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    PathBuf::from(format!("/proc/{pid}")).exists()
 }
 
 /// Starts `confroll demo [args]` with stdout piped; its lines arrive on the channel.
@@ -57,7 +68,7 @@ fn start(args: &[&str]) -> (DemoProc, mpsc::Receiver<String>) {
             }
         }
     });
-    (DemoProc(child), rx)
+    (DemoProc(ChildGuard(child)), rx)
 }
 
 /// What the demo said it started: its data dir and every child's pid.
@@ -116,20 +127,13 @@ impl Seen {
         assert!(!dir.exists(), "{} is left behind", dir.display());
         assert!(!self.pids.is_empty(), "the demo lists its processes");
         for pid in &self.pids {
-            assert!(!PathBuf::from(format!("/proc/{pid}")).exists(), "process {pid} is left running");
+            assert!(!alive(*pid), "process {pid} is left running");
         }
     }
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(std::time::Instant::now() < deadline, "the demo did not exit within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    exited_within(child, within).unwrap_or_else(|| panic!("the demo did not exit within {within:?}"))
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -143,7 +147,7 @@ async fn demo_once_tells_the_whole_story_and_exits_zero() {
     let (mut demo, rx) = start(&["--once"]);
     let mut seen = Seen::default();
     seen.drain(&rx);
-    let status = wait_exit(&mut demo.0, Duration::from_secs(10));
+    let status = wait_exit(&mut demo.0.0, Duration::from_secs(10));
     assert!(status.success(), "demo --once failed:\n{}", seen.text());
     let text = seen.text();
     // Each step of the story, as the demo itself checked it.
@@ -180,8 +184,8 @@ async fn interrupted_mid_story(sig: &str) {
     let mut seen = Seen::default();
     seen.until(&rx, "submitted", Duration::from_secs(60));
     assert_eq!(seen.pids.len(), 8);
-    signal(&demo.0, sig);
-    let status = wait_exit(&mut demo.0, Duration::from_secs(20));
+    signal(&demo.0.0, sig);
+    let status = wait_exit(&mut demo.0.0, Duration::from_secs(20));
     seen.drain(&rx);
     assert!(status.success(), "an interrupted demo exits cleanly: {status}\n{}", seen.text());
     assert!(seen.text().contains("interrupted"), "{}", seen.text());
@@ -208,10 +212,10 @@ async fn sigterm_after_the_story_stops_every_process_and_removes_the_data() {
     // Still running until asked to stop: all but the killed leader (its
     // restart has a pid of its own).
     assert_eq!(seen.pids.len(), 9);
-    let alive = seen.pids.iter().filter(|p| PathBuf::from(format!("/proc/{p}")).exists()).count();
-    assert_eq!(alive, 8, "3 coordinators and 5 nodes keep running until SIGTERM");
-    signal(&demo.0, "-TERM");
-    let status = wait_exit(&mut demo.0, Duration::from_secs(20));
+    let running = seen.pids.iter().filter(|p| alive(**p)).count();
+    assert_eq!(running, 8, "3 coordinators and 5 nodes keep running until SIGTERM");
+    signal(&demo.0.0, "-TERM");
+    let status = wait_exit(&mut demo.0.0, Duration::from_secs(20));
     seen.drain(&rx);
     assert!(status.success(), "{status}\n{}", seen.text());
     seen.assert_nothing_left();

@@ -45,7 +45,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     let cl = Cluster::start(3, 3, &lite(30)).await;
     cl.rolled_out(&lite(30)).await;
     let (coords, nodes) = (&cl.coords, &cl.nodes);
-    let old_token = nodes[0].status().await["highest_fencing_token"].as_u64().unwrap();
+    let old_token = nodes[0].fencing_token().await;
     assert!(old_token > 0);
 
     // Pause the leader (a GC pause, a frozen VM): it cannot know it was paused.
@@ -58,10 +58,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     let other = *others.iter().find(|c| c.id == new).expect("one of the others leads");
     // The new leader's first reconciliation pass fences every node with its token.
     let new_token = eventually(Duration::from_secs(20), "nodes to learn the new token", || async {
-        let mut tokens = Vec::new();
-        for n in nodes {
-            tokens.push(n.status().await["highest_fencing_token"].as_u64().unwrap());
-        }
+        let tokens = fencing_tokens(nodes).await;
         (tokens.iter().all(|t| *t > old_token)).then(|| tokens[0])
     })
     .await;
@@ -102,18 +99,15 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     // (no pre-vote) the woken replica may force an election and win it once
     // caught up; then it leads under a new term, whose token, higher than
     // every earlier one, its first reconciliation gives every node.
+    let (pc, oc) = (paused.client().await, other.client().await);
     let settled = eventually(Duration::from_secs(20), "the replicas to agree on a leader", || async {
-        let l = leader_of(paused).await;
-        (leader_of(other).await == l).then_some(l)
+        let l = leader_via(&pc).await;
+        (leader_via(&oc).await == l).then_some(l)
     })
     .await;
     if settled != new {
         eventually(Duration::from_secs(20), "nodes to learn the newest token", || async {
-            let mut tokens = Vec::new();
-            for n in nodes {
-                tokens.push(n.status().await["highest_fencing_token"].as_u64().unwrap());
-            }
-            tokens.iter().all(|t| *t > new_token).then_some(())
+            fencing_tokens(nodes).await.iter().all(|t| *t > new_token).then_some(())
         })
         .await;
     }

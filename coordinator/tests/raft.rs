@@ -28,9 +28,7 @@ async fn all_three_replicas_restart_with_history_intact_after_log_compaction() {
     let mut cl = Cluster::start_with(Backing::raft(3), 3, 2, &lite(30), &extra).await;
     let client = cl.coords[0].client().await;
     for ttl in [41, 42, 43, 44] {
-        // Right after an election the new leader may still be taking office.
-        submit_until_accepted(&client, submit_req(&lite(ttl), "0s")).await;
-        assert_eq!(wait_rollout_done(&cl.coords[0], Duration::from_secs(30)).await.state, "SUCCEEDED");
+        cl.rolled_out(&lite(ttl)).await;
     }
     let before = history(&client).await;
     assert_eq!(before.len(), 4);
@@ -63,8 +61,7 @@ async fn all_three_replicas_restart_with_history_intact_after_log_compaction() {
         assert_eq!(stable(&cc).await, 4, "replica {}", c.id);
     }
     // And the group keeps working: v5 rolls out to the nodes.
-    submit_until_accepted(&cl.coords[0].client().await, submit_req(&lite(45), "0s")).await;
-    assert_eq!(wait_rollout_done(&cl.coords[0], Duration::from_secs(30)).await.state, "SUCCEEDED");
+    cl.rolled_out(&lite(45)).await;
     for n in &cl.nodes {
         n.wait_version(5).await;
     }

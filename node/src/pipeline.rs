@@ -296,6 +296,16 @@ impl Machine {
         vec![Command::Finish(outcome)]
     }
 
+    /// The first (in component order) critical component that failed, and why.
+    fn first_critical_failure(
+        &self,
+        results: &[(ComponentKind, Result<(), String>)],
+    ) -> Option<(ComponentKind, String)> {
+        results
+            .iter()
+            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.clone())))
+    }
+
     fn on_diff(&mut self, d: DiffSummary) -> Vec<Command> {
         if d.unchanged {
             return self.finish(Outcome::Unchanged);
@@ -312,9 +322,7 @@ impl Machine {
     fn on_prepared(&mut self, mut results: Vec<(ComponentKind, Result<(), String>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
         let ok: Vec<ComponentKind> = results.iter().filter(|(_, r)| r.is_ok()).map(|(k, _)| *k).collect();
-        let critical_failure = results
-            .iter()
-            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.clone())));
+        let critical_failure = self.first_critical_failure(&results);
         for (k, r) in &results {
             if let Err(e) = r {
                 self.statuses.insert(*k, ComponentStatus::Failed(e.clone()));
@@ -355,9 +363,7 @@ impl Machine {
 
     fn on_checked(&mut self, mut results: Vec<(ComponentKind, Result<(), String>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
-        let critical_failure = results
-            .iter()
-            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.clone())));
+        let critical_failure = self.first_critical_failure(&results);
         if let Some((component, error)) = critical_failure {
             for k in &self.committed {
                 self.statuses.insert(*k, ComponentStatus::RolledBack);

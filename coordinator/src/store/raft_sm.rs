@@ -43,10 +43,10 @@ pub struct Lease {
 pub struct LockState {
     /// Holder's value (a rollout id).
     pub holder: Vec<u8>,
-    /// Index of the entry that granted it (the lock's fencing token).
+    /// Index of the entry that granted it (the lock's fencing token). A lock
+    /// is only granted under the current term and dies with it, so every
+    /// held lock belongs to the current term.
     pub token: u64,
-    /// The leadership token it was granted under: it dies with that term.
-    pub term_token: u64,
 }
 
 /// What a fenced command requires.
@@ -186,7 +186,7 @@ impl StateMachine {
         let reply = match &p.cmd {
             Command::Lead { member, node } => {
                 // A new term: locks of earlier terms die with them.
-                self.locks.retain(|_, l| l.term_token == index);
+                self.locks.clear();
                 self.leader = Some((member.clone(), index));
                 self.leader_node = *node;
                 // While no leader proposed refreshes, nobody could refresh:
@@ -200,7 +200,7 @@ impl StateMachine {
             Command::Resign { term_token } => {
                 if self.term_token() == Some(*term_token) {
                     self.leader = None;
-                    self.locks.retain(|_, l| l.term_token != *term_token);
+                    self.locks.clear();
                 }
                 Reply::Done
             }
@@ -224,10 +224,7 @@ impl StateMachine {
                 } else if let Some(l) = self.locks.get(name) {
                     Reply::Held(l.holder.clone())
                 } else {
-                    self.locks.insert(
-                        name.clone(),
-                        LockState { holder: holder.clone(), token: index, term_token: *term_token },
-                    );
+                    self.locks.insert(name.clone(), LockState { holder: holder.clone(), token: index });
                     Reply::Locked { token: index }
                 }
             }

@@ -138,6 +138,14 @@ impl Backing {
         }
     }
 
+    /// The etcd endpoint, when the store is etcd.
+    pub fn etcd_endpoint(&self) -> Option<&str> {
+        match self {
+            Backing::Etcd(e) => Some(&e.endpoint),
+            Backing::Raft { .. } => None,
+        }
+    }
+
     /// Store flags of coordinator `id` (`cN`: raft id N).
     pub fn args(&self, id: &str) -> Vec<String> {
         match self {
@@ -273,6 +281,11 @@ impl NodeProc {
             .unwrap()
     }
 
+    /// The highest fencing token the node has accepted.
+    pub async fn fencing_token(&self) -> u64 {
+        self.status().await["highest_fencing_token"].as_u64().unwrap()
+    }
+
     pub async fn version(&self) -> u64 {
         self.status().await["version"].as_u64().unwrap()
     }
@@ -315,10 +328,22 @@ pub async fn status_until<T>(
     what: &str,
     f: impl Fn(pb::GetStatusResponse) -> Option<T>,
 ) -> T {
+    service_status_until(client, "", within, what, f).await
+}
+
+/// [`status_until`] for the status of `service`.
+pub async fn service_status_until<T>(
+    client: &CoordinatorClient<Channel>,
+    service: &str,
+    within: Duration,
+    what: &str,
+    f: impl Fn(pb::GetStatusResponse) -> Option<T>,
+) -> T {
     let f = &f;
     eventually(within, what, || {
         let mut c = client.clone();
-        async move { f(c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner()) }
+        let req = pb::GetStatusRequest { service: service.to_owned() };
+        async move { f(c.get_status(req).await.ok()?.into_inner()) }
     })
     .await
 }
@@ -327,6 +352,15 @@ pub async fn status_until<T>(
 pub async fn leader_via(client: &CoordinatorClient<Channel>) -> String {
     status_until(client, Duration::from_secs(20), "a leader", |s| (!s.leader_id.is_empty()).then_some(s.leader_id))
         .await
+}
+
+/// Every node's highest accepted fencing token, in order.
+pub async fn fencing_tokens(nodes: &[NodeProc]) -> Vec<u64> {
+    let mut tokens = Vec::new();
+    for n in nodes {
+        tokens.push(n.fencing_token().await);
+    }
+    tokens
 }
 
 /// Waits until some replica leads; returns its id.

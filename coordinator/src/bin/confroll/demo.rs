@@ -28,6 +28,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use confroll_node::net;
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient};
 use tokio::{
     process::{Child, Command},
@@ -127,7 +128,6 @@ struct Proc {
     name: String,
     child: Option<Child>,
     log: PathBuf,
-    pid: u32,
 }
 
 impl Proc {
@@ -149,27 +149,28 @@ impl Proc {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("start {name} ({})", program.display()))?;
-        let pid = child.id().unwrap_or_default();
-        Ok(Proc { name: name.to_owned(), child: Some(child), log, pid })
+        Ok(Proc { name: name.to_owned(), child: Some(child), log })
+    }
+
+    /// The process id while it runs (0 once killed).
+    fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(Child::id).unwrap_or_default()
     }
 
     /// Waits until `port` accepts connections; fails early if the process exits.
     async fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
-        let deadline = Instant::now() + STEP;
-        loop {
+        poll(Duration::from_millis(50), async || {
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Ok(());
+                return Ok(Ok(()));
             }
             if let Some(c) = self.child.as_mut()
                 && let Some(status) = c.try_wait()?
             {
                 bail!("{} exited ({status}) before listening on {port}", self.name);
             }
-            if Instant::now() > deadline {
-                bail!("{} did not listen on {port} within {STEP:?}", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Ok(Err(format!("{} did not listen on {port} within {STEP:?}", self.name)))
+        })
+        .await
     }
 
     /// SIGKILL and reap.
@@ -314,7 +315,7 @@ impl Demo {
             println!(
                 "   c{n}  api 127.0.0.1:{api}  raft 127.0.0.1:{}  metrics http://127.0.0.1:{http}/metrics  (pid {})",
                 raft[n - 1],
-                proc.pid
+                proc.pid()
             );
             self.replicas.push(Replica { n, api, http, args, proc });
         }
@@ -323,7 +324,7 @@ impl Demo {
         }
         let started = Instant::now();
         let leader = self.leader(None).await?;
-        println!("   leader elected: {} ({:.1} s after the replicas listened)", leader.0, secs(started.elapsed()));
+        println!("   leader elected: {} ({:.1} s after the replicas listened)", leader, secs(started.elapsed()));
 
         let config = self.dir.path().join("node.yaml");
         std::fs::write(&config, "profile: lite\ncache: {ttl: 30s}\n").context("write the nodes' first config")?;
@@ -348,27 +349,23 @@ impl Demo {
             ];
             let log = self.dir.path().join(format!("{id}.log"));
             let proc = Proc::spawn(&id, &self.bins.node, &args, log)?;
-            println!("   {id}  http://127.0.0.1:{http}  agent 127.0.0.1:{agent}  (pid {})", proc.pid);
+            println!("   {id}  http://127.0.0.1:{http}  agent 127.0.0.1:{agent}  (pid {})", proc.pid());
             self.nodes.push(Node { id, http, agent, proc });
         }
         for n in &mut self.nodes {
             n.proc.wait_listening(n.http).await?;
         }
         let mut client = self.client().await?;
-        let deadline = Instant::now() + STEP;
-        loop {
+        poll(Duration::from_millis(100), async || {
             let s = client.get_status(pb::GetStatusRequest::default()).await.map(|r| r.into_inner());
-            if let Ok(s) = s
-                && s.nodes.len() == NODES
-            {
-                println!("   all {NODES} nodes registered with the coordinators");
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the {NODES} nodes did not all register within {STEP:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(match s {
+                Ok(s) if s.nodes.len() == NODES => Ok(()),
+                _ => Err(format!("the {NODES} nodes did not all register within {STEP:?}")),
+            })
+        })
+        .await?;
+        println!("   all {NODES} nodes registered with the coordinators");
+        Ok(())
     }
 
     async fn good_rollout(&mut self) -> anyhow::Result<u64> {
@@ -424,12 +421,13 @@ impl Demo {
 
     async fn leader_killed(&mut self, stable: u64) -> anyhow::Result<()> {
         step(4, "Kill the leader with SIGKILL (no resignation): another replica takes over");
-        let (old, _) = self.leader(None).await?;
+        let old = self.leader(None).await?;
         let i = self.replicas.iter().position(|r| r.id() == old).context("the leader is not one of ours")?;
+        let pid = self.replicas[i].proc.pid();
         let killed = Instant::now();
         self.replicas[i].proc.kill().await;
-        println!("   killed {old} (was pid {})", self.replicas[i].proc.pid);
-        let (new, _) = self.leader(Some(&old)).await?;
+        println!("   killed {old} (was pid {pid})");
+        let new = self.leader(Some(&old)).await?;
         let content = "profile: lite\nlog: {level: info}\ncache: {ttl: 90s}\nmetrics: {labels: {env: demo}}\n";
         let r = self.submit(content, "cache ttl 90s, under the new leader").await?;
         println!(
@@ -452,24 +450,24 @@ impl Demo {
         let rep = &mut self.replicas[i];
         let log = rep.proc.log.clone();
         rep.proc = Proc::spawn(&old, &self.bins.coordinator, &rep.args, log)?;
-        println!("   restarted {old} (pid {}) on its data dir: it rejoins the raft group as a follower", rep.proc.pid);
+        println!(
+            "   restarted {old} (pid {}) on its data dir: it rejoins the raft group as a follower",
+            rep.proc.pid()
+        );
         rep.proc.wait_listening(rep.api).await?;
         let url = rep.url();
-        let deadline = Instant::now() + STEP;
-        loop {
+        let s = poll(Duration::from_millis(100), async || {
             if let Ok(mut c) = connect(&url).await
                 && let Ok(s) = c.get_status(pb::GetStatusRequest::default()).await
                 && s.get_ref().stable_version == r.version
             {
-                let s = s.into_inner();
-                println!("   {old} caught up: it reports stable v{}, leader {}", s.stable_version, s.leader_id);
-                return Ok(());
+                return Ok(Ok(s.into_inner()));
             }
-            if Instant::now() > deadline {
-                bail!("{old} did not catch up to v{} within {STEP:?}", r.version);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(Err(format!("{old} did not catch up to v{} within {STEP:?}", r.version)))
+        })
+        .await?;
+        println!("   {old} caught up: it reports stable v{}, leader {}", s.stable_version, s.leader_id);
+        Ok(())
     }
 
     fn print_endpoints(&self) {
@@ -504,25 +502,22 @@ impl Demo {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no coordinator is running")))
     }
 
-    /// Waits for a leader other than `not`; its id and address.
-    async fn leader(&self, not: Option<&str>) -> anyhow::Result<(String, String)> {
-        let deadline = Instant::now() + STEP;
-        loop {
+    /// Waits for a leader other than `not`; its id.
+    async fn leader(&self, not: Option<&str>) -> anyhow::Result<String> {
+        poll(Duration::from_millis(50), async || {
             for url in self.urls() {
                 if let Ok(mut c) = connect(&url).await
                     && let Ok(s) = c.get_status(pb::GetStatusRequest::default()).await
                 {
-                    let s = s.into_inner();
-                    if !s.leader_id.is_empty() && Some(s.leader_id.as_str()) != not {
-                        return Ok((s.leader_id, s.leader_address));
+                    let id = s.into_inner().leader_id;
+                    if !id.is_empty() && Some(id.as_str()) != not {
+                        return Ok(Ok(id));
                     }
                 }
             }
-            if Instant::now() > deadline {
-                bail!("no leader within {STEP:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Ok(Err(format!("no leader within {STEP:?}")))
+        })
+        .await
     }
 
     /// Submits through any live replica, retrying while leadership settles
@@ -553,12 +548,7 @@ impl Demo {
                         r.version, r.base_version
                     );
                     for c in &r.diff {
-                        println!(
-                            "     {:<28} {} -> {}",
-                            c.path,
-                            c.old_value.as_deref().unwrap_or("(unset)"),
-                            c.new_value.as_deref().unwrap_or("(unset)")
-                        );
+                        println!("     {}", super::change_line(c, 28));
                     }
                     return Ok(r);
                 }
@@ -608,16 +598,11 @@ impl Demo {
     /// Asks every node itself (its agent, not the coordinator) which version
     /// it runs; all must run `version` and be healthy.
     async fn expect_versions(&self, version: u64, when: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + STEP;
-        loop {
+        let seen = poll(Duration::from_millis(100), async || {
             let mut seen = Vec::new();
             for n in &self.nodes {
                 let status = async {
-                    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", n.agent))?
-                        .connect_timeout(Duration::from_secs(1))
-                        .timeout(Duration::from_secs(2))
-                        .connect()
-                        .await?;
+                    let ch = endpoint(&format!("127.0.0.1:{}", n.agent), Duration::from_secs(2))?.connect().await?;
                     anyhow::Ok(NodeAgentClient::new(ch).status(pb::StatusRequest {}).await?.into_inner())
                 };
                 seen.push(match status.await {
@@ -625,26 +610,46 @@ impl Demo {
                     Err(_) => (n.id.clone(), 0, false),
                 });
             }
-            if seen.iter().all(|(_, v, h)| *v == version && *h) {
-                let line: Vec<String> = seen.iter().map(|(id, v, _)| format!("{id}=v{v}")).collect();
-                println!("   every node reports it runs v{version}, healthy: {}", line.join(" "));
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{when}: nodes run {seen:?}, expected all on v{version} and healthy");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(if seen.iter().all(|(_, v, h)| *v == version && *h) {
+                Ok(seen)
+            } else {
+                Err(format!("{when}: nodes run {seen:?}, expected all on v{version} and healthy"))
+            })
+        })
+        .await?;
+        let line: Vec<String> = seen.iter().map(|(id, v, _)| format!("{id}=v{v}")).collect();
+        println!("   every node reports it runs v{version}, healthy: {}", line.join(" "));
+        Ok(())
     }
 }
 
+/// A loopback endpoint that gives up fast: a dead process must not stall a step.
+fn endpoint(addr: &str, timeout: Duration) -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(net::endpoint(&net::with_scheme(addr), None)?.connect_timeout(Duration::from_secs(1)).timeout(timeout))
+}
+
 async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    Ok(CoordinatorClient::new(ch))
+    Ok(CoordinatorClient::new(endpoint(url, Duration::from_secs(5))?.connect().await?))
+}
+
+/// Runs `attempt` every `every` until it yields a value. Past [`STEP`] it
+/// fails with what the last attempt said was still missing; an error from
+/// `attempt` fails at once.
+async fn poll<T>(
+    every: Duration,
+    mut attempt: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let missing = match attempt().await? {
+            Ok(v) => return Ok(v),
+            Err(m) => m,
+        };
+        if Instant::now() > deadline {
+            bail!("{missing}");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 fn step(n: u32, what: &str) {

@@ -377,13 +377,18 @@ fn print_diff(diff: &[pb::FieldChange]) {
         println!("  (no changes)");
     }
     for c in diff {
-        println!(
-            "  {:<32} {} -> {}",
-            c.path,
-            c.old_value.as_deref().unwrap_or("(unset)"),
-            c.new_value.as_deref().unwrap_or("(unset)")
-        );
+        println!("  {}", change_line(c, 32));
     }
+}
+
+/// One changed field: `path  old -> new`, the path padded to `width`.
+fn change_line(c: &pb::FieldChange, width: usize) -> String {
+    format!(
+        "{:<width$} {} -> {}",
+        c.path,
+        c.old_value.as_deref().unwrap_or("(unset)"),
+        c.new_value.as_deref().unwrap_or("(unset)")
+    )
 }
 
 fn policy_line(p: &pb::RolloutPolicy) -> String {

@@ -32,7 +32,7 @@ mod network;
 mod sm_store;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::Cursor,
     path::PathBuf,
     sync::Arc,
@@ -140,8 +140,10 @@ pub struct RaftStore {
     raft: OpenRaft,
     shared: Arc<sm_store::Shared>,
     peers: BTreeMap<NodeId, String>,
+    /// A lazily connected client per peer (for forwarding proposals), or why
+    /// its address is unusable.
     clients:
-        std::sync::Mutex<HashMap<NodeId, confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>>>,
+        BTreeMap<NodeId, Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, String>>,
     lease_ttl: Duration,
 }
 
@@ -220,8 +222,8 @@ impl RaftStore {
             id: opts.id,
             raft,
             shared,
+            clients: opts.peers.iter().map(|(id, addr)| (*id, network::client(addr))).collect(),
             peers: opts.peers,
-            clients: Default::default(),
             lease_ttl: opts.lease_ttl,
         });
         tokio::spawn(store.clone().expire_loop(shutdown.clone()));
@@ -258,14 +260,7 @@ impl RaftStore {
         &self,
         id: NodeId,
     ) -> Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, ProposeError> {
-        let mut m = self.clients.lock().expect("clients");
-        if let Some(c) = m.get(&id) {
-            return Ok(c.clone());
-        }
-        let addr = self.peers.get(&id).ok_or(ProposeError::NotLeader(None))?;
-        let c = network::client(addr).map_err(ProposeError::Unreachable)?;
-        m.insert(id, c.clone());
-        Ok(c)
+        self.clients.get(&id).ok_or(ProposeError::NotLeader(None))?.clone().map_err(ProposeError::Unreachable)
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Reply, ProposeError> {
@@ -423,15 +418,15 @@ impl Store for RaftStore {
             loop {
                 let ev = match rx.recv().await {
                     Ok(ev) => ev,
-                    Err(RecvError::Lagged(_)) => WatchEvent::Reset,
+                    Err(RecvError::Lagged(_)) => Arc::new(WatchEvent::Reset),
                     Err(RecvError::Closed) => return None,
                 };
-                let keep = match &ev {
+                let keep = match &*ev {
                     WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key.starts_with(&prefix),
                     WatchEvent::Reset => true,
                 };
                 if keep {
-                    return Some((Ok(ev), (rx, prefix)));
+                    return Some((Ok((*ev).clone()), (rx, prefix)));
                 }
             }
         });

@@ -41,6 +41,9 @@ pub(crate) fn decode<T: DeserializeOwned>(f: &Frame) -> Result<T, Status> {
     postcard::from_bytes(&f.data).map_err(|e| Status::invalid_argument(format!("decode: {e}")))
 }
 
+/// Largest raft frame (a snapshot travels in one).
+const MAX_FRAME: usize = 64 << 20;
+
 /// A lazily connected client to one peer's raft port.
 pub(crate) fn client(addr: &str) -> Result<RaftClient<Channel>, String> {
     let ch = Endpoint::from_shared(format!("http://{addr}"))
@@ -48,7 +51,7 @@ pub(crate) fn client(addr: &str) -> Result<RaftClient<Channel>, String> {
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(RaftClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(RaftClient::new(ch).max_decoding_message_size(MAX_FRAME).max_encoding_message_size(MAX_FRAME))
 }
 
 /// One RPC of the raft service, as a function of a client and a request.
@@ -165,5 +168,5 @@ impl RaftRpc for RaftServiceImpl {
 
 /// The tonic service for the raft port.
 pub(crate) fn server(svc: RaftServiceImpl) -> RaftServer<RaftServiceImpl> {
-    RaftServer::new(svc).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+    RaftServer::new(svc).max_decoding_message_size(MAX_FRAME).max_encoding_message_size(MAX_FRAME)
 }

@@ -45,7 +45,8 @@ pub(crate) struct Applied {
 pub(crate) struct Shared {
     pub(crate) state: RwLock<Applied>,
     /// Every applied change, in order; a lagging watcher gets `Reset`.
-    pub(crate) events: broadcast::Sender<WatchEvent>,
+    /// Shared, so a watcher copies only the events its prefix keeps.
+    pub(crate) events: broadcast::Sender<Arc<WatchEvent>>,
 }
 
 /// A snapshot as stored in the data dir.
@@ -168,7 +169,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         }
         // After the lock: a watcher that reads on an event sees its write.
         for ev in events {
-            let _ = self.shared.events.send(ev);
+            let _ = self.shared.events.send(Arc::new(ev));
         }
         Ok(replies)
     }
@@ -190,7 +191,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         self.load(&stored).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), e))?;
         self.persist(stored).await?;
         // Watchers cannot know what the snapshot changed: re-read.
-        let _ = self.shared.events.send(WatchEvent::Reset);
+        let _ = self.shared.events.send(Arc::new(WatchEvent::Reset));
         Ok(())
     }
 
