@@ -349,7 +349,8 @@ impl Engine {
             }
             // Late answers (a push that finishes after the rollback began,
             // health of a node no longer watched) change nothing: the runtime
-            // orders each node's pushes, so the revert lands after them.
+            // orders each node's pushes and numbers them as issued (a node
+            // refuses one overtaken by a later one), so the revert lands last.
             _ => vec![],
         }
     }

@@ -10,7 +10,7 @@
 //!  engine.rs     the rollout state machine (pure: events in, actions out)
 //!  replica.rs    a replica: leadership loop, submit/rollback/abort, rollout driver,
 //!                reconciliation; every decisive write fenced by term and lock
-//!  agents.rs     NodeAgent clients (per-node ordered pushes)
+//!  agents.rs     NodeAgent clients (one push stream per node, ordered pushes)
 //!  service.rs    confroll.v1.Coordinator over gRPC: auth, forwarding to the leader
 //!  pb_impl.rs    domain → protobuf
 //!  metrics.rs    Prometheus
@@ -18,7 +18,7 @@
 //! ```
 //!
 //! ```text
-//!  confroll CLI / grpcurl ──▶ any replica ──forward writes──▶ leader ──Apply(token)──▶ nodes
+//!  confroll CLI / grpcurl ──▶ any replica ──forward writes──▶ leader ──ApplyStream(token)──▶ nodes
 //!                                 │                              │
 //!                                 └────── reads ──▶ store ◀──────┘ fenced txns
 //! ```

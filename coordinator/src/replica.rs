@@ -175,6 +175,19 @@ struct DriverHandle {
     abort: mpsc::UnboundedSender<String>,
 }
 
+/// The rollout drivers of this replica (leader only).
+#[derive(Default)]
+struct Drivers {
+    /// Running, by service.
+    running: HashMap<String, DriverHandle>,
+    /// Drivers started so far, by service. A reconcile pass that read a
+    /// service's stable version before a rollout started must not push it
+    /// afterwards: it pushes only if this count did not move, and takes the
+    /// push's sequence under the same lock, so every push of a later
+    /// rollout has a higher one and wins at the node.
+    started: HashMap<String, u64>,
+}
+
 /// A coordinator replica; cheap to clone.
 #[derive(Clone)]
 pub struct Replica {
@@ -192,8 +205,8 @@ struct Inner {
     /// between the store electing it and `term` being set can wait instead
     /// of failing.
     took_office: tokio::sync::Notify,
-    /// Running rollout drivers, by service (leader only).
-    drivers: std::sync::Mutex<HashMap<String, DriverHandle>>,
+    /// Rollout drivers, by service (leader only).
+    drivers: std::sync::Mutex<Drivers>,
     /// JSON Schema of the node config (`confroll-node schema`).
     schema: jsonschema::Validator,
     /// Last registration write per node (heartbeats rewrite only on change
@@ -324,7 +337,7 @@ impl Replica {
             term.lost.cancel();
             self.inner.term.store(None);
             self.inner.metrics.is_leader.set(0);
-            self.inner.drivers.lock().expect("drivers").clear();
+            self.inner.drivers.lock().expect("drivers").running.clear();
         }
     }
 
@@ -391,9 +404,13 @@ impl Replica {
         let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
         self.inner.metrics.nodes.with_label_values(&[service, "healthy"]).set(healthy);
         self.inner.metrics.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);
-        if self.inner.drivers.lock().expect("drivers").contains_key(service) {
-            return Ok(());
-        }
+        let started = {
+            let d = self.inner.drivers.lock().expect("drivers");
+            if d.running.contains_key(service) {
+                return Ok(());
+            }
+            d.started.get(service).copied().unwrap_or(0)
+        };
         // The rollout record first, then the pointers: a rollout finishes in
         // one transaction, so a finished record implies current pointers.
         if let Some(rec) = self.rollout(service).await?
@@ -425,6 +442,15 @@ impl Replica {
             if !self.inner.reconciling.lock().expect("reconciling").insert(key.clone()) {
                 continue;
             }
+            let sequence = {
+                let d = self.inner.drivers.lock().expect("drivers");
+                if d.running.contains_key(service) || d.started.get(service).copied().unwrap_or(0) != started {
+                    // A rollout started since `stable` was read: it owns the nodes now.
+                    self.inner.reconciling.lock().expect("reconciling").remove(&key);
+                    return Ok(());
+                }
+                self.inner.agents.next_sequence()
+            };
             let (me, term, stable, service, fenced) =
                 (self.clone(), term.clone(), stable.clone(), service.to_owned(), fenced.clone());
             tokio::spawn(async move {
@@ -432,7 +458,7 @@ impl Replica {
                     tracing::info!(%service, node = %node.id, from = node.version, to = stable.version, "reconciling node to the stable version");
                 }
                 let timeout = me.inner.opts.default_policy.apply_timeout;
-                match me.push(&term, &service, &node.id, &node.address, &stable, "reconcile", timeout).await {
+                match me.push(&term, &service, &node.id, &node.address, &stable, "reconcile", sequence, timeout).await {
                     Ok(_) => {
                         fenced.lock().expect("fenced").insert(key.clone());
                     }
@@ -453,6 +479,7 @@ impl Replica {
         address: &str,
         v: &VersionRecord,
         rollout_id: &str,
+        sequence: u64,
         timeout: Duration,
     ) -> Result<Applied, String> {
         if term.lost.is_cancelled() {
@@ -465,6 +492,7 @@ impl Replica {
             sha256: v.sha256.clone(),
             fencing_token: term.token,
             rollout_id: rollout_id.to_owned(),
+            sequence,
         };
         match self.inner.agents.apply(node, address, req, timeout).await {
             // `unchanged`: the node already ran it, so no health phase ran.
@@ -945,6 +973,7 @@ impl Replica {
         self.leading()?;
         let drivers = self.inner.drivers.lock().expect("drivers");
         let h = drivers
+            .running
             .get(&service)
             .ok_or_else(|| ApiError::FailedPrecondition(format!("no rollout is running for service `{service}`")))?;
         let reason = if reason.is_empty() { "requested by an operator" } else { reason };
@@ -955,18 +984,18 @@ impl Replica {
     fn spawn_driver(&self, term: Term, lock: Lock, rec: RolloutRecord, prepared: Option<Prepared>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let service = rec.service.clone();
-        self.inner
-            .drivers
-            .lock()
-            .expect("drivers")
-            .insert(service.clone(), DriverHandle { rollout_id: rec.id.clone(), abort: tx });
+        {
+            let mut d = self.inner.drivers.lock().expect("drivers");
+            d.running.insert(service.clone(), DriverHandle { rollout_id: rec.id.clone(), abort: tx });
+            *d.started.entry(service.clone()).or_default() += 1;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let id = rec.id.clone();
             me.drive(term, lock, rec, prepared, rx).await;
             let mut d = me.inner.drivers.lock().expect("drivers");
-            if d.get(&service).is_some_and(|h| h.rollout_id == id) {
-                d.remove(&service);
+            if d.running.get(&service).is_some_and(|h| h.rollout_id == id) {
+                d.running.remove(&service);
             }
         });
     }
@@ -1121,10 +1150,13 @@ impl Replica {
         let (me, term, node) = (self.clone(), term.clone(), node.to_owned());
         let (service, rollout, timeout) =
             (engine.record().service.clone(), engine.record().id.clone(), engine.record().policy.apply_timeout);
+        // Taken now, in the engine's order: a revert issued after a push to
+        // the same node wins at the node even if its task runs first.
+        let sequence = self.inner.agents.next_sequence();
         tokio::spawn(async move {
             let result = match addr {
                 None => Err("node is no longer registered".to_owned()),
-                Some(a) => me.push(&term, &service, &node, &a, &v, &rollout, timeout).await,
+                Some(a) => me.push(&term, &service, &node, &a, &v, &rollout, sequence, timeout).await,
             };
             let input = if forward {
                 Input::Applied { node, result }

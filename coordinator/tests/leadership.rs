@@ -82,6 +82,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
                 content: content.into_bytes(),
                 fencing_token: old_token,
                 rollout_id: "stale".into(),
+                sequence: 0,
             })
             .await
             .unwrap_err();

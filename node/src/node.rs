@@ -140,6 +140,15 @@ pub enum PushError {
         /// Highest token accepted.
         highest: u64,
     },
+    /// A later push of the same pusher already ran: this one was overtaken
+    /// on the way (its caller gave up on it). Fatal for this push only.
+    #[error("push {sequence} was overtaken: this node already took push {latest} of the same leader")]
+    Superseded {
+        /// Sequence of the refused push.
+        sequence: u64,
+        /// Highest sequence taken.
+        latest: u64,
+    },
     /// The content does not match its checksum.
     #[error("sha256 mismatch: push says {expected}, content hashes to {actual}")]
     ShaMismatch {
@@ -176,6 +185,8 @@ pub struct Push {
     pub fencing_token: u64,
     /// Rollout id, for logs.
     pub rollout_id: String,
+    /// Order among the pusher's pushes under `fencing_token` (0: unordered).
+    pub sequence: u64,
 }
 
 /// Result of a dry-run validation.
@@ -236,6 +247,9 @@ struct Inner {
     reload_lock: tokio::sync::Mutex<()>,
     /// Highest fencing token accepted (mirrors the state dir).
     highest_token: AtomicU64,
+    /// Highest push sequence taken under `highest_token`. In memory only: a
+    /// push overtaken in flight cannot outlive this process's connections.
+    highest_sequence: AtomicU64,
     last_report: ArcSwapOption<ReloadReport>,
     reload_seq: AtomicU64,
     state: Option<StateDir>,
@@ -292,6 +306,7 @@ impl Node {
                 metrics,
                 reload_lock: tokio::sync::Mutex::new(()),
                 highest_token: AtomicU64::new(highest),
+                highest_sequence: AtomicU64::new(0),
                 last_report: ArcSwapOption::empty(),
                 reload_seq: AtomicU64::new(0),
                 file_sha: ArcSwapOption::new(file_sha.map(Arc::new)),
@@ -442,6 +457,12 @@ impl Node {
             tracing::warn!(token = push.fencing_token, highest, rollout = %push.rollout_id, "refused push with stale fencing token");
             return Err(PushError::StaleToken { token: push.fencing_token, highest });
         }
+        let latest = self.inner.highest_sequence.load(Ordering::SeqCst);
+        if push.fencing_token == highest && push.sequence != 0 && push.sequence < latest {
+            self.inner.metrics.errors_total.with_label_values(&["superseded"]).inc();
+            tracing::warn!(sequence = push.sequence, latest, rollout = %push.rollout_id, "refused a push overtaken by a later one");
+            return Err(PushError::Superseded { sequence: push.sequence, latest });
+        }
         let actual = sha256_hex(&push.content);
         if !push.sha256.is_empty() && !push.sha256.eq_ignore_ascii_case(&actual) {
             return Err(PushError::ShaMismatch { expected: push.sha256, actual });
@@ -451,6 +472,9 @@ impl Node {
                 s.save_token(push.fencing_token).map_err(|e| PushError::Persist(e.to_string()))?;
             }
             self.inner.highest_token.store(push.fencing_token, Ordering::SeqCst);
+            self.inner.highest_sequence.store(push.sequence, Ordering::SeqCst);
+        } else {
+            self.inner.highest_sequence.fetch_max(push.sequence, Ordering::SeqCst);
         }
         tracing::info!(version = push.version, token = push.fencing_token, rollout = %push.rollout_id, "applying pushed version");
         Ok(self.run(Source::Bytes(push.content, Some(actual)), Some(push.version), Trigger::Push).await)

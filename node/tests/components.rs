@@ -255,6 +255,7 @@ async fn a_push_abandoned_by_its_caller_still_finishes_its_rollback() {
         content: content.into_bytes(),
         fencing_token: 1,
         rollout_id: "r".into(),
+        sequence: 0,
     };
     // The caller gives up after 200 ms (as a pusher's RPC deadline would).
     let gave_up = tokio::time::timeout(Duration::from_millis(200), s.node.push(push)).await;

@@ -119,6 +119,7 @@ async fn pushes_are_fenced_and_survive_a_restart() {
         content: content.into_bytes(),
         fencing_token: token,
         rollout_id: "r-1".into(),
+        sequence: 0,
     };
     let r = agent.apply(push(cfg.yaml(), 42, 1000)).await.unwrap().into_inner();
     assert!(r.applied, "{r:?}");
@@ -156,6 +157,49 @@ async fn pushes_are_fenced_and_survive_a_restart() {
     let h = agent.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert!(h.healthy);
     assert!(h.components.iter().any(|c| c.component == "database" && c.critical && c.healthy));
+}
+
+#[tokio::test]
+async fn the_push_stream_answers_in_order_ends_on_a_refusal_and_does_not_hold_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    let lite = |ttl: u32| format!("profile: lite\nlog: {{level: info}}\ncache: {{ttl: {ttl}s}}\n");
+    std::fs::write(&path, lite(1)).unwrap();
+    let p = NodeProcess::spawn(&path, &dir.path().join("state"), "s1", &["--no-watch"]);
+    let push = |version: u64, token: u64| pb::ApplyRequest {
+        service: String::new(),
+        version,
+        sha256: sha(lite(version as u32).as_bytes()),
+        content: lite(version as u32).into_bytes(),
+        fencing_token: token,
+        rollout_id: "r-stream".into(),
+        sequence: 0,
+    };
+    let mut agent = NodeAgentClient::connect(p.agent_url()).await.unwrap();
+
+    // One answer per request, in order, on one stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = agent.apply_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    for (v, status) in [(2, "applied"), (3, "applied"), (3, "unchanged")] {
+        tx.send(push(v, 50)).await.unwrap();
+        let a = answers.message().await.unwrap().expect("an answer");
+        assert_eq!((a.applied, a.version, a.report.unwrap().status.as_str()), (true, v, status));
+    }
+    // A stale token ends the stream with the status unary Apply returns.
+    tx.send(push(4, 49)).await.unwrap();
+    let e = answers.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("stale fencing token 49"), "{}", e.message());
+    assert_eq!(status(&p).await["version"], 3);
+
+    // A new stream works, and SIGTERM ends it rather than waiting on it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = agent.apply_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(push(5, 50)).await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().version, 5);
+    let exit = p.terminate().await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(matches!(answers.message().await, Ok(None) | Err(_)), "the stream ends with the node");
 }
 
 #[tokio::test]

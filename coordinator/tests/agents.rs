@@ -1,0 +1,202 @@
+//! The coordinator's push path (`Agents`) against real node agents served on
+//! loopback: pushes go over one long-lived `ApplyStream` per node, and the
+//! stream must never turn a node restart or a refusal into a lost push.
+
+use std::time::Duration;
+
+use confroll_coordinator::agents::{AgentError, Agents};
+use confroll_node::{Node, NodeOptions, node::sha256_hex};
+use confroll_proto::v1 as pb;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+fn lite(ttl: u32) -> String {
+    format!("profile: lite\nlog: {{level: warn}}\ncache: {{ttl: {ttl}s}}\n")
+}
+
+fn push(version: u64, ttl: u32, token: u64) -> pb::ApplyRequest {
+    let content = lite(ttl);
+    pb::ApplyRequest {
+        service: "default".into(),
+        version,
+        sha256: sha256_hex(content.as_bytes()),
+        content: content.into_bytes(),
+        fencing_token: token,
+        rollout_id: "agents-test".into(),
+        sequence: 0, // set by Agents
+    }
+}
+
+/// A node's agent server on `listener`, until the returned token is cancelled.
+fn serve(node: &Node, listener: TcpListener) -> (CancellationToken, JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let run = confroll_node::agent::run(node.clone(), listener, stop.clone().cancelled_owned());
+    (stop, tokio::spawn(async move { run.await.expect("agent server") }))
+}
+
+async fn node(id: &str) -> Node {
+    let mut o = NodeOptions::new(id);
+    o.initial_config = Some(lite(1).into_bytes());
+    Node::start(o).await.expect("node starts")
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_survive_a_restart_of_the_node_agent_on_the_same_address() {
+    let n = node("n1").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (stop, server) = serve(&n, l);
+    let agents = Agents::default();
+
+    for (v, ttl) in [(2, 2), (3, 3)] {
+        let r = agents.apply("n1", &addr.to_string(), push(v, ttl, 10), T).await.unwrap();
+        assert!(r.applied, "{r:?}");
+        assert_eq!(r.version, v);
+    }
+    // The same push again is idempotent: the node already runs it.
+    let r = agents.apply("n1", &addr.to_string(), push(3, 3, 10), T).await.unwrap();
+    assert_eq!((r.applied, r.version, r.report.unwrap().status.as_str()), (true, 3, "unchanged"));
+
+    // The server shuts down (ending the open stream) and comes back on the
+    // same port: the next push opens a new stream and lands.
+    stop.cancel();
+    tokio::time::timeout(T, server).await.expect("the server stops with a push stream open").unwrap();
+    let (stop, server) = serve(&n, TcpListener::bind(addr).await.unwrap());
+    let r = agents.apply("n1", &addr.to_string(), push(4, 4, 10), T).await.unwrap();
+    assert!(r.applied, "{r:?}");
+    assert_eq!(n.config().version, 4);
+
+    // Gone for good: an error at once, not a wait for the whole timeout.
+    stop.cancel();
+    server.await.unwrap();
+    let t0 = std::time::Instant::now();
+    let e = agents.apply("n1", &addr.to_string(), push(5, 5, 10), Duration::from_secs(30)).await.unwrap_err();
+    assert!(matches!(e, AgentError::Unreachable(_)), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert_eq!(n.config().version, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_push_ends_its_stream_and_the_next_push_opens_another() {
+    let n = node("n2").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (_stop, _server) = serve(&n, l);
+    let agents = Agents::default();
+
+    assert!(agents.apply("n2", &addr, push(2, 2, 100), T).await.unwrap().applied);
+    // A lower fencing token is refused (not retried), and changes nothing.
+    let e = agents.apply("n2", &addr, push(3, 3, 99), T).await.unwrap_err();
+    match &e {
+        AgentError::Refused(m) => assert!(m.contains("stale fencing token 99"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(n.config().version, 2);
+    // A bad checksum too.
+    let mut bad = push(3, 3, 100);
+    bad.sha256 = "00".repeat(32);
+    assert!(matches!(agents.apply("n2", &addr, bad, T).await, Err(AgentError::Refused(_))));
+    // The next valid push goes through on a new stream.
+    let r = agents.apply("n2", &addr, push(3, 3, 101), T).await.unwrap();
+    assert!(r.applied, "{r:?}");
+    assert_eq!((n.config().version, n.highest_token()), (3, 101));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_dropped_midway_leaves_no_answer_behind_for_the_next_one() {
+    use futures::FutureExt;
+    let n = node("n3").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (_stop, _server) = serve(&n, l);
+    let agents = Agents::default();
+    assert!(agents.apply("n3", &addr, push(2, 2, 5), T).await.unwrap().applied);
+
+    // Polled once (the request goes out on the open stream), then dropped
+    // while its answer is owed, as a caller that gives up would.
+    assert!(agents.apply("n3", &addr, push(3, 3, 5), T).now_or_never().is_none());
+    // The next push gets its own answer, not the one owed to version 3.
+    let r = agents.apply("n3", &addr, push(4, 4, 5), T).await.unwrap();
+    assert_eq!((r.applied, r.version), (true, 4), "{r:?}");
+    assert_eq!(n.config().version, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_issued_earlier_but_sent_later_is_refused_by_the_node() {
+    let n = node("n4").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (_stop, _server) = serve(&n, l);
+    let agents = Agents::default();
+
+    // A push and then a revert are issued (sequences taken in that order),
+    // but the revert's task gets the node's turn first.
+    let (forward, revert) = (agents.next_sequence(), agents.next_sequence());
+    let mut late = push(2, 2, 9);
+    late.sequence = forward;
+    let mut first = push(1, 1, 9);
+    first.sequence = revert;
+    assert!(agents.apply("n4", &addr, first, T).await.unwrap().applied);
+    match agents.apply("n4", &addr, late, T).await {
+        Err(AgentError::Refused(m)) => assert!(m.contains("overtaken"), "{m}"),
+        other => panic!("expected the overtaken push to be refused, got {other:?}"),
+    }
+    assert_eq!(n.config().version, 1);
+}
+
+/// A node agent from before `ApplyStream`: everything else is the real one.
+struct OlderAgent(confroll_node::agent::NodeAgentServiceImpl);
+
+#[tonic::async_trait]
+impl pb::node_agent_server::NodeAgent for OlderAgent {
+    async fn apply(&self, r: tonic::Request<pb::ApplyRequest>) -> Result<tonic::Response<pb::ApplyResponse>, Status> {
+        self.0.apply(r).await
+    }
+    type ApplyStreamStream = futures::stream::Empty<Result<pb::ApplyResponse, Status>>;
+    async fn apply_stream(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::ApplyRequest>>,
+    ) -> Result<tonic::Response<Self::ApplyStreamStream>, Status> {
+        Err(Status::unimplemented("unknown method ApplyStream"))
+    }
+    async fn validate(
+        &self,
+        r: tonic::Request<pb::ValidateRequest>,
+    ) -> Result<tonic::Response<pb::ValidateResponse>, Status> {
+        self.0.validate(r).await
+    }
+    async fn status(&self, r: tonic::Request<pb::StatusRequest>) -> Result<tonic::Response<pb::NodeStatus>, Status> {
+        self.0.status(r).await
+    }
+    async fn health(
+        &self,
+        r: tonic::Request<pb::HealthRequest>,
+    ) -> Result<tonic::Response<pb::HealthResponse>, Status> {
+        self.0.health(r).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_node_without_the_push_stream_gets_unary_pushes() {
+    let n = node("n5").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let older = OlderAgent(confroll_node::agent::NodeAgentServiceImpl::new(n.clone(), CancellationToken::new()));
+    let server = tonic::transport::Server::builder()
+        .add_service(pb::node_agent_server::NodeAgentServer::new(older))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l));
+    let server = tokio::spawn(server);
+    let agents = Agents::default();
+
+    for v in 2..=4u64 {
+        let r = agents.apply("n5", &addr, push(v, v as u32, 3), T).await.unwrap();
+        assert_eq!((r.applied, r.version), (true, v), "{r:?}");
+    }
+    assert_eq!(n.config().version, 4);
+    // Refusals still come through as refusals.
+    assert!(matches!(agents.apply("n5", &addr, push(5, 5, 2), T).await, Err(AgentError::Refused(_))));
+    server.abort();
+}
