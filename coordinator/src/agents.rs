@@ -142,9 +142,8 @@ impl Agents {
         if req.sequence == 0 {
             req.sequence = self.next_sequence();
         }
-        let no_answer = || AgentError::Unreachable(format!("no answer within {timeout:?}"));
         if self.unary.lock().expect("agents lock").contains(address) {
-            return self.apply_unary(address, req, deadline).await.map_err(|_| no_answer())?;
+            return self.apply_unary(address, req, deadline, timeout).await;
         }
         let mut req = Some(req);
         loop {
@@ -167,11 +166,11 @@ impl Agents {
                     tracing::info!(%address, "node has no ApplyStream (an older node): pushing with unary Apply");
                     self.unary.lock().expect("agents lock").insert(address.to_owned());
                     let req = req.take().expect("kept for the fallback");
-                    return self.apply_unary(address, req, deadline).await.map_err(|_| no_answer())?;
+                    return self.apply_unary(address, req, deadline, timeout).await;
                 }
                 Ok(Err(StreamError::Agent(AgentError::Unreachable(_)))) if reused => {}
                 Ok(Err(StreamError::Agent(e))) => return Err(e),
-                Err(_) => return Err(no_answer()),
+                Err(_) => return Err(no_answer(timeout)),
             }
         }
     }
@@ -217,20 +216,14 @@ impl Agents {
         address: &str,
         req: pb::ApplyRequest,
         deadline: Instant,
-    ) -> Result<Result<pb::ApplyResponse, AgentError>, tokio::time::error::Elapsed> {
-        let mut c = match self.client(address) {
-            Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
+        timeout: Duration,
+    ) -> Result<pb::ApplyResponse, AgentError> {
+        let call = async {
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            Ok(self.client(address)?.apply(r).await.map_err(from_status)?.into_inner())
         };
-        let mut r = tonic::Request::new(req);
-        r.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        tokio::time::timeout_at(deadline, async move {
-            match c.apply(r).await {
-                Ok(r) => Ok(r.into_inner()),
-                Err(s) => Err(from_status(s)),
-            }
-        })
-        .await
+        tokio::time::timeout_at(deadline, call).await.unwrap_or_else(|_| Err(no_answer(timeout)))
     }
 
     /// The node's health verdict.
@@ -270,6 +263,11 @@ fn from_status(s: tonic::Status) -> AgentError {
     }
 }
 
+/// A call that got no answer within `timeout`.
+fn no_answer(timeout: Duration) -> AgentError {
+    AgentError::Unreachable(format!("no answer within {timeout:?}"))
+}
+
 /// The answer to a read-only call, or `Unreachable` (whatever the status:
 /// the coordinator only needs to know it got no verdict).
 async fn answer<T>(
@@ -277,7 +275,7 @@ async fn answer<T>(
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, AgentError> {
     match tokio::time::timeout(timeout, call).await {
-        Err(_) => Err(AgentError::Unreachable(format!("no answer within {timeout:?}"))),
+        Err(_) => Err(no_answer(timeout)),
         Ok(Err(s)) => Err(AgentError::Unreachable(s.message().to_owned())),
         Ok(Ok(r)) => Ok(r.into_inner()),
     }

@@ -2,7 +2,11 @@
 //! loopback: pushes go over one long-lived `ApplyStream` per node, and the
 //! stream must never turn a node restart or a refusal into a lost push.
 
+mod common;
+
 use std::time::Duration;
+
+use common::lite;
 
 use confroll_coordinator::agents::{AgentError, Agents};
 use confroll_node::{Node, NodeOptions, node::sha256_hex};
@@ -10,10 +14,6 @@ use confroll_proto::v1 as pb;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-
-fn lite(ttl: u32) -> String {
-    format!("profile: lite\nlog: {{level: warn}}\ncache: {{ttl: {ttl}s}}\n")
-}
 
 fn push(version: u64, ttl: u32, token: u64) -> pb::ApplyRequest {
     let content = lite(ttl);
@@ -41,31 +41,37 @@ async fn node(id: &str) -> Node {
     Node::start(o).await.expect("node starts")
 }
 
+/// A node `id` serving its agent on a free loopback port, and that address.
+async fn served(id: &str) -> (Node, String, CancellationToken, JoinHandle<()>) {
+    let n = node(id).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (stop, server) = serve(&n, l);
+    (n, addr, stop, server)
+}
+
 const T: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_survive_a_restart_of_the_node_agent_on_the_same_address() {
-    let n = node("n1").await;
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (stop, server) = serve(&n, l);
+    let (n, addr, stop, server) = served("n1").await;
     let agents = Agents::default();
 
     for (v, ttl) in [(2, 2), (3, 3)] {
-        let r = agents.apply("n1", &addr.to_string(), push(v, ttl, 10), T).await.unwrap();
+        let r = agents.apply("n1", &addr, push(v, ttl, 10), T).await.unwrap();
         assert!(r.applied, "{r:?}");
         assert_eq!(r.version, v);
     }
     // The same push again is idempotent: the node already runs it.
-    let r = agents.apply("n1", &addr.to_string(), push(3, 3, 10), T).await.unwrap();
+    let r = agents.apply("n1", &addr, push(3, 3, 10), T).await.unwrap();
     assert_eq!((r.applied, r.version, r.report.unwrap().status.as_str()), (true, 3, "unchanged"));
 
     // The server shuts down (ending the open stream) and comes back on the
     // same port: the next push opens a new stream and lands.
     stop.cancel();
     tokio::time::timeout(T, server).await.expect("the server stops with a push stream open").unwrap();
-    let (stop, server) = serve(&n, TcpListener::bind(addr).await.unwrap());
-    let r = agents.apply("n1", &addr.to_string(), push(4, 4, 10), T).await.unwrap();
+    let (stop, server) = serve(&n, TcpListener::bind(&addr).await.unwrap());
+    let r = agents.apply("n1", &addr, push(4, 4, 10), T).await.unwrap();
     assert!(r.applied, "{r:?}");
     assert_eq!(n.config().version, 4);
 
@@ -73,7 +79,7 @@ async fn pushes_survive_a_restart_of_the_node_agent_on_the_same_address() {
     stop.cancel();
     server.await.unwrap();
     let t0 = std::time::Instant::now();
-    let e = agents.apply("n1", &addr.to_string(), push(5, 5, 10), Duration::from_secs(30)).await.unwrap_err();
+    let e = agents.apply("n1", &addr, push(5, 5, 10), Duration::from_secs(30)).await.unwrap_err();
     assert!(matches!(e, AgentError::Unreachable(_)), "{e:?}");
     assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
     assert_eq!(n.config().version, 4);
@@ -81,10 +87,7 @@ async fn pushes_survive_a_restart_of_the_node_agent_on_the_same_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_push_ends_its_stream_and_the_next_push_opens_another() {
-    let n = node("n2").await;
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let (_stop, _server) = serve(&n, l);
+    let (n, addr, _stop, _server) = served("n2").await;
     let agents = Agents::default();
 
     assert!(agents.apply("n2", &addr, push(2, 2, 100), T).await.unwrap().applied);
@@ -108,10 +111,7 @@ async fn a_refused_push_ends_its_stream_and_the_next_push_opens_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_dropped_midway_leaves_no_answer_behind_for_the_next_one() {
     use futures::FutureExt;
-    let n = node("n3").await;
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let (_stop, _server) = serve(&n, l);
+    let (n, addr, _stop, _server) = served("n3").await;
     let agents = Agents::default();
     assert!(agents.apply("n3", &addr, push(2, 2, 5), T).await.unwrap().applied);
 
@@ -126,10 +126,7 @@ async fn a_push_dropped_midway_leaves_no_answer_behind_for_the_next_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_issued_earlier_but_sent_later_is_refused_by_the_node() {
-    let n = node("n4").await;
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let (_stop, _server) = serve(&n, l);
+    let (n, addr, _stop, _server) = served("n4").await;
     let agents = Agents::default();
 
     // A push and then a revert are issued (sequences taken in that order),

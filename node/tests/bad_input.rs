@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Cfg, Served, dead_port};
+use common::{Cfg, Served, dead_port, push};
 use confroll_node::{Node, Push, PushError, ReloadReport, ReloadStatus};
 
 /// Everything that must not change when a candidate is refused.
@@ -199,15 +199,6 @@ async fn a_push_with_a_lower_token_is_refused() {
     let s = Served::start(&Cfg::standard()).await;
     let mut next = Cfg::standard();
     next.ttl = "45s";
-    let push = |content: String, version, token| Push {
-        service: String::new(),
-        version,
-        sha256: confroll_node::node::sha256_hex(content.as_bytes()),
-        content: content.into_bytes(),
-        fencing_token: token,
-        rollout_id: "r1".into(),
-        sequence: 0,
-    };
     let r = s.node.push(push(next.yaml(), 7, 100)).await.unwrap();
     assert_eq!(r.status, ReloadStatus::Applied);
     assert_eq!(s.node.config().version, 7);
@@ -231,33 +222,24 @@ async fn a_push_with_a_lower_token_is_refused() {
 #[tokio::test]
 async fn a_push_overtaken_by_a_later_one_of_the_same_leader_is_refused() {
     let s = Served::start(&Cfg::standard()).await;
-    let push = |ttl: &'static str, version, token, sequence| {
+    let ordered = |ttl: &'static str, version, token, sequence| {
         let mut c = Cfg::standard();
         c.ttl = ttl;
-        let content = c.yaml();
-        Push {
-            service: String::new(),
-            version,
-            sha256: confroll_node::node::sha256_hex(content.as_bytes()),
-            content: content.into_bytes(),
-            fencing_token: token,
-            rollout_id: "r-seq".into(),
-            sequence,
-        }
+        Push { sequence, ..push(c.yaml(), version, token) }
     };
-    assert_eq!(s.node.push(push("41s", 7, 100, 5)).await.unwrap().status, ReloadStatus::Applied);
+    assert_eq!(s.node.push(ordered("41s", 7, 100, 5)).await.unwrap().status, ReloadStatus::Applied);
     // Push 4 of the same leader arrives after push 5 ran: refused, nothing changes.
     let before = Snapshot::take(&s.node);
-    match s.node.push(push("42s", 6, 100, 4)).await {
+    match s.node.push(ordered("42s", 6, 100, 4)).await {
         Err(PushError::Superseded { sequence: 4, latest: 5 }) => {}
         other => panic!("expected an overtaken push to be refused, got {other:?}"),
     }
     before.assert_unchanged(&s.node, "overtaken push");
     assert_serving(&s, 7, "overtaken push").await;
     // The same push again (a retry) is taken; so is an unordered one (0).
-    assert_eq!(s.node.push(push("41s", 7, 100, 5)).await.unwrap().status, ReloadStatus::Unchanged);
-    assert_eq!(s.node.push(push("43s", 8, 100, 0)).await.unwrap().status, ReloadStatus::Applied);
+    assert_eq!(s.node.push(ordered("41s", 7, 100, 5)).await.unwrap().status, ReloadStatus::Unchanged);
+    assert_eq!(s.node.push(ordered("43s", 8, 100, 0)).await.unwrap().status, ReloadStatus::Applied);
     // A new leader (higher token) starts its own count.
-    assert_eq!(s.node.push(push("44s", 9, 101, 1)).await.unwrap().status, ReloadStatus::Applied);
+    assert_eq!(s.node.push(ordered("44s", 9, 101, 1)).await.unwrap().status, ReloadStatus::Applied);
     assert_eq!(s.node.config().version, 9);
 }

@@ -247,16 +247,7 @@ async fn a_push_abandoned_by_its_caller_still_finishes_its_rollback() {
     });
     let mut cfg = Cfg::standard();
     cfg.db_url = format!("postgres://app:pw@127.0.0.1:{port}/postgres");
-    let content = cfg.yaml();
-    let push = confroll_node::Push {
-        service: String::new(),
-        version: 50,
-        sha256: confroll_node::node::sha256_hex(content.as_bytes()),
-        content: content.into_bytes(),
-        fencing_token: 1,
-        rollout_id: "r".into(),
-        sequence: 0,
-    };
+    let push = common::push(cfg.yaml(), 50, 1);
     // The caller gives up after 200 ms (as a pusher's RPC deadline would).
     let gave_up = tokio::time::timeout(Duration::from_millis(200), s.node.push(push)).await;
     assert!(gave_up.is_err(), "the push should still be running");

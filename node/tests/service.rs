@@ -21,10 +21,6 @@ async fn wait_version(p: &NodeProcess, v: u64) -> serde_json::Value {
     .await
 }
 
-fn sha(b: &[u8]) -> String {
-    confroll_node::node::sha256_hex(b)
-}
-
 #[tokio::test]
 async fn sighup_reloads_from_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -114,12 +110,7 @@ async fn pushes_are_fenced_and_survive_a_restart() {
 
     let push = |content: String, version: u64, token: u64| pb::ApplyRequest {
         service: "default".into(),
-        version,
-        sha256: sha(content.as_bytes()),
-        content: content.into_bytes(),
-        fencing_token: token,
-        rollout_id: "r-1".into(),
-        sequence: 0,
+        ..common::apply_request(content, version, token)
     };
     let r = agent.apply(push(cfg.yaml(), 42, 1000)).await.unwrap().into_inner();
     assert!(r.applied, "{r:?}");
@@ -166,15 +157,7 @@ async fn the_push_stream_answers_in_order_ends_on_a_refusal_and_does_not_hold_si
     let lite = |ttl: u32| format!("profile: lite\nlog: {{level: info}}\ncache: {{ttl: {ttl}s}}\n");
     std::fs::write(&path, lite(1)).unwrap();
     let p = NodeProcess::spawn(&path, &dir.path().join("state"), "s1", &["--no-watch"]);
-    let push = |version: u64, token: u64| pb::ApplyRequest {
-        service: String::new(),
-        version,
-        sha256: sha(lite(version as u32).as_bytes()),
-        content: lite(version as u32).into_bytes(),
-        fencing_token: token,
-        rollout_id: "r-stream".into(),
-        sequence: 0,
-    };
+    let push = |version: u64, token: u64| common::apply_request(lite(version as u32), version, token);
     let mut agent = NodeAgentClient::connect(p.agent_url()).await.unwrap();
 
     // One answer per request, in order, on one stream.

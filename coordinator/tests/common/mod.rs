@@ -31,6 +31,14 @@ pub fn wait_for_port(port: u16, within: Duration, what: &str) {
     }
 }
 
+/// Starts `cmd` (`what`, for messages) and waits until it listens on `port`.
+pub fn spawn_listening(cmd: &mut Command, port: u16, what: &str) -> ChildGuard {
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {what} ({e}); scripts/test.sh installs it"));
+    let guard = ChildGuard(child);
+    wait_for_port(port, Duration::from_secs(20), what);
+    guard
+}
+
 fn target_dir() -> PathBuf {
     // target/debug/deps/<test> → target/debug
     std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
@@ -82,21 +90,21 @@ impl Etcd {
     pub fn start() -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("t=http://127.0.0.1:{peer}")])
-            .args(["--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd on PATH (scripts/test.sh installs etcd-server)");
-        let p = ChildGuard(child);
-        wait_for_port(client, Duration::from_secs(20), "etcd");
+        let p = spawn_listening(
+            Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &format!("t=http://127.0.0.1:{peer}")])
+                .args(["--log-level", "error"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            client,
+            "etcd",
+        );
         Etcd { endpoint: format!("http://127.0.0.1:{client}"), _proc: p, dir }
     }
 }
@@ -187,20 +195,20 @@ impl Coord {
     pub fn start_on(store: &Backing, id: &str, dir: &Path, extra: &[&str], port: u16, http_port: u16) -> Coord {
         let log = dir.join(format!("{id}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(coordinator_bin())
-            .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(store.args(id))
-            .args(["--lease-ttl", "2s"])
-            .args(["--default-bake", "200ms", "--default-health-interval", "100ms", "--registration-ttl", "3s"])
-            .args(extra)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let c = Coord { id: id.into(), port, http_port, log, proc: Some(ChildGuard(child)) };
-        wait_for_port(port, Duration::from_secs(20), "coordinator");
-        c
+        let child = spawn_listening(
+            Command::new(coordinator_bin())
+                .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+                .args(store.args(id))
+                .args(["--lease-ttl", "2s"])
+                .args(["--default-bake", "200ms", "--default-health-interval", "100ms", "--registration-ttl", "3s"])
+                .args(extra)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out),
+            port,
+            "coordinator",
+        );
+        Coord { id: id.into(), port, http_port, log, proc: Some(child) }
     }
 
     pub fn url(&self) -> String {
@@ -245,29 +253,23 @@ impl NodeProc {
         let (http_port, agent_port) = (free_port(), free_port());
         let log = dir.join(format!("{id}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(node_bin())
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
-            .arg("--state-dir")
-            .arg(dir.join(format!("{id}.state")))
-            .args(["--id", id, "--no-watch"])
-            .args(if urls.is_empty() { vec![] } else { vec!["--coordinator".to_owned(), urls.join(",")] })
-            .args(extra)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let n = NodeProc {
-            id: id.into(),
+        let child = spawn_listening(
+            Command::new(node_bin())
+                .arg("--config")
+                .arg(config)
+                .args(["--listen", &format!("127.0.0.1:{http_port}")])
+                .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
+                .arg("--state-dir")
+                .arg(dir.join(format!("{id}.state")))
+                .args(["--id", id, "--no-watch"])
+                .args(if urls.is_empty() { vec![] } else { vec!["--coordinator".to_owned(), urls.join(",")] })
+                .args(extra)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out),
             http_port,
-            agent_port,
-            http: reqwest::Client::new(),
-            proc: Some(ChildGuard(child)),
-        };
-        wait_for_port(http_port, Duration::from_secs(20), "node");
-        n
+            "node",
+        );
+        NodeProc { id: id.into(), http_port, agent_port, http: reqwest::Client::new(), proc: Some(child) }
     }
 
     pub async fn status(&self) -> serde_json::Value {
@@ -379,14 +381,14 @@ pub async fn new_leader(c: &Coord, old: &str) -> String {
 /// A throwaway redis-server on a free loopback port, and its URL.
 pub fn redis_server() -> (ChildGuard, String) {
     let port = free_port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH (scripts/test.sh installs it)");
-    let guard = ChildGuard(child);
-    wait_for_port(port, Duration::from_secs(10), "redis");
+    let guard = spawn_listening(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        port,
+        "redis-server",
+    );
     (guard, format!("redis://127.0.0.1:{port}/0"))
 }
 

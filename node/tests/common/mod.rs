@@ -298,3 +298,31 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A push of `content` as `version` under fencing token `token` (unordered:
+/// sequence 0; set it where order matters).
+pub fn push(content: String, version: u64, token: u64) -> confroll_node::Push {
+    confroll_node::Push {
+        service: String::new(),
+        version,
+        sha256: confroll_node::node::sha256_hex(content.as_bytes()),
+        content: content.into_bytes(),
+        fencing_token: token,
+        rollout_id: "test-rollout".into(),
+        sequence: 0,
+    }
+}
+
+/// The same push as a `NodeAgent.Apply` request.
+pub fn apply_request(content: String, version: u64, token: u64) -> confroll_proto::v1::ApplyRequest {
+    let p = push(content, version, token);
+    confroll_proto::v1::ApplyRequest {
+        service: p.service,
+        version: p.version,
+        content: p.content,
+        sha256: p.sha256,
+        fencing_token: p.fencing_token,
+        rollout_id: p.rollout_id,
+        sequence: p.sequence,
+    }
+}
