@@ -54,12 +54,13 @@ struct Session {
     address: String,
     requests: mpsc::Sender<pb::ApplyRequest>,
     answers: Streaming<pb::ApplyResponse>,
-    /// Whether a push was answered on it. A failure on a stream that has
-    /// been idle may only mean the node restarted since: that push is tried
-    /// once more on a new stream (pushes are idempotent: a node already
-    /// running the version answers `unchanged`).
-    answered: bool,
 }
+
+/// Attempts per push while the transport fails fast (a stream or connection
+/// that died with a node restart fails the first one, and the channel
+/// reconnects only after that). Pushes are idempotent: a node already
+/// running the version answers `unchanged`, and a retry keeps its sequence.
+const ATTEMPTS: u32 = 3;
 
 /// Pooled channels to node agents.
 #[derive(Default)]
@@ -145,30 +146,30 @@ impl Agents {
         if self.unary.lock().expect("agents lock").contains(address) {
             return self.apply_unary(address, req, deadline, timeout).await;
         }
-        let mut req = Some(req);
+        let mut attempt = 0;
         loop {
+            attempt += 1;
             // The session leaves the slot for the exchange and goes back only
             // once its answer is read: if this future is dropped midway (or
             // times out), an answer still owed on that stream can never be
             // read as the answer to a later push.
             let session = slot.take().filter(|s| s.address == address);
-            let reused = session.as_ref().is_some_and(|s| s.answered);
-            // Keep a copy only when a retry or the unary fallback may need it.
-            let this = if reused || session.is_none() { req.clone() } else { req.take() };
-            let this = this.expect("a request to send");
-            match tokio::time::timeout_at(deadline, self.exchange(session, address, this)).await {
-                Ok(Ok((mut session, answer))) => {
-                    session.answered = true;
+            // The copy serves a retry or the unary fallback.
+            match tokio::time::timeout_at(deadline, self.exchange(session, address, req.clone())).await {
+                Ok(Ok((session, answer))) => {
                     *slot = Some(session);
                     return Ok(answer);
                 }
                 Ok(Err(StreamError::Unsupported)) => {
                     tracing::info!(%address, "node has no ApplyStream (an older node): pushing with unary Apply");
                     self.unary.lock().expect("agents lock").insert(address.to_owned());
-                    let req = req.take().expect("kept for the fallback");
                     return self.apply_unary(address, req, deadline, timeout).await;
                 }
-                Ok(Err(StreamError::Agent(AgentError::Unreachable(_)))) if reused => {}
+                Ok(Err(StreamError::Agent(AgentError::Unreachable(e)))) if attempt < ATTEMPTS => {
+                    tracing::debug!(%address, attempt, error = %e, "push failed on the transport; retrying on a new stream");
+                    let pause = Duration::from_millis(20 * u64::from(attempt));
+                    tokio::time::sleep_until(deadline.min(Instant::now() + pause)).await;
+                }
                 Ok(Err(StreamError::Agent(e))) => return Err(e),
                 Err(_) => return Err(no_answer(timeout)),
             }
@@ -199,7 +200,7 @@ impl Agents {
                     Err(s) if s.code() == Code::Unimplemented => return Err(StreamError::Unsupported),
                     Err(s) => return Err(from_status(s).into()),
                 };
-                Session { address: address.to_owned(), requests, answers, answered: false }
+                Session { address: address.to_owned(), requests, answers }
             }
         };
         match session.answers.message().await {
