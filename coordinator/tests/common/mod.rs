@@ -19,23 +19,30 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     M.lock().await
 }
 
+/// A loopback port nothing listens on, for a process this test starts:
+/// below the ephemeral range (so no outgoing connection takes it before the
+/// process binds it), and never handed out twice by this test binary.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-pub fn wait_for_port(port: u16, within: Duration, what: &str) {
-    let deadline = Instant::now() + within;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} never listened on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    confroll_node::net::spare_loopback_port(&mut TAKEN.lock().unwrap()).expect("a free loopback port")
 }
 
 /// Starts `cmd` (`what`, for messages) and waits until it listens on `port`.
-pub fn spawn_listening(cmd: &mut Command, port: u16, what: &str) -> ChildGuard {
+/// If it exits first, panics with its status and the end of `log` (where
+/// its output goes), instead of waiting out the deadline.
+pub fn spawn_listening(cmd: &mut Command, port: u16, what: &str, log: Option<&Path>) -> ChildGuard {
     let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {what} ({e}); scripts/test.sh installs it"));
-    let guard = ChildGuard(child);
-    wait_for_port(port, Duration::from_secs(20), what);
+    let mut guard = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            let text = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("{what} exited ({status}) before it listened on {port}; its log ends:\n{}", tail.join("\n"));
+        }
+        assert!(Instant::now() < deadline, "{what} never listened on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     guard
 }
 
@@ -104,6 +111,7 @@ impl Etcd {
                 .stderr(Stdio::null()),
             client,
             "etcd",
+            None,
         );
         Etcd { endpoint: format!("http://127.0.0.1:{client}"), _proc: p, dir }
     }
@@ -207,6 +215,7 @@ impl Coord {
                 .stderr(out),
             port,
             "coordinator",
+            Some(&log),
         );
         Coord { id: id.into(), port, http_port, log, proc: Some(child) }
     }
@@ -268,6 +277,7 @@ impl NodeProc {
                 .stderr(out),
             http_port,
             "node",
+            Some(&log),
         );
         NodeProc { id: id.into(), http_port, agent_port, http: reqwest::Client::new(), proc: Some(child) }
     }
@@ -388,6 +398,7 @@ pub fn redis_server() -> (ChildGuard, String) {
             .stderr(Stdio::null()),
         port,
         "redis-server",
+        None,
     );
     (guard, format!("redis://127.0.0.1:{port}/0"))
 }
@@ -461,6 +472,23 @@ pub struct Cluster {
     pub store: Backing,
     pub cfg: PathBuf,
     pub dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    /// A failing test keeps its directory (every process's log) and prints
+    /// where it is, with the end of each coordinator's log.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        self.dir.disable_cleanup(true);
+        eprintln!("test failed: logs kept in {}", self.dir.path().display());
+        for c in &self.coords {
+            let text = c.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+            eprintln!("--- end of {} ---\n{}", c.log.display(), tail.join("\n"));
+        }
+    }
 }
 
 impl Cluster {

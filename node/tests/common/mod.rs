@@ -25,9 +25,12 @@ pub fn redis_url() -> String {
         .expect("CONFROLL_TEST_REDIS_URL is not set: run the tests with `bash scripts/test.sh`, which starts Redis")
 }
 
-/// A loopback port nothing listens on (bound, then released).
+/// A loopback port nothing listens on, for a process this test starts:
+/// below the ephemeral range (so no outgoing connection takes it before the
+/// process binds it), and never handed out twice by this test binary.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    confroll_node::net::spare_loopback_port(&mut TAKEN.lock().unwrap()).expect("a free loopback port")
 }
 
 /// A URL on a loopback port where nothing listens.

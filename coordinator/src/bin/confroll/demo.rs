@@ -47,9 +47,6 @@ const LEASE_TTL: &str = "2s";
 const BAKE: &str = "1s";
 /// Bound on each step's waits; a step that takes longer fails the demo.
 const STEP: Duration = Duration::from_secs(30);
-/// Ports are drawn from here: below Linux's ephemeral range (32768+), so an
-/// outgoing connection cannot take a port between the check and the bind.
-const PORTS: std::ops::Range<u16> = 20000..32000;
 
 /// Runs the demo. With `once`, returns after the story (error if a step
 /// misbehaved); otherwise keeps everything running until Ctrl-C or SIGTERM.
@@ -232,16 +229,10 @@ impl Demo {
         Ok(Demo { bins, replicas: Vec::new(), nodes: Vec::new(), taken: Vec::new(), dir })
     }
 
-    /// A free loopback port in [`PORTS`], distinct from the ones already taken.
+    /// A free loopback port, distinct from the ones already taken.
     fn port(&mut self) -> anyhow::Result<u16> {
-        for _ in 0..1000 {
-            let p = rand::random_range(PORTS);
-            if !self.taken.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                self.taken.push(p);
-                return Ok(p);
-            }
-        }
-        bail!("no free loopback port in {PORTS:?}")
+        net::spare_loopback_port(&mut self.taken)
+            .ok_or_else(|| anyhow::anyhow!("no free loopback port in {:?}", net::SPARE_PORTS))
     }
 
     /// Kills and reaps every child; how many were running.
