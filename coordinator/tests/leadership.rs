@@ -90,6 +90,12 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
         assert!(err.message().contains(&format!("stale fencing token {old_token}")), "{}", err.message());
         assert_eq!(n.version().await, 2, "node {} was changed by a stale push", n.id);
     }
+    // The pause cost no node its registration: heartbeats that a follower
+    // forwarded to the frozen leader were retried with its successor.
+    for n in nodes {
+        let log = std::fs::read_to_string(cl.dir.path().join(format!("{}.log", n.id))).unwrap();
+        assert!(!log.contains("registration expired"), "node {} lost its registration during the pause:\n{log}", n.id);
+    }
     // It notices it lost its lease and steps down; it never pushed anything.
     eventually(Duration::from_secs(10), "the old leader to step down", || async {
         let log = paused.log_text();

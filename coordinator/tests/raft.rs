@@ -87,3 +87,36 @@ async fn any_one_replica_killed_mid_rollout_and_the_rollout_still_ends() {
         }
     }
 }
+
+/// A write acknowledged by the leader is read back from every replica at
+/// once, as etcd's default (linearizable) reads promise: a follower first
+/// learns the leader's commit index and waits until it has applied that far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_reads_a_write_the_moment_it_is_acknowledged() {
+    let _serial = serial().await;
+    let cl = Cluster::start_with(Backing::raft(3), 3, 1, &lite(30), &[]).await;
+    let leader = leader_of(&cl.coords[0]).await;
+    let lead = cl.coords.iter().find(|c| c.id == leader).unwrap().client().await;
+    let mut clients = Vec::new();
+    for c in &cl.coords {
+        clients.push((c.id.clone(), c.client().await));
+    }
+    for round in 1..=8u32 {
+        let accepted = submit_until_accepted(&lead, submit_req(&lite(60 + round), "0s")).await;
+        assert_eq!(accepted.version, u64::from(round));
+        // Every replica at the same instant, right after the acknowledgement.
+        let reads = futures::future::join_all(
+            clients.iter().map(|(id, c)| async move { (id, history(c).await.first().map(|v| v.0)) }),
+        )
+        .await;
+        for (id, newest) in &reads {
+            assert_eq!(
+                *newest,
+                Some(u64::from(round)),
+                "replica {id} missed version {round} after it was acknowledged"
+            );
+        }
+        let done = wait_rollout_done(&cl.coords[0], Duration::from_secs(30)).await;
+        assert_eq!(done.state, "SUCCEEDED", "{done:?}");
+    }
+}

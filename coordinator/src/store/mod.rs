@@ -185,7 +185,8 @@ pub trait Store: Send + Sync + 'static {
     /// The current leader, if any.
     async fn leader(&self) -> Result<Option<Member>, StoreError>;
 
-    /// One key.
+    /// One key. Reads (`get`, `list`, `list_keys`) are linearizable: they
+    /// see every write acknowledged, by any replica, before they began.
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
 
     /// Every key under `prefix`, in key order.

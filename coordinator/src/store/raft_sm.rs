@@ -120,6 +120,16 @@ pub enum Command {
     Expire,
 }
 
+impl Command {
+    /// Whether committing it twice leaves the same state as once, so a
+    /// proposal whose outcome is unknown may simply be proposed again: a
+    /// lease refresh only (a second `Register` would leave a lease behind,
+    /// and conditional writes and locks may answer differently).
+    pub fn is_idempotent(&self) -> bool {
+        matches!(self, Command::Refresh { .. })
+    }
+}
+
 /// A command with the proposer's clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {

@@ -22,8 +22,14 @@
 //! * **Registrations.** Leases in the state machine, expired by `Expire`
 //!   entries the leader proposes with its clock; a new leader first extends
 //!   every lease by a full TTL (as etcd does).
-//! * **Reads** are served by the local state machine: on the leader they see
-//!   every write it made; on a follower they may lag by a heartbeat.
+//! * **Reads** are linearizable, as etcd's default reads are: a write
+//!   acknowledged by any replica is seen by every later read on every
+//!   replica. The leader reads its state machine at once while its lease
+//!   holds (a quorum answered it within a quarter of the TTL, and it applied
+//!   an entry of its own raft term). Any other replica first asks the leader
+//!   for its read index (`ReadIndex`: the leader confirms with a quorum and
+//!   answers with its commit index) and waits until it has applied that far.
+//!   Watches follow the local state machine and may lag by a heartbeat.
 //! * **Writes** from a follower (node registrations arrive at any replica)
 //!   are forwarded to the leader over the raft port (`Propose`).
 
@@ -41,7 +47,7 @@ use std::{
 
 use openraft::{
     BasicNode, Config, ServerState, SnapshotPolicy,
-    error::{ClientWriteError, RaftError},
+    error::{CheckIsLeaderError, ClientWriteError, RaftError},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
@@ -73,6 +79,10 @@ pub(crate) enum ProposeError {
     /// The leader could not be reached before sending. Safe to retry.
     #[error("raft leader unreachable: {0}")]
     Unreachable(String),
+    /// The leader did not answer in time (paused, or cut off): the outcome
+    /// is unknown. Retried only where a second commit does no harm.
+    #[error("raft leader did not answer in time: {0}")]
+    TimedOut(String),
     /// Anything else (the outcome may be unknown).
     #[error("raft: {0}")]
     Failed(String),
@@ -125,6 +135,24 @@ async fn write_local(raft: &OpenRaft, cmd: Command) -> Result<Reply, ProposeErro
         Err(e) => Err(ProposeError::Failed(e.to_string())),
     }
 }
+
+/// The log index a linearizable read must wait for, if this replica leads:
+/// openraft confirms the leadership with a quorum (one heartbeat round)
+/// first, so a deposed leader cannot hand out a stale index.
+async fn read_index_local(raft: &OpenRaft) -> Result<Option<u64>, ProposeError> {
+    match raft.get_read_log_id().await {
+        Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(ProposeError::NotLeader(f.leader_id)),
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+            Err(ProposeError::Unreachable(e.to_string()))
+        }
+        Err(e) => Err(ProposeError::Failed(e.to_string())),
+    }
+}
+
+/// How long a read waits for a leader and for this replica to catch up
+/// before it fails `Unavailable` (as long as a proposal waits).
+const READ_WAIT: Duration = Duration::from_secs(5);
 
 /// What a reply that does not answer `cmd` means: the fence failed, or a bug.
 fn unexpected(cmd: &str, r: Reply) -> StoreError {
@@ -263,17 +291,102 @@ impl RaftStore {
         self.clients.get(&id).ok_or(ProposeError::NotLeader(None))?.clone().map_err(ProposeError::Unreachable)
     }
 
-    async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Reply, ProposeError> {
-        let mut c = self.client(leader)?;
-        let frame = network::encode(cmd).map_err(|s| ProposeError::Failed(s.message().into()))?;
+    /// Calls `rpc` on the leader's raft port with `req`; its answer, or
+    /// `TimedOut` after `within`.
+    async fn ask<Req: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        leader: NodeId,
+        req: &Req,
+        within: Duration,
+        rpc: network::Rpc,
+    ) -> Result<T, ProposeError> {
+        let c = self.client(leader)?;
+        let frame = network::encode(req).map_err(|s| ProposeError::Failed(s.message().into()))?;
         let mut req = tonic::Request::new(frame);
-        req.set_timeout(Duration::from_secs(5));
-        match c.propose(req).await {
-            Ok(r) => network::decode::<Result<Reply, ProposeError>>(r.get_ref())
+        req.set_timeout(within);
+        match tokio::time::timeout(within, rpc(c, req)).await {
+            Err(_) => Err(ProposeError::TimedOut(format!("no answer from raft node {leader} within {within:?}"))),
+            Ok(Ok(r)) => network::decode::<Result<T, ProposeError>>(r.get_ref())
                 .map_err(|s| ProposeError::Failed(s.message().into()))?,
             // Not connected: nothing was sent.
-            Err(s) if s.code() == tonic::Code::Unavailable => Err(ProposeError::Unreachable(s.message().into())),
-            Err(s) => Err(ProposeError::Failed(s.message().into())),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(ProposeError::Unreachable(s.message().into())),
+            Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Err(ProposeError::TimedOut(s.message().into())),
+            Ok(Err(s)) => Err(ProposeError::Failed(s.message().into())),
+        }
+    }
+
+    /// How long one attempt waits for a leader that may have stopped
+    /// answering (a paused process, a cut link): a quarter of the lease TTL,
+    /// within which a live leader answers a heartbeat round many times over.
+    /// After it the attempt is retried with whoever leads by then (the
+    /// successor is elected TTL/2..TTL after the leader went quiet).
+    fn attempt_timeout(&self) -> Duration {
+        (self.lease_ttl / 4).max(Duration::from_millis(200))
+    }
+
+    async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Reply, ProposeError> {
+        // A command that may commit twice (a lease refresh) is cut short and
+        // retried like a read; any other waits the full proposal deadline, as
+        // a retry could apply it twice.
+        let within = if cmd.is_idempotent() { self.attempt_timeout() } else { READ_WAIT };
+        self.ask(leader, cmd, within, |mut c, r| Box::pin(async move { c.propose(r).await })).await
+    }
+
+    /// Whether the leader may read its own state machine without asking a
+    /// quorum: it leads, a quorum acknowledged it less than TTL/4 ago (no
+    /// successor can be elected until TTL/2 after that; the metrics are at
+    /// most one tick, 0.075 TTL, old), and it has applied an entry of its own
+    /// raft term, so every entry committed before its term is applied too.
+    /// One gap remains: a process paused between openraft's last metrics
+    /// refresh and this check reads the pre-pause value; openraft refreshes
+    /// it as soon as the process runs again, so the window is that of the
+    /// first scheduling after the pause. Writes stay fenced regardless.
+    fn leader_lease_holds(&self) -> bool {
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        let lease_ms = (self.lease_ttl.as_millis() / 4) as u64;
+        m.state == ServerState::Leader
+            && m.current_leader == Some(self.id)
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms)
+            && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
+    /// Returns once a read of the local state machine is linearizable: it
+    /// reflects every write acknowledged (by any replica) before the call.
+    async fn read_barrier(&self) -> Result<(), StoreError> {
+        if self.leader_lease_holds() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + READ_WAIT;
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            let r = match leader {
+                Some(l) if l == self.id => read_index_local(&self.raft).await,
+                Some(l) => {
+                    let within = self.attempt_timeout();
+                    self.ask(l, &(), within, |mut c, r| Box::pin(async move { c.read_index(r).await })).await
+                }
+                None => Err(ProposeError::NotLeader(None)),
+            };
+            match r {
+                Ok(index) => {
+                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                    return match self.raft.wait(Some(left)).applied_index_at_least(index, "linearizable read").await {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(StoreError::Unavailable(format!(
+                            "this replica did not apply up to the leader's commit index {index:?} in time: {e}"
+                        ))),
+                    };
+                }
+                // No leader yet, it could not confirm itself, or it stopped
+                // answering: wait for an election.
+                Err(ProposeError::NotLeader(_) | ProposeError::Unreachable(_) | ProposeError::TimedOut(_))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(StoreError::Unavailable(format!("no linearizable read: {e}"))),
+            }
         }
     }
 
@@ -291,6 +404,9 @@ impl RaftStore {
                 Err(ProposeError::NotLeader(_) | ProposeError::Unreachable(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                // Maybe appended by a leader that went quiet; harmless to
+                // commit again.
+                Err(ProposeError::TimedOut(_)) if cmd.is_idempotent() && Instant::now() < deadline => {}
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             }
         }
@@ -383,10 +499,12 @@ impl Store for RaftStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
+        self.read_barrier().await?;
         Ok(self.shared.state.read().expect("state").sm.kv.get(key).cloned())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, KvEntry)>, StoreError> {
+        self.read_barrier().await?;
         let st = self.shared.state.read().expect("state");
         Ok(st
             .sm
@@ -398,6 +516,7 @@ impl Store for RaftStore {
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.read_barrier().await?;
         let st = self.shared.state.read().expect("state");
         Ok(st.sm.kv.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect())
     }

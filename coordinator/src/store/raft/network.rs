@@ -4,6 +4,7 @@
 //!   replica A                                  replica B (raft port)
 //!   openraft ─▶ Conn::append_entries ─Frame─▶ RaftServiceImpl ─▶ openraft
 //!   RaftStore::propose (follower) ────Frame─▶ RaftServiceImpl::propose ─▶ client_write on the leader
+//!   RaftStore::read_barrier (follower) ─Frame─▶ RaftServiceImpl::read_index ─▶ get_read_log_id on the leader
 //! ```
 //!
 //! Frames carry postcard-encoded openraft types (and our proposals and
@@ -55,7 +56,7 @@ pub(crate) fn client(addr: &str) -> Result<RaftClient<Channel>, String> {
 }
 
 /// One RPC of the raft service, as a function of a client and a request.
-type Rpc =
+pub(crate) type Rpc =
     fn(RaftClient<Channel>, Request<Frame>) -> futures::future::BoxFuture<'static, Result<Response<Frame>, Status>>;
 
 /// Builds one [`Conn`] per peer.
@@ -162,6 +163,11 @@ impl RaftRpc for RaftServiceImpl {
     async fn propose(&self, req: Request<Frame>) -> Result<Response<Frame>, Status> {
         let cmd: Command = decode(req.get_ref())?;
         let out: Result<Reply, ProposeError> = super::write_local(&self.raft, cmd).await;
+        Ok(Response::new(encode(&out)?))
+    }
+
+    async fn read_index(&self, _req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let out: Result<Option<u64>, ProposeError> = super::read_index_local(&self.raft).await;
         Ok(Response::new(encode(&out)?))
     }
 }
