@@ -157,6 +157,13 @@ async fn joining_and_returning_nodes_are_brought_to_the_stable_version() {
     let n1 = NodeProc::start("n1", &cfg, dir.path(), &[&c1], &[]);
     assert_eq!(n1.version().await, 1, "a restarted node boots on its last applied config");
     n1.wait_version(2).await;
+    // The live version shows as soon as it is swapped in; the reload's
+    // report only once the config is persisted. A kill -9 in between would
+    // (rightly) bring the node back on v1, unacknowledged.
+    eventually(Duration::from_secs(10), "n1's reload to v2 to be persisted", || async {
+        (n1.status().await["last_reload"]["to_version"] == 2).then_some(())
+    })
+    .await;
 
     // With no coordinator at all, a restarted node still serves its last config.
     drop(c1);

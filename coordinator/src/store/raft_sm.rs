@@ -121,10 +121,12 @@ pub enum Command {
 }
 
 impl Command {
-    /// Whether committing it twice leaves the same state as once, so a
+    /// Whether committing it twice leaves the same data as once, so a
     /// proposal whose outcome is unknown may simply be proposed again: a
-    /// lease refresh only (a second `Register` would leave a lease behind,
-    /// and conditional writes and locks may answer differently).
+    /// lease refresh only (its value, if any, is written again: only the
+    /// revision moves and watchers see the same value once more). A second
+    /// `Register` would leave a lease behind, and conditional writes and
+    /// locks may answer differently.
     pub fn is_idempotent(&self) -> bool {
         matches!(self, Command::Refresh { .. })
     }

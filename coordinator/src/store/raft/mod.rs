@@ -3,8 +3,8 @@
 //! ```text
 //!            replica 1                     replica 2                  replica 3
 //!   Replica ─▶ RaftStore ─propose─▶ openraft ◀──AppendEntries/Vote──▶ openraft …
-//!                 │   ▲ (follower: Propose RPC to the leader)
-//!                 │   └── get/list/watch: the local state machine
+//!                 │   ▲ (follower: Propose and ReadIndex RPCs to the leader)
+//!                 │   └── get/list: the local state machine, once current; watch: it as is
 //!                 ▼
 //!   <data-dir>/raft.redb (log, vote)   <data-dir>/snapshot.bin (state machine)
 //! ```
@@ -79,13 +79,17 @@ pub(crate) enum ProposeError {
     /// The leader could not be reached before sending. Safe to retry.
     #[error("raft leader unreachable: {0}")]
     Unreachable(String),
-    /// The leader did not answer in time (paused, or cut off): the outcome
-    /// is unknown. Retried only where a second commit does no harm.
-    #[error("raft leader did not answer in time: {0}")]
-    TimedOut(String),
     /// Anything else (the outcome may be unknown).
     #[error("raft: {0}")]
     Failed(String),
+    /// The leader did not answer in time (paused, or cut off): the outcome
+    /// is unknown. Retried only where a second commit does no harm. (New
+    /// variants go last: postcard encodes the variant's position.)
+    #[error("raft leader did not answer in time: {0}")]
+    TimedOut(String),
+    /// The leader runs an older confroll without this RPC (a rolling upgrade).
+    #[error("raft leader does not serve this RPC: {0}")]
+    Unsupported(String),
 }
 
 /// How to run the raft store.
@@ -173,6 +177,11 @@ pub struct RaftStore {
     clients:
         BTreeMap<NodeId, Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, String>>,
     lease_ttl: Duration,
+    /// When openraft last published metrics, in ms since `epoch`: openraft
+    /// publishes on every turn of its loop (ticks included), so an old stamp
+    /// means its core is stuck (a stalled disk) and its metrics are old.
+    metrics_seen_ms: Arc<std::sync::atomic::AtomicU64>,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for RaftStore {
@@ -253,6 +262,14 @@ impl RaftStore {
             clients: opts.peers.iter().map(|(id, addr)| (*id, network::client(addr))).collect(),
             peers: opts.peers,
             lease_ttl: opts.lease_ttl,
+            metrics_seen_ms: Default::default(),
+            epoch: Instant::now(),
+        });
+        let (seen, epoch, mut m) = (store.metrics_seen_ms.clone(), store.epoch, store.raft.metrics());
+        tokio::spawn(async move {
+            while m.changed().await.is_ok() {
+                seen.store(epoch.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
         });
         tokio::spawn(store.clone().expire_loop(shutdown.clone()));
         let s = store.clone();
@@ -311,6 +328,7 @@ impl RaftStore {
             // Not connected: nothing was sent.
             Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Err(ProposeError::Unreachable(s.message().into())),
             Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Err(ProposeError::TimedOut(s.message().into())),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Err(ProposeError::Unsupported(s.message().into())),
             Ok(Err(s)) => Err(ProposeError::Failed(s.message().into())),
         }
     }
@@ -333,42 +351,56 @@ impl RaftStore {
     }
 
     /// Whether the leader may read its own state machine without asking a
-    /// quorum: it leads, a quorum acknowledged it less than TTL/4 ago (no
-    /// successor can be elected until TTL/2 after that; the metrics are at
-    /// most one tick, 0.075 TTL, old), and it has applied an entry of its own
-    /// raft term, so every entry committed before its term is applied too.
-    /// One gap remains: a process paused between openraft's last metrics
-    /// refresh and this check reads the pre-pause value; openraft refreshes
-    /// it as soon as the process runs again, so the window is that of the
-    /// first scheduling after the pause. Writes stay fenced regardless.
+    /// quorum: it leads, a quorum acknowledged it less than TTL/4 ago,
+    /// counting the age of the metrics that say so (no successor can be
+    /// elected until at least TTL/2 after that ack), and it has applied an
+    /// entry of its own raft term, so every entry committed before its term
+    /// is applied too. A stuck openraft core (a stalled disk) stops
+    /// publishing metrics, so their age ends the lease. One gap remains: a
+    /// whole process paused right after openraft published, and woken with
+    /// this read before openraft's stamp task runs, sees pre-pause metrics;
+    /// writes stay fenced regardless.
     fn leader_lease_holds(&self) -> bool {
         let rx = self.raft.metrics();
         let m = rx.borrow();
         let lease_ms = (self.lease_ttl.as_millis() / 4) as u64;
+        let seen = self.metrics_seen_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let age = (self.epoch.elapsed().as_millis() as u64).saturating_sub(seen);
         m.state == ServerState::Leader
             && m.current_leader == Some(self.id)
-            && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms)
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms + age < lease_ms)
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+    }
+
+    /// Waits (until `deadline`) for raft to name a leader other than
+    /// `quiet`, which stopped answering: asking it again would only queue
+    /// more work behind whatever holds it.
+    async fn await_other_leader(&self, quiet: NodeId, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = self.raft.wait(Some(left)).metrics(|m| m.current_leader != Some(quiet), "another leader").await;
     }
 
     /// Returns once a read of the local state machine is linearizable: it
     /// reflects every write acknowledged (by any replica) before the call.
+    /// Reads are always safe to retry, so any failure short of the
+    /// deadline is retried.
     async fn read_barrier(&self) -> Result<(), StoreError> {
         if self.leader_lease_holds() {
             return Ok(());
         }
         let deadline = Instant::now() + READ_WAIT;
         loop {
+            let within = self.attempt_timeout().min(deadline.saturating_duration_since(Instant::now()));
             let leader = self.raft.metrics().borrow().current_leader;
             let r = match leader {
-                Some(l) if l == self.id => read_index_local(&self.raft).await,
-                Some(l) => {
-                    let within = self.attempt_timeout();
-                    self.ask(l, &(), within, |mut c, r| Box::pin(async move { c.read_index(r).await })).await
-                }
+                // Bounded too: a stuck core (a stalled disk) never answers.
+                Some(l) if l == self.id => tokio::time::timeout(within, read_index_local(&self.raft))
+                    .await
+                    .unwrap_or_else(|_| Err(ProposeError::TimedOut("this replica's raft core is stuck".into()))),
+                Some(l) => self.ask(l, &(), within, |mut c, r| Box::pin(async move { c.read_index(r).await })).await,
                 None => Err(ProposeError::NotLeader(None)),
             };
-            match r {
+            let e = match r {
                 Ok(index) => {
                     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
                     return match self.raft.wait(Some(left)).applied_index_at_least(index, "linearizable read").await {
@@ -378,14 +410,21 @@ impl RaftStore {
                         ))),
                     };
                 }
-                // No leader yet, it could not confirm itself, or it stopped
-                // answering: wait for an election.
-                Err(ProposeError::NotLeader(_) | ProposeError::Unreachable(_) | ProposeError::TimedOut(_))
-                    if Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                // An older leader (mid-upgrade) has no ReadIndex: read as
+                // that version did, from the local state machine.
+                Err(ProposeError::Unsupported(m)) => {
+                    tracing::debug!(error = %m, "leader without ReadIndex; reading locally");
+                    return Ok(());
                 }
-                Err(e) => return Err(StoreError::Unavailable(format!("no linearizable read: {e}"))),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!("no linearizable read within {READ_WAIT:?}: {e}")));
+            }
+            match (e, leader) {
+                (ProposeError::TimedOut(_), Some(l)) if l != self.id => self.await_other_leader(l, deadline).await,
+                // No leader yet, or it could not confirm itself: wait for an election.
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     }
@@ -405,8 +444,13 @@ impl RaftStore {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 // Maybe appended by a leader that went quiet; harmless to
-                // commit again.
-                Err(ProposeError::TimedOut(_)) if cmd.is_idempotent() && Instant::now() < deadline => {}
+                // commit again, once another replica leads.
+                Err(ProposeError::TimedOut(_)) if cmd.is_idempotent() && Instant::now() < deadline => {
+                    let leader = self.raft.metrics().borrow().current_leader;
+                    if let Some(l) = leader.filter(|l| *l != self.id) {
+                        self.await_other_leader(l, deadline).await;
+                    }
+                }
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             }
         }
