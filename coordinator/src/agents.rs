@@ -118,6 +118,33 @@ impl Agents {
         }
     }
 
+    /// Closes what is kept open for nodes that are gone: the push stream of
+    /// every node id not in `live` (node id → agent address, every node
+    /// registered now), and the channels and unary marks of addresses no
+    /// live node uses. Without it, a node that left would keep an idle
+    /// HTTP/2 stream (and a ping every 10 s) for the leader's lifetime.
+    /// A push in flight keeps its stream until it ends. Returns how many
+    /// push streams were closed.
+    pub fn retain(&self, live: &HashMap<String, String>) -> usize {
+        let gone: Vec<Arc<Mutex<Option<Session>>>> = {
+            let mut map = self.sessions.lock().expect("agents lock");
+            let ids: Vec<String> = map.keys().filter(|id| !live.contains_key(*id)).cloned().collect();
+            ids.iter().filter_map(|id| map.remove(id)).collect()
+        };
+        let addresses: HashSet<&str> = live.values().map(String::as_str).collect();
+        self.channels.lock().expect("agents lock").retain(|a, _| addresses.contains(a.as_str()));
+        self.unary.lock().expect("agents lock").retain(|a| addresses.contains(a.as_str()));
+        // A slot locked right now belongs to a push in flight; it closes its
+        // stream when it drops the slot.
+        gone.iter().filter(|slot| slot.try_lock().map(|s| s.is_some()).unwrap_or(true)).count()
+    }
+
+    /// How many nodes have a push stream open (or a push in flight).
+    pub fn open_streams(&self) -> usize {
+        let map = self.sessions.lock().expect("agents lock");
+        map.values().filter(|slot| slot.try_lock().map(|s| s.is_some()).unwrap_or(true)).count()
+    }
+
     /// The sequence for the next push, to be taken when the push is issued
     /// (before any task is spawned for it): pushes to one node queue for its
     /// lock in whatever order their tasks run, and a node refuses a push

@@ -22,6 +22,10 @@ pub struct CoordinatorMetrics {
     pub rollout_duration: Histogram,
     /// `confroll_nodes{service,state}`.
     pub nodes: IntGaugeVec,
+    /// `confroll_push_streams`: push streams this replica holds open (one
+    /// per node while it leads, none after): a value above the registered
+    /// node count means streams to departed nodes are not being closed.
+    pub push_streams: IntGauge,
 }
 
 impl CoordinatorMetrics {
@@ -32,6 +36,10 @@ impl CoordinatorMetrics {
             is_leader: registered(
                 &registry,
                 IntGauge::new("confroll_coordinator_is_leader", "1 while this replica leads").unwrap(),
+            ),
+            push_streams: registered(
+                &registry,
+                IntGauge::new("confroll_push_streams", "ApplyStream push streams open to node agents").unwrap(),
             ),
             stable_version: registered(
                 &registry,

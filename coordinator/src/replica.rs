@@ -338,6 +338,9 @@ impl Replica {
             self.inner.term.store(None);
             self.inner.metrics.is_leader.set(0);
             self.inner.drivers.lock().expect("drivers").running.clear();
+            // A follower pushes nothing: close every push stream.
+            self.inner.agents.retain(&HashMap::new());
+            self.inner.metrics.push_streams.set(self.inner.agents.open_streams() as i64);
         }
     }
 
@@ -385,12 +388,33 @@ impl Replica {
     /// node of an idle service to the stable version. Until a node has
     /// acknowledged a push of this term it is pushed even when it already
     /// runs stable, so it learns the new fencing token.
+    /// Push streams to nodes no longer registered are closed on the way
+    /// (only when every service's nodes could be read).
     async fn reconcile(&self, term: &Term, fenced: &Arc<std::sync::Mutex<HashSet<String>>>) -> Result<(), StoreError> {
+        let mut live = HashMap::new();
+        let mut every_service_read = true;
         for service in self.services().await? {
-            if let Err(e) = self.reconcile_service(term, fenced, &service).await {
+            let r = match self.nodes(&service).await {
+                Ok(nodes) => {
+                    live.extend(nodes.iter().map(|n| (n.id.clone(), n.address.clone())));
+                    self.reconcile_service(term, fenced, &service, nodes).await
+                }
+                Err(e) => {
+                    every_service_read = false;
+                    Err(e)
+                }
+            };
+            if let Err(e) = r {
                 tracing::debug!(%service, error = %e, "reconcile of a service failed");
             }
         }
+        if every_service_read {
+            let closed = self.inner.agents.retain(&live);
+            if closed > 0 {
+                tracing::info!(closed, "closed the push streams of nodes that left");
+            }
+        }
+        self.inner.metrics.push_streams.set(self.inner.agents.open_streams() as i64);
         Ok(())
     }
 
@@ -399,8 +423,8 @@ impl Replica {
         term: &Term,
         fenced: &Arc<std::sync::Mutex<HashSet<String>>>,
         service: &str,
+        nodes: Vec<NodeRecord>,
     ) -> Result<(), StoreError> {
-        let nodes = self.nodes(service).await?;
         let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
         self.inner.metrics.nodes.with_label_values(&[service, "healthy"]).set(healthy);
         self.inner.metrics.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);

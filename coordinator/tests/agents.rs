@@ -200,3 +200,30 @@ async fn an_older_node_without_the_push_stream_gets_unary_pushes() {
     assert!(matches!(agents.apply("n5", &addr, push(5, 5, 2), T).await, Err(AgentError::Refused(_))));
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_nodes_that_left_are_closed_and_reopen_if_they_return() {
+    let (n1, a1, _s1, _h1) = served("n1").await;
+    let (n2, a2, _s2, _h2) = served("n2").await;
+    let agents = Agents::default();
+    for (id, addr) in [("n1", &a1), ("n2", &a2)] {
+        assert!(agents.apply(id, addr, push(2, 2, 10), T).await.unwrap().applied);
+    }
+    assert_eq!(agents.open_streams(), 2);
+
+    // n2 deregistered: only its stream closes.
+    let only_n1 = std::collections::HashMap::from([("n1".to_owned(), a1.clone())]);
+    assert_eq!(agents.retain(&only_n1), 1);
+    assert_eq!(agents.open_streams(), 1);
+    assert_eq!(agents.retain(&only_n1), 0, "nothing more to close");
+    assert!(agents.apply("n1", &a1, push(3, 3, 10), T).await.unwrap().applied);
+    assert_eq!(n1.config().version, 3);
+
+    // n2 comes back: a new stream, and the push lands.
+    assert!(agents.apply("n2", &a2, push(3, 3, 10), T).await.unwrap().applied);
+    assert_eq!((n2.config().version, agents.open_streams()), (3, 2));
+
+    // Stepping down closes everything.
+    assert_eq!(agents.retain(&std::collections::HashMap::new()), 2);
+    assert_eq!(agents.open_streams(), 0);
+}

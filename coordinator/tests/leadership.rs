@@ -146,10 +146,25 @@ async fn joining_and_returning_nodes_are_brought_to_the_stable_version() {
     })
     .await;
 
+    // Both nodes were pushed to (n2 by reconciliation): two push streams.
+    let streams = || async {
+        let m = reqwest::get(format!("http://127.0.0.1:{}/metrics", c1.http_port)).await.unwrap().text().await.unwrap();
+        m.lines().find_map(|l| l.strip_prefix("confroll_push_streams{").and_then(|r| r.split(' ').nth(1))?.parse().ok())
+    };
+    eventually(Duration::from_secs(10), "push streams to both nodes", || async {
+        (streams().await == Some(2u64)).then_some(())
+    })
+    .await;
+
     // n1 dies; v2 rolls out without it; n1 comes back on its state dir and is brought to v2.
     n1.kill9();
     status_until(&client, Duration::from_secs(20), "n1's registration to expire", |s| {
         (s.nodes.len() == 1).then_some(())
+    })
+    .await;
+    // The leader closes the push stream it held to n1 (one left, n2's).
+    eventually(Duration::from_secs(10), "the push stream to n1 to be closed", || async {
+        (streams().await == Some(1u64)).then_some(())
     })
     .await;
     client.submit_config(submit_req(&lite(88), "0s")).await.unwrap();
