@@ -321,8 +321,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
 
-    let etcd = Backing::Etcd(Etcd::start());
-    let endpoint = etcd.etcd_endpoint().context("an etcd store")?.to_owned();
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint.clone();
+    let etcd = Backing::Etcd(etcd);
 
     // 1. Floor, on one shared connection and on one connection per watcher.
     let (mut floors, mut floors_own) = (Vec::new(), Vec::new());

@@ -90,6 +90,18 @@ impl From<AgentError> for StreamError {
     }
 }
 
+/// Whether `slot` holds an open push stream. A slot locked right now
+/// belongs to a push in flight, whose stream is open until the push ends.
+fn is_open(slot: &Mutex<Option<Session>>) -> bool {
+    slot.try_lock().map(|s| s.is_some()).unwrap_or(true)
+}
+
+/// An error status on a push stream: `UNIMPLEMENTED` means an older node
+/// without `ApplyStream`.
+fn stream_error(s: tonic::Status) -> StreamError {
+    if s.code() == Code::Unimplemented { StreamError::Unsupported } else { from_status(s).into() }
+}
+
 impl Agents {
     fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, AgentError> {
         let mut map = self.channels.lock().expect("agents lock");
@@ -126,23 +138,24 @@ impl Agents {
     /// A push in flight keeps its stream until it ends. Returns how many
     /// push streams were closed.
     pub fn retain(&self, live: &HashMap<String, String>) -> usize {
-        let gone: Vec<Arc<Mutex<Option<Session>>>> = {
-            let mut map = self.sessions.lock().expect("agents lock");
-            let ids: Vec<String> = map.keys().filter(|id| !live.contains_key(*id)).cloned().collect();
-            ids.iter().filter_map(|id| map.remove(id)).collect()
-        };
+        let mut gone = Vec::new();
+        self.sessions.lock().expect("agents lock").retain(|id, slot| {
+            let keep = live.contains_key(id);
+            if !keep {
+                gone.push(slot.clone());
+            }
+            keep
+        });
         let addresses: HashSet<&str> = live.values().map(String::as_str).collect();
         self.channels.lock().expect("agents lock").retain(|a, _| addresses.contains(a.as_str()));
         self.unary.lock().expect("agents lock").retain(|a| addresses.contains(a.as_str()));
-        // A slot locked right now belongs to a push in flight; it closes its
-        // stream when it drops the slot.
-        gone.iter().filter(|slot| slot.try_lock().map(|s| s.is_some()).unwrap_or(true)).count()
+        gone.iter().filter(|slot| is_open(slot)).count()
     }
 
     /// How many nodes have a push stream open (or a push in flight).
     pub fn open_streams(&self) -> usize {
         let map = self.sessions.lock().expect("agents lock");
-        map.values().filter(|slot| slot.try_lock().map(|s| s.is_some()).unwrap_or(true)).count()
+        map.values().filter(|slot| is_open(slot)).count()
     }
 
     /// The sequence for the next push, to be taken when the push is issued
@@ -224,8 +237,7 @@ impl Agents {
                 requests.try_send(req).expect("an empty channel has room");
                 let answers = match self.client(address)?.apply_stream(ReceiverStream::new(rx)).await {
                     Ok(r) => r.into_inner(),
-                    Err(s) if s.code() == Code::Unimplemented => return Err(StreamError::Unsupported),
-                    Err(s) => return Err(from_status(s).into()),
+                    Err(s) => return Err(stream_error(s)),
                 };
                 Session { address: address.to_owned(), requests, answers }
             }
@@ -233,8 +245,7 @@ impl Agents {
         match session.answers.message().await {
             Ok(Some(answer)) => Ok((session, answer)),
             Ok(None) => Err(AgentError::Unreachable("the node ended the push stream".into()).into()),
-            Err(s) if s.code() == Code::Unimplemented => Err(StreamError::Unsupported),
-            Err(status) => Err(from_status(status).into()),
+            Err(s) => Err(stream_error(s)),
         }
     }
 

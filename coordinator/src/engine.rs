@@ -398,7 +398,9 @@ impl Engine {
     /// ones that never left the stable version.
     fn push_stage(&mut self, from: usize) -> Vec<Action> {
         let nodes: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
-        self.rec.touched.extend(self.rec.order.iter().cloned());
+        // Cloned only the first time (later stages find them listed).
+        let missing: Vec<String> = self.rec.order.iter().filter(|n| !self.rec.touched.contains(*n)).cloned().collect();
+        self.rec.touched.extend(missing);
         self.live.may_hold.extend(nodes.iter().cloned());
         let mut a = vec![Action::Persist];
         a.extend(nodes.into_iter().map(Action::Push));

@@ -188,6 +188,13 @@ struct Drivers {
     started: HashMap<String, u64>,
 }
 
+impl Drivers {
+    /// Drivers started so far for `service`.
+    fn started(&self, service: &str) -> u64 {
+        self.started.get(service).copied().unwrap_or(0)
+    }
+}
+
 /// A coordinator replica; cheap to clone.
 #[derive(Clone)]
 pub struct Replica {
@@ -339,8 +346,7 @@ impl Replica {
             self.inner.metrics.is_leader.set(0);
             self.inner.drivers.lock().expect("drivers").running.clear();
             // A follower pushes nothing: close every push stream.
-            self.inner.agents.retain(&HashMap::new());
-            self.inner.metrics.push_streams.set(self.inner.agents.open_streams() as i64);
+            self.close_push_streams(Some(&HashMap::new()));
         }
     }
 
@@ -408,14 +414,20 @@ impl Replica {
                 tracing::debug!(%service, error = %e, "reconcile of a service failed");
             }
         }
-        if every_service_read {
-            let closed = self.inner.agents.retain(&live);
+        self.close_push_streams(every_service_read.then_some(&live));
+        Ok(())
+    }
+
+    /// Closes the push streams of nodes not in `live` (node id → address;
+    /// `None`: not known, close nothing) and updates `confroll_push_streams`.
+    fn close_push_streams(&self, live: Option<&HashMap<String, String>>) {
+        if let Some(live) = live {
+            let closed = self.inner.agents.retain(live);
             if closed > 0 {
                 tracing::info!(closed, "closed the push streams of nodes that left");
             }
         }
         self.inner.metrics.push_streams.set(self.inner.agents.open_streams() as i64);
-        Ok(())
     }
 
     async fn reconcile_service(
@@ -433,7 +445,7 @@ impl Replica {
             if d.running.contains_key(service) {
                 return Ok(());
             }
-            d.started.get(service).copied().unwrap_or(0)
+            d.started(service)
         };
         // The rollout record first, then the pointers: a rollout finishes in
         // one transaction, so a finished record implies current pointers.
@@ -468,7 +480,8 @@ impl Replica {
             }
             let sequence = {
                 let d = self.inner.drivers.lock().expect("drivers");
-                if d.running.contains_key(service) || d.started.get(service).copied().unwrap_or(0) != started {
+                // A driver starts (and registers as running) under this lock.
+                if d.started(service) != started {
                     // A rollout started since `stable` was read: it owns the nodes now.
                     self.inner.reconciling.lock().expect("reconciling").remove(&key);
                     return Ok(());

@@ -93,7 +93,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     // The pause cost no node its registration: heartbeats that a follower
     // forwarded to the frozen leader were retried with its successor.
     for n in nodes {
-        let log = std::fs::read_to_string(cl.dir.path().join(format!("{}.log", n.id))).unwrap();
+        let log = std::fs::read_to_string(&n.log).unwrap();
         assert!(!log.contains("registration expired"), "node {} lost its registration during the pause:\n{log}", n.id);
     }
     // It notices it lost its lease and steps down; it never pushed anything.
@@ -148,7 +148,7 @@ async fn joining_and_returning_nodes_are_brought_to_the_stable_version() {
 
     // Both nodes were pushed to (n2 by reconciliation): two push streams.
     let streams = || async {
-        let m = reqwest::get(format!("http://127.0.0.1:{}/metrics", c1.http_port)).await.unwrap().text().await.unwrap();
+        let m = c1.metrics().await;
         m.lines().find_map(|l| l.strip_prefix("confroll_push_streams{").and_then(|r| r.split(' ').nth(1))?.parse().ok())
     };
     eventually(Duration::from_secs(10), "push streams to both nodes", || async {

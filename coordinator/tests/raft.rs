@@ -1,6 +1,7 @@
 //! The embedded raft store survives: kill -9 of any replica mid-rollout, and
 //! a restart of all three replicas with history, stable version and log
-//! compaction intact. Real coordinator and node processes on loopback.
+//! compaction intact; and every replica reads a write as soon as it is
+//! acknowledged. Real coordinator and node processes on loopback.
 
 mod common;
 

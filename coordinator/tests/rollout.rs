@@ -58,17 +58,8 @@ async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
     assert_eq!(states, vec![(2, "ROLLED_OUT"), (1, "ROLLED_OUT")]);
     let st = client.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((st.stable_version, st.desired_version), (2, 2));
-    let metrics =
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", c1.http_port)).await.unwrap().text().await.unwrap();
-    let leader_metrics = reqwest::get(format!(
-        "http://127.0.0.1:{}/metrics",
-        if st.leader_id == "c1" { c1.http_port } else { c2.http_port }
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let metrics = c1.metrics().await;
+    let leader_metrics = if st.leader_id == "c1" { c1.metrics().await } else { c2.metrics().await };
     assert!(metrics.contains("confroll_coordinator_is_leader"), "{metrics}");
     assert!(leader_metrics.contains("confroll_rollouts_total{outcome=\"succeeded\""), "{leader_metrics}");
 }

@@ -75,10 +75,12 @@ pub async fn with_health_and_reflection<S: tonic::server::NamedService>(
 pub const SPARE_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
 /// A port in [`SPARE_PORTS`] that nothing listens on on 127.0.0.1 and that
-/// is not in `taken` (picked earlier, maybe not bound yet); it is added to
-/// `taken`. `None` after 1000 tries.
-pub fn spare_loopback_port(taken: &mut Vec<u16>) -> Option<u16> {
+/// this process has not handed out before (it may be picked but not bound
+/// yet). `None` after 1000 tries.
+pub fn spare_loopback_port() -> Option<u16> {
     use std::hash::{BuildHasher, RandomState};
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let width = u64::from(SPARE_PORTS.end - SPARE_PORTS.start);
     for i in 0..1000u64 {
         // Randomly seeded per call (std's hasher keys), so concurrent test

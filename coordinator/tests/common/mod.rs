@@ -23,8 +23,7 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 /// below the ephemeral range (so no outgoing connection takes it before the
 /// process binds it), and never handed out twice by this test binary.
 pub fn free_port() -> u16 {
-    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    confroll_node::net::spare_loopback_port(&mut TAKEN.lock().unwrap()).expect("a free loopback port")
+    confroll_node::net::spare_loopback_port().expect("a free loopback port")
 }
 
 /// Starts `cmd` (`what`, for messages) and waits until it listens on `port`.
@@ -37,13 +36,18 @@ pub fn spawn_listening(cmd: &mut Command, port: u16, what: &str, log: Option<&Pa
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = guard.0.try_wait() {
             let text = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-            panic!("{what} exited ({status}) before it listened on {port}; its log ends:\n{}", tail.join("\n"));
+            panic!("{what} exited ({status}) before it listened on {port}; its log ends:\n{}", tail(&text, 20));
         }
         assert!(Instant::now() < deadline, "{what} never listened on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
     guard
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn target_dir() -> PathBuf {
@@ -154,14 +158,6 @@ impl Backing {
         }
     }
 
-    /// The etcd endpoint, when the store is etcd.
-    pub fn etcd_endpoint(&self) -> Option<&str> {
-        match self {
-            Backing::Etcd(e) => Some(&e.endpoint),
-            Backing::Raft { .. } => None,
-        }
-    }
-
     /// Store flags of coordinator `id` (`cN`: raft id N).
     pub fn args(&self, id: &str) -> Vec<String> {
         match self {
@@ -240,6 +236,12 @@ impl Coord {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The text of its `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.http_port);
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
 }
 
 /// A `confroll-node` process registered with the coordinators.
@@ -247,6 +249,7 @@ pub struct NodeProc {
     pub id: String,
     pub http_port: u16,
     pub agent_port: u16,
+    pub log: PathBuf,
     /// One HTTP client (and connection) for every status poll.
     http: reqwest::Client,
     proc: Option<ChildGuard>,
@@ -279,7 +282,7 @@ impl NodeProc {
             "node",
             Some(&log),
         );
-        NodeProc { id: id.into(), http_port, agent_port, http: reqwest::Client::new(), proc: Some(child) }
+        NodeProc { id: id.into(), http_port, agent_port, log, http: reqwest::Client::new(), proc: Some(child) }
     }
 
     pub async fn status(&self) -> serde_json::Value {
@@ -484,9 +487,7 @@ impl Drop for Cluster {
         self.dir.disable_cleanup(true);
         eprintln!("test failed: logs kept in {}", self.dir.path().display());
         for c in &self.coords {
-            let text = c.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-            eprintln!("--- end of {} ---\n{}", c.log.display(), tail.join("\n"));
+            eprintln!("--- end of {} ---\n{}", c.log.display(), tail(&c.log_text(), 40));
         }
     }
 }

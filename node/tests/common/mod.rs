@@ -29,8 +29,7 @@ pub fn redis_url() -> String {
 /// below the ephemeral range (so no outgoing connection takes it before the
 /// process binds it), and never handed out twice by this test binary.
 pub fn free_port() -> u16 {
-    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    confroll_node::net::spare_loopback_port(&mut TAKEN.lock().unwrap()).expect("a free loopback port")
+    confroll_node::net::spare_loopback_port().expect("a free loopback port")
 }
 
 /// A URL on a loopback port where nothing listens.

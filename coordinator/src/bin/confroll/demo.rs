@@ -18,7 +18,7 @@
 //!
 //! Every process is a child of the demo. They are killed and reaped, and the
 //! temporary directory (logs, raft data, node state) is removed, on every way
-//! out: the story ends with `--once`, a step fails, Ctrl-C or SIGTERM.
+//! out: the story ends with `--once`, a step fails, Ctrl-C, SIGTERM or SIGHUP.
 //! Progress goes to stdout: this is a terminal program, not a service.
 
 use std::{
@@ -49,7 +49,7 @@ const BAKE: &str = "1s";
 const STEP: Duration = Duration::from_secs(30);
 
 /// Runs the demo. With `once`, returns after the story (error if a step
-/// misbehaved); otherwise keeps everything running until Ctrl-C or SIGTERM.
+/// misbehaved); otherwise keeps everything running until Ctrl-C, SIGTERM or SIGHUP.
 pub(crate) async fn run(once: bool) -> anyhow::Result<()> {
     let bins = Bins::locate()?;
     let mut demo = Demo::new(bins)?;
@@ -211,12 +211,16 @@ struct Node {
     proc: Proc,
 }
 
+/// A free loopback port, distinct from the ones already taken.
+fn port() -> anyhow::Result<u16> {
+    net::spare_loopback_port().ok_or_else(|| anyhow::anyhow!("no free loopback port in {:?}", net::SPARE_PORTS))
+}
+
 /// Everything the demo started. Owns the temporary directory.
 struct Demo {
     bins: Bins,
     replicas: Vec<Replica>,
     nodes: Vec<Node>,
-    taken: Vec<u16>,
     /// Declared last so that it drops last: even on a panic the children
     /// (killed on drop) are gone before their directory is removed.
     dir: tempfile::TempDir,
@@ -226,13 +230,7 @@ impl Demo {
     fn new(bins: Bins) -> anyhow::Result<Demo> {
         let dir =
             tempfile::Builder::new().prefix("confroll-demo.").tempdir().context("create a temporary directory")?;
-        Ok(Demo { bins, replicas: Vec::new(), nodes: Vec::new(), taken: Vec::new(), dir })
-    }
-
-    /// A free loopback port, distinct from the ones already taken.
-    fn port(&mut self) -> anyhow::Result<u16> {
-        net::spare_loopback_port(&mut self.taken)
-            .ok_or_else(|| anyhow::anyhow!("no free loopback port in {:?}", net::SPARE_PORTS))
+        Ok(Demo { bins, replicas: Vec::new(), nodes: Vec::new(), dir })
     }
 
     /// Kills and reaps every child; how many were running.
@@ -270,10 +268,10 @@ impl Demo {
     async fn start_cluster(&mut self) -> anyhow::Result<()> {
         step(1, "Start 3 coordinators (their own raft group: no etcd) and 5 nodes (profile: lite)");
         println!("   data, logs and raft state live in {} (removed on exit)", self.dir.path().display());
-        let raft: Vec<u16> = (0..REPLICAS).map(|_| self.port()).collect::<anyhow::Result<_>>()?;
+        let raft: Vec<u16> = (0..REPLICAS).map(|_| port()).collect::<anyhow::Result<_>>()?;
         let peers: Vec<String> = raft.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect();
         for n in 1..=REPLICAS {
-            let (api, http) = (self.port()?, self.port()?);
+            let (api, http) = (port()?, port()?);
             let data = self.dir.path().join(format!("c{n}"));
             let args: Vec<String> = [
                 "--id",
@@ -322,7 +320,7 @@ impl Demo {
         let urls = self.urls().join(",");
         for k in 1..=NODES {
             let id = format!("n{k}");
-            let (http, agent) = (self.port()?, self.port()?);
+            let (http, agent) = (port()?, port()?);
             let args: Vec<String> = vec![
                 "--config".into(),
                 config.display().to_string(),
@@ -373,7 +371,7 @@ impl Demo {
 
     async fn bad_rollout(&mut self, good: u64) -> anyhow::Result<()> {
         step(3, "A bad config: it requires an LLM endpoint that is down. The canary fails health; all roll back");
-        let dead = self.port()?; // reserved, never listened on
+        let dead = port()?; // reserved, never listened on
         let content = format!(
             "profile: lite\nlog: {{level: info}}\ncache: {{ttl: 45s}}\nmetrics: {{labels: {{env: demo}}}}\n\
              llm: {{endpoint: 'http://127.0.0.1:{dead}/v1', model: demo-model, required: true}}\n"

@@ -154,9 +154,10 @@ async fn read_index_local(raft: &OpenRaft) -> Result<Option<u64>, ProposeError> 
     }
 }
 
-/// How long a read waits for a leader and for this replica to catch up
-/// before it fails `Unavailable` (as long as a proposal waits).
-const READ_WAIT: Duration = Duration::from_secs(5);
+/// How long a proposal or a read waits for a leader (and a read for this
+/// replica to catch up) before it fails `Unavailable`; also the bound on one
+/// forwarded proposal that may not be retried.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 /// What a reply that does not answer `cmd` means: the fence failed, or a bug.
 fn unexpected(cmd: &str, r: Reply) -> StoreError {
@@ -293,7 +294,7 @@ impl RaftStore {
                 st.sm.leader.is_some() && st.sm.leader_node == self.id && st.sm.has_expired(now_ms())
             };
             if due
-                && self.raft.metrics().borrow().current_leader == Some(self.id)
+                && self.current_leader() == Some(self.id)
                 && let Err(e) = write_local(&self.raft, Command::Expire).await
             {
                 tracing::debug!(error = %e, "expire not committed");
@@ -333,6 +334,17 @@ impl RaftStore {
         }
     }
 
+    /// The leader raft names now, if any.
+    fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// A quarter of the lease TTL, in ms: a leader without a quorum
+    /// acknowledgement for this long stops acting (and reading) as leader.
+    fn ack_window_ms(&self) -> u64 {
+        (self.lease_ttl.as_millis() / 4) as u64
+    }
+
     /// How long one attempt waits for a leader that may have stopped
     /// answering (a paused process, a cut link): a quarter of the lease TTL,
     /// within which a live leader answers a heartbeat round many times over.
@@ -346,7 +358,7 @@ impl RaftStore {
         // A command that may commit twice (a lease refresh) is cut short and
         // retried like a read; any other waits the full proposal deadline, as
         // a retry could apply it twice.
-        let within = if cmd.is_idempotent() { self.attempt_timeout() } else { READ_WAIT };
+        let within = if cmd.is_idempotent() { self.attempt_timeout() } else { LEADER_WAIT };
         self.ask(leader, cmd, within, |mut c, r| Box::pin(async move { c.propose(r).await })).await
     }
 
@@ -363,21 +375,27 @@ impl RaftStore {
     fn leader_lease_holds(&self) -> bool {
         let rx = self.raft.metrics();
         let m = rx.borrow();
-        let lease_ms = (self.lease_ttl.as_millis() / 4) as u64;
         let seen = self.metrics_seen_ms.load(std::sync::atomic::Ordering::Relaxed);
         let age = (self.epoch.elapsed().as_millis() as u64).saturating_sub(seen);
         m.state == ServerState::Leader
             && m.current_leader == Some(self.id)
-            && m.millis_since_quorum_ack.is_some_and(|ms| ms + age < lease_ms)
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms + age < self.ack_window_ms())
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
     }
 
-    /// Waits (until `deadline`) for raft to name a leader other than
-    /// `quiet`, which stopped answering: asking it again would only queue
-    /// more work behind whatever holds it.
-    async fn await_other_leader(&self, quiet: NodeId, deadline: Instant) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let _ = self.raft.wait(Some(left)).metrics(|m| m.current_leader != Some(quiet), "another leader").await;
+    /// Waits before the next attempt after `e` from `asked` (the leader
+    /// asked, `None` when none was): after a peer leader timed out, until
+    /// raft names another one (or `deadline`), as asking it again would only
+    /// queue more work behind whatever holds it; otherwise a short pause for
+    /// an election.
+    async fn pause_after(&self, e: &ProposeError, asked: Option<NodeId>, deadline: Instant) {
+        match (e, asked) {
+            (ProposeError::TimedOut(_), Some(quiet)) if quiet != self.id => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = self.raft.wait(Some(left)).metrics(|m| m.current_leader != Some(quiet), "another leader").await;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 
     /// Returns once a read of the local state machine is linearizable: it
@@ -388,10 +406,10 @@ impl RaftStore {
         if self.leader_lease_holds() {
             return Ok(());
         }
-        let deadline = Instant::now() + READ_WAIT;
+        let deadline = Instant::now() + LEADER_WAIT;
         loop {
             let within = self.attempt_timeout().min(deadline.saturating_duration_since(Instant::now()));
-            let leader = self.raft.metrics().borrow().current_leader;
+            let leader = self.current_leader();
             let r = match leader {
                 // Bounded too: a stuck core (a stalled disk) never answers.
                 Some(l) if l == self.id => tokio::time::timeout(within, read_index_local(&self.raft))
@@ -419,47 +437,42 @@ impl RaftStore {
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
-                return Err(StoreError::Unavailable(format!("no linearizable read within {READ_WAIT:?}: {e}")));
+                return Err(StoreError::Unavailable(format!("no linearizable read within {LEADER_WAIT:?}: {e}")));
             }
-            match (e, leader) {
-                (ProposeError::TimedOut(_), Some(l)) if l != self.id => self.await_other_leader(l, deadline).await,
-                // No leader yet, or it could not confirm itself: wait for an election.
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
+            self.pause_after(&e, leader, deadline).await;
         }
     }
 
     /// Commits `cmd` through the leader (this replica or, forwarded, another).
     async fn propose(&self, cmd: Command) -> Result<Reply, StoreError> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + LEADER_WAIT;
         loop {
-            let r = match write_local(&self.raft, cmd.clone()).await {
-                Err(ProposeError::NotLeader(Some(l))) if l != self.id => self.forward(l, &cmd).await,
-                other => other,
+            let (r, asked) = match write_local(&self.raft, cmd.clone()).await {
+                Err(ProposeError::NotLeader(Some(l))) if l != self.id => (self.forward(l, &cmd).await, Some(l)),
+                other => (other, None),
             };
-            match r {
+            let e = match r {
                 Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            let retry = match e {
                 // Not appended anywhere: wait for an election and retry.
-                Err(ProposeError::NotLeader(_) | ProposeError::Unreachable(_)) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                ProposeError::NotLeader(_) | ProposeError::Unreachable(_) => true,
                 // Maybe appended by a leader that went quiet; harmless to
                 // commit again, once another replica leads.
-                Err(ProposeError::TimedOut(_)) if cmd.is_idempotent() && Instant::now() < deadline => {
-                    let leader = self.raft.metrics().borrow().current_leader;
-                    if let Some(l) = leader.filter(|l| *l != self.id) {
-                        self.await_other_leader(l, deadline).await;
-                    }
-                }
-                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                ProposeError::TimedOut(_) => cmd.is_idempotent(),
+                _ => false,
+            };
+            if !retry || Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(e.to_string()));
             }
+            self.pause_after(&e, asked, deadline).await;
         }
     }
 
     /// Watches this replica's raft view and cancels `lost` when the term ends.
     fn monitor(&self, token: u64, raft_term: u64, lost: CancellationToken) -> impl Future<Output = ()> + use<> {
-        let (id, shared, ttl) = (self.id, self.shared.clone(), self.lease_ttl);
-        let step_down_ms = (ttl.as_millis() / 4) as u64;
+        let (id, shared, ttl, step_down_ms) = (self.id, self.shared.clone(), self.lease_ttl, self.ack_window_ms());
         let mut m = self.raft.metrics();
         let tick = (ttl / 10).max(Duration::from_millis(50));
         async move {
@@ -534,7 +547,7 @@ impl Store for RaftStore {
     }
 
     async fn leader(&self) -> Result<Option<Member>, StoreError> {
-        let raft_leader = self.raft.metrics().borrow().current_leader;
+        let raft_leader = self.current_leader();
         let st = self.shared.state.read().expect("state");
         Ok(match &st.sm.leader {
             Some((m, _)) if raft_leader == Some(st.sm.leader_node) => Some(m.clone()),
