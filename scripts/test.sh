@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test against real servers: installs what is missing, starts a
 # throwaway PostgreSQL and Redis on free loopback ports, runs the workspace's
-# tests (the coordinator suites against etcd), then the coordinator suites
-# again on the embedded raft store, and stops and deletes both whatever
-# happens.
+# tests (the coordinator suites against etcd; tests/recovery.rs picks its
+# stores itself), then the coordinator suites again on the embedded raft
+# store, and stops and deletes both whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -12,4 +12,4 @@ start_services test
 
 cargo test --workspace --all-targets "$@"
 echo "== coordinator suites on the raft store =="
-CONFROLL_TEST_STORE=raft cargo test -p confroll-coordinator --test api --test leadership --test rollout "$@"
+CONFROLL_TEST_STORE=raft cargo test -p confroll-coordinator --test api --test leadership --test rollout --test security "$@"

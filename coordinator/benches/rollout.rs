@@ -101,6 +101,13 @@ fn lite(ttl: u64) -> String {
     format!("profile: lite\nlog: {{level: warn}}\ncache: {{ttl: {ttl}s}}\n")
 }
 
+/// The benchmark cluster's push key: replicas sign every push with it and
+/// the nodes verify it, as in production.
+fn push_key() -> &'static confroll_node::trust::PushKey {
+    static KEY: std::sync::OnceLock<confroll_node::trust::PushKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(confroll_node::trust::PushKey::generate)
+}
+
 struct Fleet {
     nodes: Vec<Node>,
     shutdown: CancellationToken,
@@ -118,7 +125,8 @@ async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> any
         let node = Node::start(o).await?;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?.to_string();
-        tokio::spawn(confroll_node::agent::run(node.clone(), l, shutdown.clone().cancelled_owned()));
+        let trust = std::sync::Arc::new(confroll_node::trust::TrustedKeys::of(push_key()));
+        tokio::spawn(confroll_node::agent::run(node.clone(), trust, l, shutdown.clone().cancelled_owned()));
         let live = node.config();
         replica
             .register(
@@ -130,6 +138,8 @@ async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> any
                     sha256: live.sha256.clone(),
                     healthy: true,
                     last_seen: now_rfc3339(),
+                    cluster_id: String::new(),
+                    config_cluster_id: String::new(),
                 },
             )
             .await
@@ -193,6 +203,7 @@ impl Backend {
 
 fn replica_options(id: &str, addr: std::net::SocketAddr) -> ReplicaOptions {
     let mut opts = ReplicaOptions::new(id, addr.to_string());
+    opts.push_key = Some(push_key().clone());
     opts.registration_ttl = Duration::from_secs(3600);
     opts.reconcile_interval = Duration::from_secs(3600);
     opts
@@ -237,7 +248,12 @@ async fn coordinators(
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
         let replica = Replica::new(replica_options(&format!("bench-{}-c{}", backend.name(), i + 1), addr), store);
-        tokio::spawn(confroll_coordinator::service::run(replica.clone(), None, l, stop.clone().cancelled_owned()));
+        tokio::spawn(confroll_coordinator::service::run(
+            replica.clone(),
+            Default::default(),
+            l,
+            stop.clone().cancelled_owned(),
+        ));
         tokio::spawn(replica.clone().run(stop.clone()));
         replicas.push((replica, addr));
     }

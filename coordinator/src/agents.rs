@@ -16,6 +16,11 @@
 //! A stream goes back into its slot only after its answer was read; any
 //! failure, timeout or cancellation drops it, and the next push opens a new
 //! one.
+//!
+//! Every request that changes or dry-runs a node is signed with the
+//! cluster's push key ([`confroll_node::trust`]) right before it leaves,
+//! once its sequence is fixed; nodes refuse anything unsigned. Agents that
+//! advertise `https://` are dialed over TLS, verified by the agent CA.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,6 +31,7 @@ use std::{
     time::Duration,
 };
 
+use confroll_node::trust::PushKey;
 use confroll_proto::v1::{self as pb, node_agent_client::NodeAgentClient};
 use tokio::{
     sync::{Mutex, mpsc},
@@ -65,6 +71,11 @@ const ATTEMPTS: u32 = 3;
 /// Pooled channels to node agents.
 #[derive(Default)]
 pub struct Agents {
+    /// Signs pushes, dry runs and adoptions (`None`: sent unsigned, which
+    /// only nodes run with `--insecure-unsigned-pushes` accept).
+    key: Option<PushKey>,
+    /// PEM CA that signed the certificates of agents served over TLS.
+    ca: Option<Vec<u8>>,
     channels: std::sync::Mutex<HashMap<String, Channel>>,
     /// One slot per node id: its push stream, behind the lock that makes
     /// pushes to the node go one at a time, in order.
@@ -103,15 +114,30 @@ fn stream_error(s: tonic::Status) -> StreamError {
 }
 
 impl Agents {
+    /// Clients that sign with `key` and trust agents' TLS certificates
+    /// signed by `ca`.
+    pub fn new(key: Option<PushKey>, ca: Option<Vec<u8>>) -> Self {
+        Self { key, ca, ..Default::default() }
+    }
+
     fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, AgentError> {
         let mut map = self.channels.lock().expect("agents lock");
         if let Some(c) = map.get(address) {
             return Ok(NodeAgentClient::new(c.clone()));
         }
+        let url = confroll_node::net::with_scheme(address);
+        let bad = |e: tonic::transport::Error| AgentError::Refused(format!("bad agent address `{address}`: {e}"));
+        let mut ep = Endpoint::from_shared(url.clone()).map_err(bad)?;
+        if url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            }
+            ep = ep.tls_config(tls).map_err(bad)?;
+        }
         // Pings find a connection that died silently (a node host gone, a
         // NAT entry expired) before a push waits its whole timeout on it.
-        let ch = Endpoint::from_shared(confroll_node::net::with_scheme(address))
-            .map_err(|e| AgentError::Refused(format!("bad agent address `{address}`: {e}")))?
+        let ch = ep
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -182,6 +208,10 @@ impl Agents {
         let deadline = Instant::now() + timeout;
         if req.sequence == 0 {
             req.sequence = self.next_sequence();
+        }
+        req.node_id = node.to_owned();
+        if let Some(k) = &self.key {
+            k.sign_apply(&mut req);
         }
         if self.unary.lock().expect("agents lock").contains(address) {
             return self.apply_unary(address, req, deadline, timeout).await;
@@ -271,16 +301,56 @@ impl Agents {
         answer(timeout, c.health(pb::HealthRequest {})).await
     }
 
-    /// Dry-runs a candidate on the node (static checks only).
+    /// Dry-runs a candidate on node `node` (static checks only).
     pub async fn validate(
         &self,
+        cluster_id: &str,
+        node: &str,
         address: &str,
         service: &str,
         content: &str,
     ) -> Result<pb::ValidateResponse, AgentError> {
         let mut c = self.client(address)?;
-        let req = pb::ValidateRequest { service: service.to_owned(), content: content.as_bytes().to_vec() };
+        let mut req = pb::ValidateRequest {
+            service: service.to_owned(),
+            content: content.as_bytes().to_vec(),
+            cluster_id: cluster_id.to_owned(),
+            node_id: node.to_owned(),
+            ..Default::default()
+        };
+        if let Some(k) = &self.key {
+            k.sign_validate(&mut req);
+        }
         answer(Duration::from_secs(5), c.validate(req)).await
+    }
+
+    /// Moves node `node` from cluster `from` to `to` (token: the adopting
+    /// leader's). `Ok(true)` when this call moved it.
+    pub async fn adopt(
+        &self,
+        node: &str,
+        address: &str,
+        service: &str,
+        from: &str,
+        to: &str,
+        token: u64,
+    ) -> Result<bool, AgentError> {
+        let mut c = self.client(address)?;
+        let mut req = pb::AdoptRequest {
+            service: service.to_owned(),
+            node_id: node.to_owned(),
+            from_cluster_id: from.to_owned(),
+            cluster_id: to.to_owned(),
+            fencing_token: token,
+            ..Default::default()
+        };
+        if let Some(k) = &self.key {
+            k.sign_adopt(&mut req);
+        }
+        let call = async { c.adopt(req).await.map_err(from_status).map(|r| r.into_inner().adopted) };
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(Duration::from_secs(5))))
     }
 }
 

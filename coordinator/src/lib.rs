@@ -6,24 +6,27 @@
 //! ```text
 //!  store/        the Store trait (election, fenced txn, lock, watch, registrations)
 //!    etcd.rs     … on etcd
+//!    raft/       … on the replicas' own openraft group (raft_sm.rs: its state machine)
 //!  model.rs      what is stored where: versions, meta, rollout record, registrations
 //!  engine.rs     the rollout state machine (pure: events in, actions out)
 //!  replica.rs    a replica: leadership loop, submit/rollback/abort, rollout driver,
 //!                reconciliation; every decisive write fenced by term and lock
 //!  agents.rs     NodeAgent clients (one push stream per node, ordered pushes)
-//!  service.rs    confroll.v1.Coordinator over gRPC: auth, forwarding to the leader
+//!  service.rs    confroll.v1.Coordinator over gRPC: roles, redaction, forwarding to the leader
+//!  auth.rs       operator / node / reader credentials (constant-time, reloadable)
 //!  pb_impl.rs    domain → protobuf
 //!  metrics.rs    Prometheus
 //!  http.rs       /metrics, /healthz
 //! ```
 //!
 //! ```text
-//!  confroll CLI / grpcurl ──▶ any replica ──forward writes──▶ leader ──ApplyStream(token)──▶ nodes
+//!  confroll CLI / grpcurl ──▶ any replica ──forward writes──▶ leader ──ApplyStream(signed, token)──▶ nodes
 //!                                 │                              │
 //!                                 └────── reads ──▶ store ◀──────┘ fenced txns
 //! ```
 
 pub mod agents;
+pub mod auth;
 pub mod engine;
 pub mod http;
 pub mod metrics;

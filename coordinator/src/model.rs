@@ -1,6 +1,7 @@
 //! What the coordinator keeps in its store, and where.
 //!
 //! ```text
+//! /confroll/cluster                           this cluster's id (created with the store) and adoptions
 //! /confroll/election                          leader key (etcd election)
 //! /confroll/locks/<service>                   rollout lock, on the leader's lease
 //! /confroll/services/<service>/meta           latest, stable and desired versions
@@ -22,6 +23,8 @@ pub mod keys {
     pub const SERVICES: &str = "/confroll/services/";
     /// Prefix of every registration.
     pub const NODES: &str = "/confroll/nodes/";
+    /// The cluster record.
+    pub const CLUSTER: &str = "/confroll/cluster";
 
     /// Versions counter and pointers of `service`.
     pub fn meta(service: &str) -> String {
@@ -161,6 +164,34 @@ pub struct VersionRecord {
     /// Rollout that carried it.
     #[serde(default)]
     pub rollout_id: String,
+    /// Role of the credential that submitted it (`anonymous` without credentials).
+    #[serde(default)]
+    pub submitted_by_role: String,
+    /// Fingerprint of that credential (see `auth::fingerprint`).
+    #[serde(default)]
+    pub submitted_by_credential: String,
+}
+
+/// Who this coordinator cluster is: created by the first leader of a new
+/// store, never changed. Fencing tokens and version numbers mean something
+/// only within one cluster, so nodes remember this id with them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Random id (`cr-` and 16 hex digits).
+    pub id: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Clusters whose nodes an operator moved here (`confroll adopt`): a
+    /// node of one of them that registers is adopted.
+    #[serde(default)]
+    pub adopted_from: Vec<String>,
+}
+
+impl ClusterRecord {
+    /// A new cluster with a fresh random id.
+    pub fn create() -> Self {
+        Self { id: format!("cr-{:016x}", rand::random::<u64>()), created_at: now_rfc3339(), adopted_from: Vec::new() }
+    }
 }
 
 /// A node's registration.
@@ -178,6 +209,20 @@ pub struct NodeRecord {
     pub healthy: bool,
     /// RFC 3339 time of the last write of this record.
     pub last_seen: String,
+    /// Cluster whose pushes it accepts (empty: none yet).
+    #[serde(default)]
+    pub cluster_id: String,
+    /// Cluster that numbered `version` (empty: a local version).
+    #[serde(default)]
+    pub config_cluster_id: String,
+}
+
+impl NodeRecord {
+    /// Whether the node obeys another coordinator cluster than `ours` (and
+    /// so is no member of our rollouts until adopted).
+    pub fn is_foreign(&self, ours: &str) -> bool {
+        !self.cluster_id.is_empty() && self.cluster_id != ours
+    }
 }
 
 /// A stage size: a node count or a percentage of the nodes.

@@ -32,6 +32,8 @@ impl From<&VersionRecord> for pb::VersionInfo {
             reason: v.reason.clone(),
             failing_node: v.failing_node.clone(),
             rollout_id: v.rollout_id.clone(),
+            submitted_by_role: v.submitted_by_role.clone(),
+            submitted_by_credential: v.submitted_by_credential.clone(),
         }
     }
 }
@@ -66,6 +68,8 @@ impl From<&NodeRecord> for pb::NodeInfo {
             sha256: n.sha256.clone(),
             healthy: n.healthy,
             last_seen: n.last_seen.clone(),
+            cluster_id: n.cluster_id.clone(),
+            config_cluster_id: n.config_cluster_id.clone(),
         }
     }
 }

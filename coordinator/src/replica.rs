@@ -3,9 +3,11 @@
 //!
 //! ```text
 //!   campaign ──elected──▶ term (fencing token = leader key revision)
-//!      ▲                    ├─ resume persisted rollouts (take the lock, Engine::start)
+//!      ▲                    ├─ the cluster record: read it, or create it (a new store)
+//!      │                    ├─ resume persisted rollouts (take the lock, Engine::start)
 //!      │                    ├─ reconcile: every node to the stable version
-//!      │                    │   (first pass pushes to all: it fences them with the new token)
+//!      │                    │   (first pass pushes to all: it fences them with the new token;
+//!      │                    │    nodes of another cluster are left alone unless adopted)
 //!      │                    └─ submit / rollback / abort (forwarded here by followers)
 //!      └──── term lost (keep-alive failed for TTL/2) or resigned (SIGTERM) ────┘
 //! ```
@@ -26,6 +28,7 @@ use confroll_node::{
     config::MAX_CONFIG_BYTES,
     diff::{ConfigDiff, FieldChange},
     node::sha256_hex,
+    trust::PushKey,
 };
 use confroll_proto::v1 as pb;
 use rand::Rng;
@@ -37,7 +40,9 @@ use crate::{
     engine::{Action, Applied, Engine, Input, RolloutKind, RolloutRecord, RolloutState, canary_order, stage_targets},
     metrics::CoordinatorMetrics,
     model::PolicyOverrides,
-    model::{NodeRecord, Policy, ServiceMeta, VersionRecord, VersionState, keys, now_rfc3339, service_name},
+    model::{
+        ClusterRecord, NodeRecord, Policy, ServiceMeta, VersionRecord, VersionState, keys, now_rfc3339, service_name,
+    },
     store::{Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, now_ms},
 };
 
@@ -56,6 +61,11 @@ pub struct ReplicaOptions {
     pub heartbeat_interval: Duration,
     /// Reconciliation pass interval.
     pub reconcile_interval: Duration,
+    /// The cluster's push key: every push, dry run and adoption is signed
+    /// with it (`None`: unsigned, for nodes run without trust keys).
+    pub push_key: Option<PushKey>,
+    /// PEM CA of the agents that serve TLS (`https://` addresses).
+    pub agent_ca: Option<Vec<u8>>,
 }
 
 impl ReplicaOptions {
@@ -68,6 +78,8 @@ impl ReplicaOptions {
             registration_ttl: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(1),
             reconcile_interval: Duration::from_secs(1),
+            push_key: None,
+            agent_ca: None,
         }
     }
 }
@@ -138,6 +150,10 @@ pub struct Submit {
     pub dry_run: bool,
     /// Policy overrides.
     pub policy: Option<pb::RolloutPolicy>,
+    /// Role of the submitter's credential (`anonymous` without credentials).
+    pub role: String,
+    /// Fingerprint of the submitter's credential.
+    pub credential: String,
 }
 
 /// Everything a rollout driver needs before its first action.
@@ -208,6 +224,8 @@ struct Inner {
     metrics: CoordinatorMetrics,
     /// Set while this replica leads.
     term: ArcSwapOption<Term>,
+    /// This cluster's record, once read (its id never changes).
+    cluster: ArcSwapOption<ClusterRecord>,
     /// Woken when this replica takes office, so a request that arrives
     /// between the store electing it and `term` being set can wait instead
     /// of failing.
@@ -249,13 +267,15 @@ impl Replica {
     pub fn new(opts: ReplicaOptions, store: Arc<dyn Store>) -> Self {
         let schema = jsonschema::validator_for(&Config::json_schema()).expect("the node config schema compiles");
         let metrics = CoordinatorMetrics::new(&opts.id);
+        let agents = Agents::new(opts.push_key.clone(), opts.agent_ca.clone());
         Self {
             inner: Arc::new(Inner {
                 opts,
                 store,
-                agents: Agents::default(),
+                agents,
                 metrics,
                 term: ArcSwapOption::empty(),
+                cluster: ArcSwapOption::empty(),
                 took_office: tokio::sync::Notify::new(),
                 drivers: Default::default(),
                 schema,
@@ -350,8 +370,58 @@ impl Replica {
         }
     }
 
+    /// This cluster's record as stored now (`None` before its first leader).
+    pub async fn cluster(&self) -> Result<Option<ClusterRecord>, StoreError> {
+        let rec = match self.inner.store.get(keys::CLUSTER).await? {
+            Some(e) => Some(decode::<ClusterRecord>(keys::CLUSTER, &e)?),
+            None => None,
+        };
+        if let Some(r) = &rec {
+            self.inner.cluster.store(Some(Arc::new(r.clone())));
+        }
+        Ok(rec)
+    }
+
+    /// This cluster's id: cached once read (empty before its first leader).
+    pub async fn cluster_id(&self) -> Result<String, StoreError> {
+        if let Some(c) = self.inner.cluster.load_full() {
+            return Ok(c.id.clone());
+        }
+        Ok(self.cluster().await?.map(|c| c.id).unwrap_or_default())
+    }
+
+    /// Reads the cluster record, creating it when the store has none (the
+    /// first leader of a new store). Fenced: a deposed leader creates nothing.
+    async fn ensure_cluster(&self, term: &Term) -> Result<ClusterRecord, StoreError> {
+        loop {
+            if let Some(c) = self.cluster().await? {
+                return Ok(c);
+            }
+            let rec = ClusterRecord::create();
+            let ops = vec![Op::Put(keys::CLUSTER.into(), encode(&rec))];
+            let cond = Cond::Absent(keys::CLUSTER.into());
+            if self.inner.store.txn(Some(Fence { term, lock: None }), vec![cond], ops).await? {
+                tracing::info!(cluster = %rec.id, "new store: created this coordinator cluster's id");
+            }
+        }
+    }
+
     /// Leader duties for one term.
     async fn lead(self, term: Term) {
+        // No push before the cluster id is known: nodes fence by it.
+        let mut backoff = Duration::from_millis(50);
+        let cluster = loop {
+            match self.ensure_cluster(&term).await {
+                Ok(c) => break c,
+                Err(StoreError::FencedOut(_)) => return,
+                Err(e) => tracing::warn!(error = %e, "cannot read or create the cluster record; retrying"),
+            }
+            tokio::select! {
+                _ = term.lost.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(Duration::from_secs(1)),
+            }
+        };
+        tracing::info!(cluster = %cluster.id, adopted_from = ?cluster.adopted_from, "leading cluster");
         // Nodes that acknowledged a push of this term (and so know its token).
         let fenced: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
         loop {
@@ -440,6 +510,10 @@ impl Replica {
         let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
         self.inner.metrics.nodes.with_label_values(&[service, "healthy"]).set(healthy);
         self.inner.metrics.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);
+        // Nodes of a cluster an operator adopted from: move them here first.
+        if let Some(cluster) = self.inner.cluster.load_full() {
+            self.adopt_nodes(term, service, &cluster, &nodes).await;
+        }
         let started = {
             let d = self.inner.drivers.lock().expect("drivers");
             if d.running.contains_key(service) {
@@ -469,9 +543,15 @@ impl Replica {
                 v
             }
         };
+        let cluster =
+            self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))?;
         for node in nodes {
+            if node.is_foreign(&cluster.id) {
+                continue; // adopted in `adopt_nodes` first, or none of ours
+            }
             let key = format!("{service}/{}", node.id);
-            let on_stable = node.sha256 == stable.sha256 && node.version == stable.version;
+            let on_stable =
+                node.sha256 == stable.sha256 && node.version == stable.version && node.config_cluster_id == cluster.id;
             if on_stable && fenced.lock().expect("fenced").contains(&key) {
                 continue;
             }
@@ -522,6 +602,9 @@ impl Replica {
         if term.lost.is_cancelled() {
             return Err("leadership lost: not pushing".into());
         }
+        let Some(cluster) = self.inner.cluster.load_full() else {
+            return Err("the cluster id is not known yet: not pushing".into());
+        };
         let req = pb::ApplyRequest {
             service: service.to_owned(),
             version: v.version,
@@ -530,6 +613,10 @@ impl Replica {
             fencing_token: term.token,
             rollout_id: rollout_id.to_owned(),
             sequence,
+            cluster_id: cluster.id.clone(),
+            // Set (and signed) by `Agents::apply`.
+            node_id: String::new(),
+            signature: None,
         };
         match self.inner.agents.apply(node, address, req, timeout).await {
             // `unchanged`: the node already ran it, so no health phase ran.
@@ -584,6 +671,15 @@ impl Replica {
         self.inner.store.get(&key).await?.map(|e| decode(&key, &e)).transpose()
     }
 
+    /// Registered nodes of a service that belong to this cluster (or to
+    /// none yet): the members of its rollouts.
+    pub async fn members(&self, service: &str) -> Result<Vec<NodeRecord>, StoreError> {
+        let ours = self.cluster_id().await?;
+        let mut nodes = self.nodes(service).await?;
+        nodes.retain(|n| !n.is_foreign(&ours));
+        Ok(nodes)
+    }
+
     /// Registered nodes of a service.
     pub async fn nodes(&self, service: &str) -> Result<Vec<NodeRecord>, StoreError> {
         let mut out = Vec::new();
@@ -618,6 +714,7 @@ impl Replica {
                     at.elapsed() >= Duration::from_secs(5)
                         || (old.version, &old.sha256, old.healthy, &old.address)
                             != (rec.version, &rec.sha256, rec.healthy, &rec.address)
+                        || (&old.cluster_id, &old.config_cluster_id) != (&rec.cluster_id, &rec.config_cluster_id)
                 }
                 None => true,
             }
@@ -730,11 +827,12 @@ impl Replica {
         }
         checks.push(check("schema", true, "matches the node config JSON Schema".into()));
         // 3. dry run on one live node
-        let nodes = self.nodes(&service).await?;
+        let nodes = self.members(&service).await?;
+        let cluster_id = self.cluster_id().await?;
         let order = canary_order(&service, nodes.iter().filter(|n| n.healthy).map(|n| n.id.clone()));
         match order.first().and_then(|id| nodes.iter().find(|n| &n.id == id)) {
             None => checks.push(check("node_validation", true, "skipped: no live node registered".into())),
-            Some(n) => match self.inner.agents.validate(&n.address, &service, &req.content).await {
+            Some(n) => match self.inner.agents.validate(&cluster_id, &n.id, &n.address, &service, &req.content).await {
                 Ok(v) if v.valid => checks.push(check("node_validation", true, format!("node {} accepts it", n.id))),
                 Ok(v) => {
                     return Err(ApiError::InvalidArgument(format!(
@@ -802,6 +900,8 @@ impl Replica {
             reason: String::new(),
             failing_node: String::new(),
             rollout_id: rollout_id.clone(),
+            submitted_by_role: req.role,
+            submitted_by_credential: req.credential,
         });
         // Coordinator defaults, then the service's, then this submit's.
         let policy = submit_overrides.apply_to(&self.service_policy(&meta));
@@ -983,7 +1083,7 @@ impl Replica {
             Err(e) => Err(e.into()),
         };
         let (meta, meta_rev) = self.unlock_on_err(&lock, meta).await?;
-        let nodes = self.unlock_on_err(&lock, self.nodes(&service).await.map_err(Into::into)).await?;
+        let nodes = self.unlock_on_err(&lock, self.members(&service).await.map_err(Into::into)).await?;
         let policy = Policy::all_at_once(self.inner.opts.default_policy.apply_timeout);
         let rec = self.new_rollout(
             &service,
@@ -1002,6 +1102,81 @@ impl Replica {
         tracing::info!(%service, to_version, rollout = %rollout_id, "manual rollback starting");
         self.spawn_driver((*term).clone(), lock, rec, None);
         Ok((rollout_id, to_version))
+    }
+
+    /// Adopts the nodes of coordinator cluster `from` (after a store rebuild
+    /// or a switch of stores): records `from` in the cluster record, so a
+    /// node of it that registers later is adopted too, then moves every
+    /// registered node of `service` that obeys `from`. Returns this
+    /// cluster's id, the nodes moved, and the ones that failed (with why).
+    pub async fn adopt(&self, service: &str, from: &str) -> Result<(String, Vec<String>, Vec<String>), ApiError> {
+        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let term = self.leading()?;
+        let from = from.trim();
+        if from.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "from_cluster_id is required: `confroll status` shows the cluster each node obeys".into(),
+            ));
+        }
+        let mut cluster = None;
+        for _ in 0..10 {
+            let Some(e) = self.inner.store.get(keys::CLUSTER).await? else {
+                return Err(ApiError::Unavailable("this cluster has no id yet; retry shortly".into()));
+            };
+            let mut rec: ClusterRecord = decode(keys::CLUSTER, &e)?;
+            if rec.id == from {
+                return Err(ApiError::InvalidArgument(format!("`{from}` is this cluster's own id")));
+            }
+            if rec.adopted_from.iter().any(|c| c == from) {
+                cluster = Some(rec);
+                break;
+            }
+            rec.adopted_from.push(from.to_owned());
+            let ops = vec![Op::Put(keys::CLUSTER.into(), encode(&rec))];
+            let cond = Cond::ModRevision(keys::CLUSTER.into(), e.mod_revision);
+            if self.inner.store.txn(Some(Fence { term: &term, lock: None }), vec![cond], ops).await? {
+                tracing::warn!(cluster = %rec.id, from, "operator adopts the nodes of another coordinator cluster");
+                cluster = Some(rec);
+                break;
+            }
+        }
+        let cluster =
+            Arc::new(cluster.ok_or_else(|| ApiError::Unavailable("the cluster record kept changing; retry".into()))?);
+        self.inner.cluster.store(Some(cluster.clone()));
+        let nodes = self.nodes(&service).await?;
+        let (adopted, failed) = self.adopt_nodes(&term, &service, &cluster, &nodes).await;
+        Ok((cluster.id.clone(), adopted, failed))
+    }
+
+    /// Moves every node in `nodes` that obeys a cluster `cluster` adopts
+    /// from, concurrently. Returns the nodes moved and the failures.
+    async fn adopt_nodes(
+        &self,
+        term: &Term,
+        service: &str,
+        cluster: &ClusterRecord,
+        nodes: &[NodeRecord],
+    ) -> (Vec<String>, Vec<String>) {
+        let todo = nodes.iter().filter(|n| n.is_foreign(&cluster.id) && cluster.adopted_from.contains(&n.cluster_id));
+        let results = futures::future::join_all(todo.map(|n| async move {
+            let r = self.inner.agents.adopt(&n.id, &n.address, service, &n.cluster_id, &cluster.id, term.token).await;
+            (n, r)
+        }))
+        .await;
+        let (mut adopted, mut failed) = (Vec::new(), Vec::new());
+        for (n, r) in results {
+            match r {
+                Ok(_) => {
+                    tracing::info!(%service, node = %n.id, from = %n.cluster_id, to = %cluster.id, "node adopted");
+                    adopted.push(n.id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(%service, node = %n.id, from = %n.cluster_id, error = %e, "adoption failed");
+                    failed.push(format!("{}: {e}", n.id));
+                }
+            }
+        }
+        (adopted, failed)
     }
 
     /// Aborts the running rollout of a service.

@@ -3,12 +3,20 @@
 //! Reads are answered by whichever replica is called. Writes run on the
 //! leader: a follower forwards them (with the caller's metadata) and, if the
 //! leader cannot be reached, answers `UNAVAILABLE` with the leader's address
-//! in `x-confroll-leader` (and its id in `x-confroll-leader-id`). Mutating
-//! RPCs need `authorization: Bearer <token>` when a token is configured.
+//! in `x-confroll-leader` (and its id in `x-confroll-leader-id`).
+//!
+//! Every RPC checks its caller's role first ([`crate::auth`]): operator for
+//! writes, node for membership, reader (or operator) for reads. The leader
+//! checks a forwarded write again: forwarding carries the caller's metadata.
+//! Reads redact secret values (fields the config schema marks secret) unless
+//! an operator asks to reveal them, and a reveal is logged with who asked.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use confroll_node::net;
+use confroll_node::{
+    net,
+    secrets::{SecretPaths, redact_document},
+};
 use confroll_proto::v1::{
     self as pb,
     coordinator_client::CoordinatorClient,
@@ -19,6 +27,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
+    auth::{Caller, Credentials, Need},
     engine::RolloutRecord,
     model::{NodeRecord, keys, now_rfc3339, service_name},
     pb_impl::summary,
@@ -54,26 +63,20 @@ impl std::fmt::Debug for Tls {
 /// The `Coordinator` implementation of one replica.
 pub struct CoordinatorServiceImpl {
     replica: Replica,
-    /// Bearer token mutating RPCs must carry (`None`: no auth).
-    token: Option<Arc<str>>,
+    /// Who may call what (open when no credential is configured).
+    credentials: Arc<Credentials>,
     /// When set, replicas talk to each other over TLS verified by this CA.
     tls_ca: Option<Arc<[u8]>>,
 }
 
 impl CoordinatorServiceImpl {
-    /// Serves `replica`.
-    pub fn new(replica: Replica, token: Option<String>) -> Self {
-        Self { replica, token: token.map(Into::into), tls_ca: None }
+    /// Serves `replica`, checking callers against `credentials`.
+    pub fn new(replica: Replica, credentials: Arc<Credentials>) -> Self {
+        Self { replica, credentials, tls_ca: None }
     }
 
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.token else { return Ok(()) };
-        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-        if given.strip_prefix("Bearer ").is_some_and(|t| t.as_bytes() == token.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("this RPC needs `authorization: Bearer <token>`"))
-        }
+    fn authorize<T>(&self, req: &Request<T>, need: Need) -> Result<Caller, Status> {
+        self.credentials.check(req.metadata(), need)
     }
 
     async fn leader_client(&self, leader: &Member) -> Result<CoordinatorClient<tonic::transport::Channel>, Status> {
@@ -139,7 +142,13 @@ const OFFICE_WAIT: Duration = Duration::from_secs(2);
 /// the request unchanged with `remote`.
 macro_rules! on_leader {
     ($self:ident, $req:ident, |$r:ident| $local:expr, $remote:ident) => {{
-        $self.authorize(&$req)?;
+        let _caller = $self.authorize(&$req, Need::Operator)?;
+        on_leader!(@run $self, $req, _caller, |$r| $local, $remote)
+    }};
+    ($self:ident, $req:ident, $caller:ident, |$r:ident| $local:expr, $remote:ident) => {{
+        on_leader!(@run $self, $req, $caller, |$r| $local, $remote)
+    }};
+    (@run $self:ident, $req:ident, $caller:ident, |$r:ident| $local:expr, $remote:ident) => {{
         let mut leader = None;
         if $self.replica.term().is_none() {
             // The store may already name this replica while it takes office.
@@ -182,6 +191,8 @@ impl Coordinator for CoordinatorServiceImpl {
         req: Request<pb::SubmitConfigRequest>,
     ) -> Result<Response<pb::SubmitConfigResponse>, Status> {
         let dry_run = req.get_ref().dry_run;
+        // A dry run stores nothing: a reader may check a candidate too.
+        let caller = self.authorize(&req, if dry_run { Need::Read } else { Need::Operator })?;
         let submit = |r: pb::SubmitConfigRequest| Submit {
             service: r.service,
             content: r.content,
@@ -189,6 +200,8 @@ impl Coordinator for CoordinatorServiceImpl {
             message: r.message,
             dry_run: r.dry_run,
             policy: r.policy,
+            role: caller.role_name().to_owned(),
+            credential: caller.fingerprint.clone(),
         };
         let to_pb = |o: crate::replica::SubmitOutcome| pb::SubmitConfigResponse {
             version: o.version,
@@ -203,10 +216,17 @@ impl Coordinator for CoordinatorServiceImpl {
             return Ok(Response::new(to_pb(self.replica.submit(submit(req.into_inner())).await?)));
         }
         // Copied only when it runs here: a follower forwards the request itself.
-        on_leader!(self, req, |r| async { self.replica.submit(submit(r.clone())).await.map(to_pb) }, submit_config)
+        on_leader!(
+            self,
+            req,
+            caller,
+            |r| async { self.replica.submit(submit(r.clone())).await.map(to_pb) },
+            submit_config
+        )
     }
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.authorize(&req, Need::Read)?;
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
         let r = &self.replica;
         let leader = r.leader().await?;
@@ -215,6 +235,7 @@ impl Coordinator for CoordinatorServiceImpl {
         let rollout = r.rollout(&service).await?;
         let mut nodes = r.nodes(&service).await?;
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let cluster = r.cluster().await?;
         Ok(Response::new(pb::GetStatusResponse {
             service,
             leader_id: leader.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
@@ -225,6 +246,8 @@ impl Coordinator for CoordinatorServiceImpl {
             nodes: nodes.iter().map(Into::into).collect(),
             answered_by: r.id().to_owned(),
             default_policy,
+            cluster_id: cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+            adopted_from: cluster.map(|c| c.adopted_from).unwrap_or_default(),
         }))
     }
 
@@ -232,6 +255,7 @@ impl Coordinator for CoordinatorServiceImpl {
         &self,
         req: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        self.authorize(&req, Need::Read)?;
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
         let v = self.replica.versions(&service).await?;
         Ok(Response::new(pb::ListVersionsResponse { versions: v.iter().map(Into::into).collect() }))
@@ -241,16 +265,36 @@ impl Coordinator for CoordinatorServiceImpl {
         &self,
         req: Request<pb::GetVersionRequest>,
     ) -> Result<Response<pb::GetVersionResponse>, Status> {
+        let caller = self.authorize(&req, Need::Read)?;
         let r = req.into_inner();
         let service = service_name(&r.service).map_err(Status::invalid_argument)?;
+        if r.reveal_secrets && !caller.may_reveal() {
+            return Err(Status::permission_denied("only an operator credential may reveal secret values"));
+        }
         let v = self.replica.require_version(&service, r.version).await?;
-        Ok(Response::new(pb::GetVersionResponse { info: Some((&v).into()), content: v.content }))
+        let info = Some((&v).into());
+        if r.reveal_secrets {
+            tracing::warn!(
+                %service,
+                version = v.version,
+                role = caller.role_name(),
+                credential = %caller.fingerprint,
+                "secret values revealed to a caller"
+            );
+            return Ok(Response::new(pb::GetVersionResponse { info, content: v.content, redacted_secrets: 0 }));
+        }
+        // A stored version always parses; if it somehow does not, show nothing
+        // rather than risk showing a secret.
+        let red = redact_document(&v.content, SecretPaths::for_node_config())
+            .map_err(|e| Status::internal(format!("stored version {} cannot be redacted: {e}", v.version)))?;
+        Ok(Response::new(pb::GetVersionResponse { info, content: red.text, redacted_secrets: red.redacted as u32 }))
     }
 
     async fn diff_versions(
         &self,
         req: Request<pb::DiffVersionsRequest>,
     ) -> Result<Response<pb::DiffVersionsResponse>, Status> {
+        self.authorize(&req, Need::Read)?;
         let r = req.into_inner();
         let service = service_name(&r.service).map_err(Status::invalid_argument)?;
         let mut docs = Vec::new();
@@ -320,6 +364,7 @@ impl Coordinator for CoordinatorServiceImpl {
         &self,
         req: Request<pb::WatchRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        self.authorize(&req, Need::Read)?;
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
         let key = keys::rollout(&service);
         let replica = self.replica.clone();
@@ -362,9 +407,18 @@ impl Coordinator for CoordinatorServiceImpl {
     }
 
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.authorize(&req)?;
+        self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let rec = node_record(r.node_id, r.agent_address, r.version, r.sha256, r.healthy);
+        let rec = NodeRecord {
+            id: r.node_id,
+            address: r.agent_address,
+            version: r.version,
+            sha256: r.sha256,
+            healthy: r.healthy,
+            last_seen: now_rfc3339(),
+            cluster_id: r.cluster_id,
+            config_cluster_id: r.config_cluster_id,
+        };
         let id = self.replica.register(&r.service, rec).await?;
         Ok(Response::new(pb::RegisterResponse {
             registration_id: id,
@@ -373,17 +427,38 @@ impl Coordinator for CoordinatorServiceImpl {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.authorize(&req)?;
+        self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let rec = node_record(r.node_id, r.agent_address, r.version, r.sha256, r.healthy);
+        let rec = NodeRecord {
+            id: r.node_id,
+            address: r.agent_address,
+            version: r.version,
+            sha256: r.sha256,
+            healthy: r.healthy,
+            last_seen: now_rfc3339(),
+            cluster_id: r.cluster_id,
+            config_cluster_id: r.config_cluster_id,
+        };
         self.replica.heartbeat(&r.service, r.registration_id, rec).await?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
-}
 
-/// A registration as the node reports it, seen now.
-fn node_record(id: String, address: String, version: u64, sha256: String, healthy: bool) -> NodeRecord {
-    NodeRecord { id, address, version, sha256, healthy, last_seen: now_rfc3339() }
+    async fn adopt_nodes(
+        &self,
+        req: Request<pb::AdoptNodesRequest>,
+    ) -> Result<Response<pb::AdoptNodesResponse>, Status> {
+        on_leader!(
+            self,
+            req,
+            |r| async {
+                self.replica
+                    .adopt(&r.service, &r.from_cluster_id)
+                    .await
+                    .map(|(cluster_id, adopted, failed)| pb::AdoptNodesResponse { cluster_id, adopted, failed })
+            },
+            adopt_nodes
+        )
+    }
 }
 
 /// Why the gRPC server stopped with an error (shared with the node agent).
@@ -393,17 +468,17 @@ pub use confroll_node::agent::ServeError;
 /// `listener` until `shutdown`.
 pub async fn run(
     replica: Replica,
-    token: Option<String>,
+    credentials: Arc<Credentials>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    run_with_tls(replica, token, None, listener, shutdown).await
+    run_with_tls(replica, credentials, None, listener, shutdown).await
 }
 
 /// [`run`], over TLS when `tls` is given (optional: plaintext otherwise).
 pub async fn run_with_tls(
     replica: Replica,
-    token: Option<String>,
+    credentials: Arc<Credentials>,
     tls: Option<Tls>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -413,7 +488,7 @@ pub async fn run_with_tls(
         let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
         builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    let mut svc = CoordinatorServiceImpl::new(replica, token);
+    let mut svc = CoordinatorServiceImpl::new(replica, credentials);
     svc.tls_ca = tls.map(|t| t.ca_pem.into());
     let sets = [confroll_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
     net::with_health_and_reflection::<CoordinatorServer<CoordinatorServiceImpl>>(builder, &sets)

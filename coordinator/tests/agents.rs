@@ -9,7 +9,14 @@ use std::time::Duration;
 use common::lite;
 
 use confroll_coordinator::agents::{AgentError, Agents};
-use confroll_node::{Node, NodeOptions, node::sha256_hex};
+use std::sync::Arc;
+
+use confroll_node::{
+    Node, NodeOptions,
+    agent::PushAuth,
+    node::sha256_hex,
+    trust::{PushKey, TrustedKeys},
+};
 use confroll_proto::v1 as pb;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -25,13 +32,31 @@ fn push(version: u64, ttl: u32, token: u64) -> pb::ApplyRequest {
         fencing_token: token,
         rollout_id: "agents-test".into(),
         sequence: 0, // set by Agents
+        cluster_id: String::new(),
+        node_id: String::new(), // set and signed by Agents
+        signature: None,
     }
+}
+
+/// The push key of these tests: `Agents` sign with it, the nodes trust it.
+fn key() -> &'static PushKey {
+    static KEY: std::sync::OnceLock<PushKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(PushKey::generate)
+}
+
+fn trust() -> Arc<TrustedKeys> {
+    Arc::new(TrustedKeys::of(key()))
+}
+
+/// Clients that sign as the coordinators do.
+fn agents() -> Agents {
+    Agents::new(Some(key().clone()), None)
 }
 
 /// A node's agent server on `listener`, until the returned token is cancelled.
 fn serve(node: &Node, listener: TcpListener) -> (CancellationToken, JoinHandle<()>) {
     let stop = CancellationToken::new();
-    let run = confroll_node::agent::run(node.clone(), listener, stop.clone().cancelled_owned());
+    let run = confroll_node::agent::run(node.clone(), trust(), listener, stop.clone().cancelled_owned());
     (stop, tokio::spawn(async move { run.await.expect("agent server") }))
 }
 
@@ -55,7 +80,7 @@ const T: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_survive_a_restart_of_the_node_agent_on_the_same_address() {
     let (n, addr, stop, server) = served("n1").await;
-    let agents = Agents::default();
+    let agents = agents();
 
     for (v, ttl) in [(2, 2), (3, 3)] {
         let r = agents.apply("n1", &addr, push(v, ttl, 10), T).await.unwrap();
@@ -88,7 +113,7 @@ async fn pushes_survive_a_restart_of_the_node_agent_on_the_same_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_push_ends_its_stream_and_the_next_push_opens_another() {
     let (n, addr, _stop, _server) = served("n2").await;
-    let agents = Agents::default();
+    let agents = agents();
 
     assert!(agents.apply("n2", &addr, push(2, 2, 100), T).await.unwrap().applied);
     // A lower fencing token is refused (not retried), and changes nothing.
@@ -114,7 +139,7 @@ async fn a_refused_push_ends_its_stream_and_the_next_push_opens_another() {
 async fn a_push_dropped_midway_leaves_no_answer_behind_for_the_next_one() {
     use futures::FutureExt;
     let (n, addr, _stop, _server) = served("n3").await;
-    let agents = Agents::default();
+    let agents = agents();
     assert!(agents.apply("n3", &addr, push(2, 2, 5), T).await.unwrap().applied);
 
     // Polled once (the request goes out on the open stream), then dropped
@@ -130,7 +155,7 @@ async fn a_push_dropped_midway_leaves_no_answer_behind_for_the_next_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_issued_earlier_but_sent_later_is_refused_by_the_node() {
     let (n, addr, _stop, _server) = served("n4").await;
-    let agents = Agents::default();
+    let agents = agents();
 
     // A push and then a revert are issued (sequences taken in that order),
     // but the revert's task gets the node's turn first.
@@ -177,6 +202,9 @@ impl pb::node_agent_server::NodeAgent for OlderAgent {
     ) -> Result<tonic::Response<pb::HealthResponse>, Status> {
         self.0.health(r).await
     }
+    async fn adopt(&self, r: tonic::Request<pb::AdoptRequest>) -> Result<tonic::Response<pb::AdoptResponse>, Status> {
+        self.0.adopt(r).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,12 +212,16 @@ async fn an_older_node_without_the_push_stream_gets_unary_pushes() {
     let n = node("n5").await;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let older = OlderAgent(confroll_node::agent::NodeAgentServiceImpl::new(n.clone(), CancellationToken::new()));
+    let older = OlderAgent(confroll_node::agent::NodeAgentServiceImpl::new(
+        n.clone(),
+        PushAuth::Signed(trust()),
+        CancellationToken::new(),
+    ));
     let server = tonic::transport::Server::builder()
         .add_service(pb::node_agent_server::NodeAgentServer::new(older))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l));
     let server = tokio::spawn(server);
-    let agents = Agents::default();
+    let agents = agents();
 
     for v in 2..=4u64 {
         let r = agents.apply("n5", &addr, push(v, v as u32, 3), T).await.unwrap();
@@ -205,7 +237,7 @@ async fn an_older_node_without_the_push_stream_gets_unary_pushes() {
 async fn streams_of_nodes_that_left_are_closed_and_reopen_if_they_return() {
     let (n1, a1, _s1, _h1) = served("n1").await;
     let (n2, a2, _s2, _h2) = served("n2").await;
-    let agents = Agents::default();
+    let agents = agents();
     for (id, addr) in [("n1", &a1), ("n2", &a2)] {
         assert!(agents.apply(id, addr, push(2, 2, 10), T).await.unwrap().applied);
     }

@@ -70,22 +70,24 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
     // The old leader wakes up. Whatever it still tries carries its old
     // token: a push with that token is refused by every node.
     assert!(sig("-CONT").success());
+    let cluster = cluster_id(&c2).await;
     for n in nodes {
         let content = lite(99);
-        let err = n
-            .agent()
-            .await
-            .apply(pb::ApplyRequest {
-                service: "default".into(),
-                version: 1,
-                sha256: String::new(),
-                content: content.into_bytes(),
-                fencing_token: old_token,
-                rollout_id: "stale".into(),
-                sequence: 0,
-            })
-            .await
-            .unwrap_err();
+        // Signed with the cluster's key, as the old leader would: only the
+        // token tells it apart.
+        let stale = pb::ApplyRequest {
+            service: "default".into(),
+            version: 1,
+            sha256: String::new(),
+            content: content.into_bytes(),
+            fencing_token: old_token,
+            rollout_id: "stale".into(),
+            sequence: 0,
+            cluster_id: cluster.clone(),
+            node_id: String::new(),
+            signature: None,
+        };
+        let err = n.agent().await.apply(signed(stale, &n.id)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains(&format!("stale fencing token {old_token}")), "{}", err.message());
         assert_eq!(n.version().await, 2, "node {} was changed by a stale push", n.id);

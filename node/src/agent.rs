@@ -1,14 +1,21 @@
 //! `confroll.v1.NodeAgent` over gRPC: how the coordinator drives a node.
 //! Served with gRPC server reflection (v1 and v1alpha) and `grpc.health.v1`.
 //!
+//! Who may call: `Apply`, `ApplyStream`, `Validate` and `Adopt` must be
+//! signed by a coordinator key the node trusts ([`crate::trust`]); anything
+//! else is `UNAUTHENTICATED` and changes nothing. `Status` and `Health` stay
+//! open for probes and carry no secret. The port can serve TLS
+//! ([`AgentTls`]), so pushed configs do not cross the network in plaintext.
+//!
 //! Errors map to status codes at this edge only: a stale fencing token is
 //! `FAILED_PRECONDITION` (the pusher is deposed: do not retry), a push
-//! overtaken by a later one of the same leader is `ABORTED`, a checksum
+//! overtaken by a later one of the same leader is `ABORTED`, a push of
+//! another coordinator cluster is `FAILED_PRECONDITION`, a checksum
 //! mismatch or a wrong service is `INVALID_ARGUMENT`, a persistence failure is
 //! `UNAVAILABLE` (retryable). A pipeline that refuses or rolls back is not a
 //! transport error: `ApplyResponse.applied` is false and the report says why.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 
@@ -25,7 +32,33 @@ use crate::{
     net::{self, MAX_MESSAGE_BYTES},
     node::{Node, Push, PushError},
     pb_impl::node_status,
+    trust::{AuthError, TrustedKeys},
 };
+
+/// Who the agent takes pushes from.
+#[derive(Debug, Clone)]
+pub enum PushAuth {
+    /// Requests signed by one of these keys (the coordinator group's).
+    Signed(Arc<TrustedKeys>),
+    /// Anyone who reaches the port: development only, and said so in the
+    /// log at start. Never the default.
+    InsecureUnsigned,
+}
+
+/// TLS of the agent port (PEM).
+#[derive(Clone)]
+pub struct AgentTls {
+    /// Certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Private key.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for AgentTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentTls { .. }")
+    }
+}
 
 /// Why the agent server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +74,8 @@ pub enum ServeError {
 /// The `NodeAgent` implementation.
 pub struct NodeAgentServiceImpl {
     node: Node,
+    /// Checked before any request that changes or reads a candidate.
+    auth: PushAuth,
     /// Cancelled when the server starts shutting down: it ends the open
     /// `ApplyStream`s, which a coordinator keeps open for good and which
     /// would otherwise hold a graceful shutdown forever.
@@ -48,16 +83,37 @@ pub struct NodeAgentServiceImpl {
 }
 
 impl NodeAgentServiceImpl {
-    /// Serves `node`; its push streams end when `closing` is cancelled.
-    pub fn new(node: Node, closing: CancellationToken) -> Self {
-        Self { node, closing }
+    /// Serves `node`, taking pushes as `auth` says; its push streams end
+    /// when `closing` is cancelled.
+    pub fn new(node: Node, auth: PushAuth, closing: CancellationToken) -> Self {
+        Self { node, auth, closing }
     }
+
+    fn check(&self, verify: impl FnOnce(&TrustedKeys) -> Result<(), AuthError>) -> Result<(), Status> {
+        check(&self.node, &self.auth, verify)
+    }
+}
+
+/// Refuses a request `verify` does not accept (nothing else happens).
+fn check(
+    node: &Node,
+    auth: &PushAuth,
+    verify: impl FnOnce(&TrustedKeys) -> Result<(), AuthError>,
+) -> Result<(), Status> {
+    let PushAuth::Signed(keys) = auth else { return Ok(()) };
+    verify(keys).map_err(|e| {
+        node.metrics().errors_total.with_label_values(&["unauthenticated"]).inc();
+        tracing::warn!(error = %e, "refused a request not signed by the coordinator group");
+        Status::unauthenticated(e.to_string())
+    })
 }
 
 impl From<PushError> for Status {
     fn from(e: PushError) -> Self {
         match e {
-            PushError::StaleToken { .. } => Status::failed_precondition(e.to_string()),
+            PushError::StaleToken { .. } | PushError::OtherCluster { .. } | PushError::RetiredCluster(_) => {
+                Status::failed_precondition(e.to_string())
+            }
             PushError::Superseded { .. } => Status::aborted(e.to_string()),
             PushError::ShaMismatch { .. } | PushError::WrongService { .. } => Status::invalid_argument(e.to_string()),
             PushError::Persist(_) => Status::unavailable(e.to_string()),
@@ -67,7 +123,8 @@ impl From<PushError> for Status {
 
 impl NodeAgentServiceImpl {
     /// One push, for both `Apply` and `ApplyStream`.
-    async fn apply_one(node: &Node, r: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {
+    async fn apply_one(node: &Node, auth: &PushAuth, r: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {
+        check(node, auth, |k| k.verify_apply(node.id(), &r))?;
         if r.content.len() > MAX_CONFIG_BYTES {
             let e = ConfigError::TooLarge { size: r.content.len(), limit: MAX_CONFIG_BYTES };
             return Err(Status::invalid_argument(e.to_string()));
@@ -81,6 +138,7 @@ impl NodeAgentServiceImpl {
                 fencing_token: r.fencing_token,
                 rollout_id: r.rollout_id,
                 sequence: r.sequence,
+                cluster_id: r.cluster_id,
             })
             .await?;
         let live = node.config();
@@ -99,7 +157,7 @@ type ApplyResponses = Pin<Box<dyn Stream<Item = Result<pb::ApplyResponse, Status
 #[tonic::async_trait]
 impl NodeAgent for NodeAgentServiceImpl {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
-        Ok(Response::new(Self::apply_one(&self.node, req.into_inner()).await?))
+        Ok(Response::new(Self::apply_one(&self.node, &self.auth, req.into_inner()).await?))
     }
 
     type ApplyStreamStream = ApplyResponses;
@@ -108,14 +166,14 @@ impl NodeAgent for NodeAgentServiceImpl {
         &self,
         req: Request<Streaming<pb::ApplyRequest>>,
     ) -> Result<Response<Self::ApplyStreamStream>, Status> {
-        let (node, closing) = (self.node.clone(), self.closing.clone());
+        let (node, closing, auth) = (self.node.clone(), self.closing.clone(), self.auth.clone());
         // One request at a time, in order: the next one is read only once the
         // previous one is answered. The first error is the last item (tonic
         // sends it as the trailing status) and nothing is read after it. A
         // push whose caller went away still finishes: `Node::push` runs
         // detached.
-        let state = (req.into_inner(), node, closing, false);
-        let answers = futures::stream::unfold(state, |(mut inbound, node, closing, failed)| async move {
+        let state = (req.into_inner(), node, closing, auth, false);
+        let answers = futures::stream::unfold(state, |(mut inbound, node, closing, auth, failed)| async move {
             if failed {
                 return None;
             }
@@ -128,18 +186,31 @@ impl NodeAgent for NodeAgentServiceImpl {
             };
             let answer = match next {
                 Ok(None) => return None,
-                Ok(Some(r)) => Self::apply_one(&node, r).await,
+                Ok(Some(r)) => Self::apply_one(&node, &auth, r).await,
                 Err(status) => Err(status),
             };
             let failed = answer.is_err();
-            Some((answer, (inbound, node, closing, failed)))
+            Some((answer, (inbound, node, closing, auth, failed)))
         });
         Ok(Response::new(Box::pin(answers)))
     }
 
     async fn validate(&self, req: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
         let r = req.into_inner();
+        self.check(|k| k.verify_validate(self.node.id(), &r))?;
         Ok(Response::new(self.node.validate(&r.content).into()))
+    }
+
+    async fn adopt(&self, req: Request<pb::AdoptRequest>) -> Result<Response<pb::AdoptResponse>, Status> {
+        let r = req.into_inner();
+        self.check(|k| k.verify_adopt(self.node.id(), &r))?;
+        let service = if r.service.is_empty() { crate::node::DEFAULT_SERVICE } else { r.service.as_str() };
+        if service != self.node.service() {
+            let e = PushError::WrongService { ours: self.node.service().into(), theirs: service.into() };
+            return Err(e.into());
+        }
+        let adopted = self.node.adopt(&r.from_cluster_id, &r.cluster_id, r.fencing_token).await?;
+        Ok(Response::new(pb::AdoptResponse { cluster_id: self.node.cluster_id(), adopted }))
     }
 
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
@@ -154,8 +225,28 @@ impl NodeAgent for NodeAgentServiceImpl {
 
 /// Serves the agent (plus reflection and health) on `listener` until
 /// `shutdown` resolves; in-flight RPCs finish first, and open push streams
-/// end once their current push is answered.
-pub async fn run(node: Node, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+/// end once their current push is answered. Pushes must be signed by a key
+/// of `trust`.
+pub async fn run(
+    node: Node,
+    trust: Arc<TrustedKeys>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    serve(node, PushAuth::Signed(trust), None, listener, shutdown).await
+}
+
+/// [`run`] with any [`PushAuth`] and, with `tls`, over TLS.
+pub async fn serve(
+    node: Node,
+    auth: PushAuth,
+    tls: Option<AgentTls>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    if matches!(auth, PushAuth::InsecureUnsigned) {
+        tracing::warn!("the agent takes UNSIGNED pushes: anyone who reaches its port can change this node's config");
+    }
     let closing = CancellationToken::new();
     let shutdown = {
         let closing = closing.clone();
@@ -165,19 +256,22 @@ pub async fn run(node: Node, listener: TcpListener, shutdown: impl Future<Output
         }
     };
     let sets = [confroll_proto::FILE_DESCRIPTOR_SET];
-    net::with_health_and_reflection::<NodeAgentServer<NodeAgentServiceImpl>>(
-        // Pings find a coordinator that vanished without closing (a partition,
-        // a host gone), so its idle push stream does not linger for good.
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10))),
-        &sets,
-    )
-    .await?
-    .add_service(
-        NodeAgentServer::new(NodeAgentServiceImpl::new(node, closing)).max_decoding_message_size(MAX_MESSAGE_BYTES),
-    )
-    .serve_with_incoming_shutdown(net::nodelay_incoming(listener), shutdown)
-    .await?;
+    // Pings find a coordinator that vanished without closing (a partition,
+    // a host gone), so its idle push stream does not linger for good.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(t) = &tls {
+        let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    net::with_health_and_reflection::<NodeAgentServer<NodeAgentServiceImpl>>(builder, &sets)
+        .await?
+        .add_service(
+            NodeAgentServer::new(NodeAgentServiceImpl::new(node, auth, closing))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(net::nodelay_incoming(listener), shutdown)
+        .await?;
     Ok(())
 }

@@ -306,8 +306,18 @@ impl JsonSchema for Dur {
 
 /// A URL that may carry a password. `Debug` and [`SecretUrl::redacted`] hide
 /// the password; only the components that connect read the raw form.
+///
+/// In the JSON Schema the type is marked `"x-confroll-secret": "url-password"`:
+/// only the password (userinfo or `password=` query value) is secret. A schema
+/// marks a whole value as secret with `"x-confroll-secret": true` or
+/// `"writeOnly": true`. Readers of stored documents find the marks with
+/// [`SecretPaths::from_schema`](crate::secrets::SecretPaths::from_schema).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
+#[schemars(
+    description = "A URL; its password (userinfo or `password=` query value) is secret.",
+    extend("x-confroll-secret" = "url-password")
+)]
 pub struct SecretUrl(pub String);
 
 impl SecretUrl {
@@ -387,7 +397,45 @@ pub enum ConfigError {
         /// Offset of the first invalid byte.
         offset: usize,
     },
-    /// Not YAML/JSON at all, or a YAML bomb (alias expansion, nesting).
+    /// Nested deeper than [`crate::limits::MAX_DEPTH`] levels (YAML aliases
+    /// expanded); refused before parsing.
+    #[error("document nests deeper than {limit} levels")]
+    TooDeep {
+        /// Nesting level at which the check stopped (at least `limit + 1`).
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// More than [`crate::limits::MAX_NODES`] YAML nodes, aliases expanded;
+    /// refused before parsing.
+    #[error("document has more than {limit} nodes after alias expansion")]
+    TooManyNodes {
+        /// Nodes counted when the check stopped.
+        nodes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// YAML aliases expanding to more than [`crate::limits::MAX_NODES`]
+    /// nodes (billion laughs); refused before parsing, nothing expanded.
+    #[error("aliases expand to more than {limit} nodes: refused (YAML alias bomb?)")]
+    AliasBomb {
+        /// Nodes counted when the check stopped (`usize::MAX` for an alias
+        /// inside the node it names, whose expansion never ends).
+        nodes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// More than [`crate::limits::MAX_ALIASES`] YAML aliases; refused before
+    /// parsing.
+    #[error("document has more than {limit} aliases: refused (YAML alias bomb?)")]
+    TooManyAliases {
+        /// Aliases counted when the check stopped.
+        aliases: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not YAML/JSON at all, or a limit of the YAML layer itself (a second
+    /// line of defence behind [`crate::limits`]).
     #[error("config is not valid {format}: {message}")]
     Syntax {
         /// `YAML` or `JSON`.
@@ -449,7 +497,14 @@ impl Config {
         if !meaningful || text.trim() == "---" {
             return Err(ConfigError::Empty);
         }
-        let config = if text.trim_start().starts_with('{') { parse_json(text)? } else { parse_yaml(text)? };
+        // Shape bounds (nesting, alias expansion) before anything is built.
+        let json = text.trim_start().starts_with('{');
+        if json {
+            crate::limits::check_json(text)?
+        } else {
+            crate::limits::check_yaml(text)?
+        }
+        let config = if json { parse_json(text)? } else { parse_yaml(text)? };
         config.validate()?;
         Ok(config)
     }
@@ -589,6 +644,7 @@ impl Config {
 /// A YAML document as a JSON value (for JSON Schema validation), with the
 /// same alias and nesting limits as [`Config::parse`].
 pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    crate::limits::check_yaml(text).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
 }
 

@@ -53,6 +53,10 @@ pub struct StatusReply {
     pub source: &'static str,
     /// Highest fencing token accepted.
     pub highest_fencing_token: u64,
+    /// Coordinator cluster whose pushes the node accepts.
+    pub cluster_id: String,
+    /// Cluster that numbered `version` (empty: a local version).
+    pub config_cluster_id: String,
     /// The running config, secrets redacted.
     pub config: serde_json::Value,
     /// The last reload.
@@ -153,6 +157,8 @@ async fn status(State(node): State<Node>) -> Json<StatusReply> {
         applied_at: live.applied_at_rfc3339(),
         source: live.source.as_str(),
         highest_fencing_token: node.highest_token(),
+        cluster_id: node.cluster_id(),
+        config_cluster_id: live.cluster_id.clone(),
         config: live.config.redacted_json(),
         last_reload: node.last_report().as_deref().cloned(),
     })

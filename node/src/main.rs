@@ -1,16 +1,22 @@
 //! `confroll-node`: the reference service.
 //!
 //! ```text
-//! confroll-node --config FILE [--listen ADDR] [--id ID] [--agent-listen ADDR] [--state-dir DIR]
+//! confroll-node --config FILE [--listen ADDR] [--id ID] [--state-dir DIR]
+//!               [--agent-listen ADDR --trust-keys coordinators.pub [--agent-tls-cert C --agent-tls-key K]]
 //! confroll-node schema            # the config's JSON Schema
 //! confroll-node validate FILE     # static checks, exit 1 on error
 //! ```
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use confroll_node::{Config, Node, NodeOptions, components::LogTarget};
+use confroll_node::{
+    Config, Node, NodeOptions,
+    agent::{AgentTls, PushAuth},
+    components::LogTarget,
+    trust::TrustedKeys,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -44,9 +50,25 @@ struct Cli {
     /// NodeAgent address the coordinator dials (defaults to the bound --agent-listen).
     #[arg(long)]
     advertise_agent: Option<String>,
-    /// File with the bearer token the coordinators require.
+    /// File with the bearer token (a `node` role credential) the coordinators require.
     #[arg(long)]
     coordinator_token_file: Option<PathBuf>,
+    /// PEM public key(s) of the coordinator group: the agent takes Apply,
+    /// Validate and Adopt only when signed by one of them. Reloaded on
+    /// SIGHUP and when the file changes (rotation: add the new key first).
+    #[arg(long)]
+    trust_keys: Option<PathBuf>,
+    /// Take UNSIGNED pushes from anyone who reaches the agent port
+    /// (development only; --trust-keys is the way to run).
+    #[arg(long, conflicts_with = "trust_keys")]
+    insecure_unsigned_pushes: bool,
+    /// Serve the agent port over TLS with this PEM certificate (advertise it
+    /// as https://HOST:PORT); needs --agent-tls-key.
+    #[arg(long, requires = "agent_tls_key")]
+    agent_tls_cert: Option<PathBuf>,
+    /// PEM private key of --agent-tls-cert.
+    #[arg(long, requires = "agent_tls_cert")]
+    agent_tls_key: Option<PathBuf>,
     /// PEM CA to verify `https://` coordinators with.
     #[arg(long)]
     coordinator_ca: Option<PathBuf>,
@@ -144,11 +166,37 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     let mut agent_address = None;
     if let Some(addr) = cli.agent_listen {
+        let auth = match (&cli.trust_keys, cli.insecure_unsigned_pushes) {
+            (Some(f), _) => {
+                let keys = Arc::new(TrustedKeys::load(f)?);
+                tracing::info!(file = %f.display(), ids = ?keys.ids(), "pushes must be signed by a trusted coordinator key");
+                let (k, s) = (keys.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    confroll_node::trust::keep_reloaded(k, Duration::from_secs(2), s).await.context("trust reload")
+                });
+                PushAuth::Signed(keys)
+            }
+            (None, true) => PushAuth::InsecureUnsigned,
+            (None, false) => anyhow::bail!(
+                "--agent-listen needs --trust-keys FILE (the coordinators' public key: `confroll keygen` writes one), \
+                 or --insecure-unsigned-pushes for development"
+            ),
+        };
+        let tls = match (&cli.agent_tls_cert, &cli.agent_tls_key) {
+            (Some(c), Some(k)) => Some(AgentTls {
+                cert_pem: std::fs::read(c).with_context(|| format!("read {}", c.display()))?,
+                key_pem: std::fs::read(k).with_context(|| format!("read {}", k.display()))?,
+            }),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let l = TcpListener::bind(addr).await.with_context(|| format!("bind agent {addr}"))?;
-        tracing::info!(addr = %l.local_addr()?, "NodeAgent gRPC listening");
-        agent_address = Some(l.local_addr()?.to_string());
+        tracing::info!(addr = %l.local_addr()?, tls = tls.is_some(), "NodeAgent gRPC listening");
+        agent_address = Some(format!("{scheme}://{}", l.local_addr()?));
         let (n, s) = (node.clone(), shutdown.clone());
-        tasks.spawn(async move { confroll_node::agent::run(n, l, s.cancelled_owned()).await.context("agent server") });
+        tasks.spawn(async move {
+            confroll_node::agent::serve(n, auth, tls, l, s.cancelled_owned()).await.context("agent server")
+        });
     }
     {
         let (n, s) = (node.clone(), shutdown.clone());

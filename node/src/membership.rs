@@ -20,7 +20,8 @@ pub struct Membership {
     pub coordinators: Vec<String>,
     /// The NodeAgent address coordinators dial.
     pub agent_address: String,
-    /// Bearer token, when the coordinators require one.
+    /// Bearer token (a `node` role credential), when the coordinators
+    /// require one. It can register and heartbeat, nothing else.
     pub token: Option<String>,
     /// PEM CA for `https://` coordinators.
     pub ca_pem: Option<Vec<u8>>,
@@ -54,15 +55,17 @@ impl Membership {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             };
-            let (version, sha256, healthy) = state(&node).await;
+            let s = state(&node).await;
             let reg = client
                 .register(self.request(pb::RegisterRequest {
                     service: node.service().to_owned(),
                     node_id: node.id().to_owned(),
                     agent_address: self.agent_address.clone(),
-                    version,
-                    sha256,
-                    healthy,
+                    version: s.version,
+                    sha256: s.sha256,
+                    healthy: s.healthy,
+                    cluster_id: s.cluster_id,
+                    config_cluster_id: s.config_cluster_id,
                 }))
                 .await;
             let reg = match reg {
@@ -81,16 +84,18 @@ impl Membership {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(interval) => {}
                 }
-                let (version, sha256, healthy) = state(&node).await;
+                let s = state(&node).await;
                 let hb = client
                     .heartbeat(self.request(pb::HeartbeatRequest {
                         service: node.service().to_owned(),
                         node_id: node.id().to_owned(),
                         registration_id: reg.registration_id,
-                        version,
-                        sha256,
-                        healthy,
+                        version: s.version,
+                        sha256: s.sha256,
+                        healthy: s.healthy,
                         agent_address: self.agent_address.clone(),
+                        cluster_id: s.cluster_id,
+                        config_cluster_id: s.config_cluster_id,
                     }))
                     .await;
                 match hb {
@@ -110,8 +115,23 @@ impl Membership {
     }
 }
 
-async fn state(node: &Node) -> (u64, String, bool) {
+/// What a node reports with every registration and heartbeat.
+struct Report {
+    version: u64,
+    sha256: String,
+    healthy: bool,
+    cluster_id: String,
+    config_cluster_id: String,
+}
+
+async fn state(node: &Node) -> Report {
     let live = node.config();
     let healthy = node.health().await.healthy;
-    (live.version, live.sha256.clone(), healthy)
+    Report {
+        version: live.version,
+        sha256: live.sha256.clone(),
+        healthy,
+        cluster_id: node.cluster_id(),
+        config_cluster_id: live.cluster_id.clone(),
+    }
 }

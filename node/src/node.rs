@@ -32,7 +32,7 @@ use crate::{
     metrics::NodeMetrics,
     pipeline::{Command, ComponentStatus, DiffSummary, Event, Machine, Outcome, Phase},
     report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
-    state::{PersistedConfig, StateDir},
+    state::{Fencing, PersistedConfig, StateDir},
 };
 
 /// The service name used when none is given.
@@ -94,6 +94,10 @@ pub struct Applied {
     pub applied_at: SystemTime,
     /// What made it live.
     pub source: Trigger,
+    /// The coordinator cluster that numbered `version` (empty: a local
+    /// version, from the file, SIGHUP or the API): version numbers of two
+    /// clusters are never compared.
+    pub cluster_id: String,
 }
 
 impl Applied {
@@ -131,6 +135,20 @@ pub enum StartError {
 /// Why a pushed version was refused before the pipeline ran.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
+    /// The push comes from another coordinator cluster than the one this
+    /// node obeys. Fatal until an operator adopts the node into it.
+    #[error(
+        "this node belongs to coordinator cluster `{ours}`, not `{theirs}`: move it with `confroll adopt --from {ours}`"
+    )]
+    OtherCluster {
+        /// The cluster the node obeys.
+        ours: String,
+        /// The pusher's.
+        theirs: String,
+    },
+    /// An adoption back into a cluster the node was moved away from.
+    #[error("this node left coordinator cluster `{0}` and never goes back to it")]
+    RetiredCluster(String),
     /// A lower fencing token than one already accepted: the pusher is a
     /// deposed leader. Fatal for that pusher.
     #[error("stale fencing token {token}: this node already accepted token {highest}")]
@@ -165,8 +183,8 @@ pub enum PushError {
         /// Service named in the push.
         theirs: String,
     },
-    /// The token could not be persisted; nothing was applied. Retryable.
-    #[error("cannot persist fencing token: {0}")]
+    /// The fencing state could not be persisted; nothing was applied. Retryable.
+    #[error("cannot persist fencing state: {0}")]
     Persist(String),
 }
 
@@ -187,6 +205,8 @@ pub struct Push {
     pub rollout_id: String,
     /// Order among the pusher's pushes under `fencing_token` (0: unordered).
     pub sequence: u64,
+    /// The coordinator cluster that issued `fencing_token` and `version`.
+    pub cluster_id: String,
 }
 
 /// Result of a dry-run validation.
@@ -245,11 +265,11 @@ struct Inner {
     /// Held for a whole reload, so reloads never overlap; also orders the
     /// fencing-token check against the pipeline it guards.
     reload_lock: tokio::sync::Mutex<()>,
-    /// Highest fencing token accepted (mirrors the state dir).
-    highest_token: AtomicU64,
-    /// Highest push sequence taken under `highest_token`. In memory only: a
-    /// push overtaken in flight cannot outlive this process's connections.
-    highest_sequence: AtomicU64,
+    /// The cluster obeyed, highest token and sequence accepted from it
+    /// (mirrors the state dir, which is written first). Changed under the
+    /// reload lock only; the sequence persists so that a push recorded
+    /// before a restart cannot be replayed after it.
+    fencing: std::sync::Mutex<Fencing>,
     last_report: ArcSwapOption<ReloadReport>,
     reload_seq: AtomicU64,
     state: Option<StateDir>,
@@ -271,18 +291,20 @@ impl Node {
             Some(s) => s.load_config().map_err(StartError::State)?,
             None => None,
         };
-        let highest = match &state {
-            Some(s) => s.load_token().map_err(StartError::State)?,
-            None => 0,
+        let fencing = match &state {
+            Some(s) => s.load_fencing().map_err(StartError::State)?,
+            None => Fencing::default(),
         };
         let file_bytes = match &opts.config_path {
             Some(p) => Some(read_limited(p).await.map_err(|source| StartError::Read { path: p.clone(), source })?),
             None => None,
         };
-        let (content, version, source, file_sha) = match (&persisted, &file_bytes, &opts.initial_config) {
-            (Some(p), _, _) => (p.content.clone().into_bytes(), p.version, Trigger::Boot, p.file_sha256.clone()),
-            (None, Some(b), _) => (b.clone(), 1, Trigger::File, Some(sha256_hex(b))),
-            (None, None, Some(b)) => (b.clone(), 1, Trigger::Api, None),
+        let (content, version, source, file_sha, cluster_id) = match (&persisted, &file_bytes, &opts.initial_config) {
+            (Some(p), _, _) => {
+                (p.content.clone().into_bytes(), p.version, Trigger::Boot, p.file_sha256.clone(), p.cluster_id.clone())
+            }
+            (None, Some(b), _) => (b.clone(), 1, Trigger::File, Some(sha256_hex(b)), String::new()),
+            (None, None, Some(b)) => (b.clone(), 1, Trigger::Api, None, String::new()),
             (None, None, None) => return Err(StartError::NoConfig),
         };
         let config = Config::parse(&content)?;
@@ -298,6 +320,7 @@ impl Node {
             version,
             applied_at: SystemTime::now(),
             source,
+            cluster_id,
         };
         let node = Node {
             inner: Arc::new(Inner {
@@ -305,8 +328,7 @@ impl Node {
                 components,
                 metrics,
                 reload_lock: tokio::sync::Mutex::new(()),
-                highest_token: AtomicU64::new(highest),
-                highest_sequence: AtomicU64::new(0),
+                fencing: std::sync::Mutex::new(fencing),
                 last_report: ArcSwapOption::empty(),
                 reload_seq: AtomicU64::new(0),
                 file_sha: ArcSwapOption::new(file_sha.map(Arc::new)),
@@ -394,9 +416,19 @@ impl Node {
         self.inner.last_report.load_full()
     }
 
-    /// Highest fencing token accepted.
+    /// Highest fencing token accepted (from the cluster obeyed).
     pub fn highest_token(&self) -> u64 {
-        self.inner.highest_token.load(Ordering::SeqCst)
+        self.fencing().token
+    }
+
+    /// The coordinator cluster whose pushes this node accepts (empty: none yet).
+    pub fn cluster_id(&self) -> String {
+        self.fencing().cluster_id
+    }
+
+    /// The fencing state: cluster, highest token and sequence, clusters left.
+    pub fn fencing(&self) -> Fencing {
+        self.inner.fencing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The config file, if any.
@@ -451,33 +483,62 @@ impl Node {
         if service != self.service() {
             return Err(PushError::WrongService { ours: self.service().into(), theirs: service.into() });
         }
-        let highest = self.highest_token();
-        if push.fencing_token < highest {
-            self.inner.metrics.errors_total.with_label_values(&["stale_token"]).inc();
-            tracing::warn!(token = push.fencing_token, highest, rollout = %push.rollout_id, "refused push with stale fencing token");
-            return Err(PushError::StaleToken { token: push.fencing_token, highest });
-        }
-        let latest = self.inner.highest_sequence.load(Ordering::SeqCst);
-        if push.fencing_token == highest && push.sequence != 0 && push.sequence < latest {
-            self.inner.metrics.errors_total.with_label_values(&["superseded"]).inc();
-            tracing::warn!(sequence = push.sequence, latest, rollout = %push.rollout_id, "refused a push overtaken by a later one");
-            return Err(PushError::Superseded { sequence: push.sequence, latest });
-        }
+        let current = self.fencing();
+        let next = match fence(&current, &push) {
+            Ok(next) => next,
+            Err(e) => {
+                let kind = match e {
+                    PushError::StaleToken { .. } => "stale_token",
+                    PushError::Superseded { .. } => "superseded",
+                    _ => "other_cluster",
+                };
+                self.inner.metrics.errors_total.with_label_values(&[kind]).inc();
+                tracing::warn!(token = push.fencing_token, sequence = push.sequence, cluster = %push.cluster_id, rollout = %push.rollout_id, error = %e, "refused push");
+                return Err(e);
+            }
+        };
         let actual = sha256_hex(&push.content);
         if !push.sha256.is_empty() && !push.sha256.eq_ignore_ascii_case(&actual) {
             return Err(PushError::ShaMismatch { expected: push.sha256, actual });
         }
-        if push.fencing_token > highest {
-            if let Some(s) = &self.inner.state {
-                s.save_token(push.fencing_token).map_err(|e| PushError::Persist(e.to_string()))?;
-            }
-            self.inner.highest_token.store(push.fencing_token, Ordering::SeqCst);
-            self.inner.highest_sequence.store(push.sequence, Ordering::SeqCst);
-        } else {
-            self.inner.highest_sequence.fetch_max(push.sequence, Ordering::SeqCst);
+        if next != current {
+            self.save_fencing(next)?;
         }
-        tracing::info!(version = push.version, token = push.fencing_token, rollout = %push.rollout_id, "applying pushed version");
-        Ok(self.run(Source::Bytes(push.content, Some(actual)), Some(push.version), Trigger::Push).await)
+        tracing::info!(version = push.version, token = push.fencing_token, cluster = %push.cluster_id, rollout = %push.rollout_id, "applying pushed version");
+        let origin = Origin { version: push.version, cluster_id: push.cluster_id };
+        Ok(self.run(Source::Bytes(push.content, Some(actual)), Some(origin), Trigger::Push).await)
+    }
+
+    /// Persists, then publishes, a new fencing state. The caller holds the
+    /// reload lock.
+    fn save_fencing(&self, next: Fencing) -> Result<(), PushError> {
+        if let Some(s) = &self.inner.state {
+            s.save_fencing(&next).map_err(|e| PushError::Persist(e.to_string()))?;
+        }
+        *self.inner.fencing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(())
+    }
+
+    /// Moves this node from coordinator cluster `from` to `to` (after the
+    /// operator's `confroll adopt`), with `token` as the new cluster's first
+    /// fencing token. `Ok(false)` when it already belongs to `to`. The live
+    /// config stays; its version keeps the old cluster's id until `to` pushes.
+    pub async fn adopt(&self, from: &str, to: &str, token: u64) -> Result<bool, PushError> {
+        let _g = self.inner.reload_lock.lock().await;
+        let current = self.fencing();
+        match adoption(&current, from, to, token)? {
+            None => Ok(false),
+            Some(next) => {
+                self.save_fencing(next)?;
+                tracing::warn!(
+                    from,
+                    to,
+                    token,
+                    "adopted by another coordinator cluster: pushes of the old one are refused from now on"
+                );
+                Ok(true)
+            }
+        }
     }
 
     /// Parses and statically validates a candidate against the running
@@ -527,7 +588,7 @@ impl Node {
     }
 
     /// Runs the pipeline once. The caller holds the reload lock.
-    async fn run(&self, mut source: Source, version: Option<u64>, trigger: Trigger) -> ReloadReport {
+    async fn run(&self, mut source: Source, origin: Option<Origin>, trigger: Trigger) -> ReloadReport {
         let started = Instant::now();
         let prev = self.config();
         let mut run = Run::default();
@@ -542,7 +603,7 @@ impl Node {
             }
             let phase = cmd.phase();
             let t = Instant::now();
-            let event = self.execute(cmd, &mut source, &prev, version, trigger, &mut run).await;
+            let event = self.execute(cmd, &mut source, &prev, origin.as_ref(), trigger, &mut run).await;
             *run.phases.entry(phase).or_default() += t.elapsed();
             if let Some(e) = event {
                 queue.extend(machine.step(e));
@@ -567,7 +628,7 @@ impl Node {
         cmd: Command,
         source: &mut Source,
         prev: &Arc<Applied>,
-        version: Option<u64>,
+        origin: Option<&Origin>,
         trigger: Trigger,
         run: &mut Run,
     ) -> Option<Event> {
@@ -606,7 +667,8 @@ impl Node {
                     return Some(Event::Diffed(Err(e.to_string())));
                 }
                 let same_bytes = run.sha.as_deref() == Some(prev.sha256.as_str());
-                let unchanged = same_bytes && version.is_none_or(|v| v == prev.version);
+                let unchanged =
+                    same_bytes && origin.is_none_or(|o| o.version == prev.version && o.cluster_id == prev.cluster_id);
                 let critical = ComponentKind::ALL.into_iter().filter(|k| k.is_critical_in(cfg)).collect();
                 Some(Event::Diffed(Ok(DiffSummary { unchanged, affected: d.affected, critical })))
             }
@@ -614,11 +676,12 @@ impl Node {
                 let config = run.config.take()?;
                 let next = Arc::new(Applied {
                     config,
-                    version: version.unwrap_or(prev.version + 1),
+                    version: origin.map_or(prev.version + 1, |o| o.version),
                     sha256: run.sha.clone().unwrap_or_default(),
                     content: String::from_utf8(std::mem::take(&mut run.bytes)).unwrap_or_default(),
                     applied_at: SystemTime::now(),
                     source: trigger,
+                    cluster_id: origin.map(|o| o.cluster_id.clone()).unwrap_or_default(),
                 });
                 self.set_live(next);
                 None
@@ -808,12 +871,65 @@ impl Node {
             source: live.source.as_str().into(),
             content: live.content.clone(),
             file_sha256: self.last_file_sha(),
+            cluster_id: live.cluster_id.clone(),
         };
         if let Err(e) = state.save_config(&p) {
             self.inner.metrics.errors_total.with_label_values(&["persist"]).inc();
             tracing::error!(error = %e, dir = %state.path().display(), "cannot persist applied config; a restart would come back on an older one");
         }
     }
+}
+
+/// Where a pushed version comes from: its number in its cluster.
+struct Origin {
+    version: u64,
+    cluster_id: String,
+}
+
+/// The fencing rule, as a pure function: the state after accepting `push`
+/// under `current`, or why it is refused.
+///
+/// * A node that obeys no cluster yet is bound by the first push (its
+///   legacy token, if any, still applies).
+/// * A push of another cluster is refused: only `adopt` moves a node.
+/// * Within the cluster: a lower token is a deposed leader; under the same
+///   token, a lower sequence is a push overtaken on its way (or a replay).
+pub fn fence(current: &Fencing, push: &Push) -> Result<Fencing, PushError> {
+    if !current.cluster_id.is_empty() && push.cluster_id != current.cluster_id {
+        return Err(PushError::OtherCluster { ours: current.cluster_id.clone(), theirs: push.cluster_id.clone() });
+    }
+    if push.fencing_token < current.token {
+        return Err(PushError::StaleToken { token: push.fencing_token, highest: current.token });
+    }
+    let same_token = push.fencing_token == current.token;
+    if same_token && push.sequence != 0 && push.sequence < current.sequence {
+        return Err(PushError::Superseded { sequence: push.sequence, latest: current.sequence });
+    }
+    Ok(Fencing {
+        cluster_id: push.cluster_id.clone(),
+        token: push.fencing_token,
+        sequence: if same_token { current.sequence.max(push.sequence) } else { push.sequence },
+        retired_clusters: current.retired_clusters.clone(),
+    })
+}
+
+/// The adoption rule, as a pure function: the state after moving from
+/// cluster `from` to `to` (`None`: already there), or why not.
+pub fn adoption(current: &Fencing, from: &str, to: &str, token: u64) -> Result<Option<Fencing>, PushError> {
+    if current.cluster_id == to {
+        return Ok(None);
+    }
+    if current.cluster_id != from {
+        return Err(PushError::OtherCluster { ours: current.cluster_id.clone(), theirs: from.to_owned() });
+    }
+    if to.is_empty() || current.retired_clusters.iter().any(|c| c == to) {
+        return Err(PushError::RetiredCluster(to.to_owned()));
+    }
+    let mut retired = current.retired_clusters.clone();
+    if !from.is_empty() {
+        retired.push(from.to_owned());
+    }
+    Ok(Some(Fencing { cluster_id: to.to_owned(), token, sequence: 0, retired_clusters: retired }))
 }
 
 /// Scratch state of one pipeline run.
@@ -867,4 +983,68 @@ async fn read_limited(path: &PathBuf) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(cluster: &str, token: u64, sequence: u64) -> Push {
+        Push {
+            service: String::new(),
+            version: 1,
+            content: Vec::new(),
+            sha256: String::new(),
+            fencing_token: token,
+            rollout_id: String::new(),
+            sequence,
+            cluster_id: cluster.into(),
+        }
+    }
+
+    fn state(cluster: &str, token: u64, sequence: u64) -> Fencing {
+        Fencing { cluster_id: cluster.into(), token, sequence, retired_clusters: Vec::new() }
+    }
+
+    #[test]
+    fn the_first_push_binds_a_node_and_other_clusters_are_refused() {
+        let fresh = Fencing::default();
+        assert_eq!(fence(&fresh, &push("a", 5, 1)).unwrap(), state("a", 5, 1));
+        // A node from before cluster ids keeps its token under the first cluster.
+        let legacy = state("", 9, 0);
+        assert!(matches!(fence(&legacy, &push("a", 5, 1)), Err(PushError::StaleToken { token: 5, highest: 9 })));
+        assert_eq!(fence(&legacy, &push("a", 9, 1)).unwrap(), state("a", 9, 1));
+        // Another cluster's push is refused whatever its token.
+        let bound = state("a", 5, 3);
+        for p in [push("b", 2, 1), push("b", u64::MAX, 1), push("", 6, 1)] {
+            assert!(matches!(fence(&bound, &p), Err(PushError::OtherCluster { .. })), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn within_a_cluster_tokens_and_sequences_only_grow() {
+        let s = state("a", 5, 3);
+        assert!(matches!(fence(&s, &push("a", 4, 9)), Err(PushError::StaleToken { .. })));
+        assert!(matches!(fence(&s, &push("a", 5, 2)), Err(PushError::Superseded { sequence: 2, latest: 3 })));
+        assert_eq!(fence(&s, &push("a", 5, 3)).unwrap(), s, "a retry of the last push");
+        assert_eq!(fence(&s, &push("a", 5, 0)).unwrap(), s, "unordered pushes keep the sequence");
+        assert_eq!(fence(&s, &push("a", 5, 7)).unwrap(), state("a", 5, 7));
+        assert_eq!(fence(&s, &push("a", 6, 1)).unwrap(), state("a", 6, 1), "a new leader starts its own sequence");
+    }
+
+    #[test]
+    fn adoption_moves_forward_only_from_the_current_cluster() {
+        let s = state("a", 50, 3);
+        let moved = adoption(&s, "a", "b", 2).unwrap().unwrap();
+        assert_eq!(moved, Fencing { cluster_id: "b".into(), token: 2, sequence: 0, retired_clusters: vec!["a".into()] });
+        // The new cluster's tokens start again; the old one's are refused.
+        assert!(fence(&moved, &push("b", 2, 1)).is_ok());
+        assert!(matches!(fence(&moved, &push("a", 999, 1)), Err(PushError::OtherCluster { .. })));
+        assert_eq!(adoption(&moved, "a", "b", 3).unwrap(), None, "already there");
+        assert!(matches!(adoption(&moved, "x", "c", 1), Err(PushError::OtherCluster { .. })), "from must match");
+        assert!(matches!(adoption(&moved, "b", "a", 1), Err(PushError::RetiredCluster(_))), "never back");
+        assert!(matches!(adoption(&moved, "b", "", 1), Err(PushError::RetiredCluster(_))));
+        // A node bound to no cluster yet can be adopted from the empty id.
+        assert_eq!(adoption(&Fencing::default(), "", "b", 1).unwrap().unwrap().retired_clusters, Vec::<String>::new());
+    }
 }

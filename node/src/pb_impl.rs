@@ -81,5 +81,7 @@ pub fn node_status(node: &Node, healthy: bool) -> pb::NodeStatus {
         highest_fencing_token: node.highest_token(),
         last_reload: node.last_report().as_deref().map(Into::into),
         healthy,
+        cluster_id: node.cluster_id(),
+        config_cluster_id: live.cluster_id.clone(),
     }
 }

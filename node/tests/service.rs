@@ -96,21 +96,20 @@ async fn pushes_are_fenced_and_survive_a_restart() {
 
     // Validate changes nothing and names the problem.
     let bad = cfg.yaml().replace("min_conns: 1", "min_conns: 50");
-    let v =
-        agent.validate(pb::ValidateRequest { service: String::new(), content: bad.into() }).await.unwrap().into_inner();
+    let v = agent.validate(common::validate_request(&bad, "n1")).await.unwrap().into_inner();
     assert!(!v.valid);
     assert!(v.errors[0].contains("database.min_conns"), "{v:?}");
     cfg.max_conns = 6;
-    let v = agent.validate(pb::ValidateRequest { service: String::new(), content: cfg.yaml().into() }).await.unwrap();
+    let v = agent.validate(common::validate_request(&cfg.yaml(), "n1")).await.unwrap();
     let v = v.into_inner();
     assert!(v.valid, "{v:?}");
     assert_eq!(v.affected_components, ["database"]);
     assert_eq!(v.diff[0].path, "database.max_conns");
     assert_eq!(status(&p).await["version"], 1);
 
-    let push = |content: String, version: u64, token: u64| pb::ApplyRequest {
-        service: "default".into(),
-        ..common::apply_request(content, version, token)
+    let push = |content: String, version: u64, token: u64| {
+        let r = pb::ApplyRequest { service: "default".into(), ..common::apply_request(content, version, token) };
+        common::signed(r, "n1")
     };
     let r = agent.apply(push(cfg.yaml(), 42, 1000)).await.unwrap().into_inner();
     assert!(r.applied, "{r:?}");
@@ -157,7 +156,8 @@ async fn the_push_stream_answers_in_order_ends_on_a_refusal_and_does_not_hold_si
     let lite = |ttl: u32| format!("profile: lite\nlog: {{level: info}}\ncache: {{ttl: {ttl}s}}\n");
     std::fs::write(&path, lite(1)).unwrap();
     let p = NodeProcess::spawn(&path, &dir.path().join("state"), "s1", &["--no-watch"]);
-    let push = |version: u64, token: u64| common::apply_request(lite(version as u32), version, token);
+    let push =
+        |version: u64, token: u64| common::signed(common::apply_request(lite(version as u32), version, token), "s1");
     let mut agent = NodeAgentClient::connect(p.agent_url()).await.unwrap();
 
     // One answer per request, in order, on one stream.

@@ -4,7 +4,8 @@
 //! confroll-coordinator --id c1 --listen 127.0.0.1:7001 --http-listen 127.0.0.1:7101 \
 //!     --store raft --raft-id 1 --raft-peers 1=127.0.0.1:7201,2=…,3=… --data-dir /var/lib/confroll/c1
 //! confroll-coordinator --id c1 --listen 127.0.0.1:7001 --http-listen 127.0.0.1:7101 \
-//!     --store etcd --etcd-endpoints http://127.0.0.1:2379 [--lease-ttl 5s] [--auth-token-file F]
+//!     --store etcd --etcd-endpoints http://127.0.0.1:2379 [--lease-ttl 5s]
+//!     [--push-key push.key] [--operator-tokens F --node-tokens F --reader-tokens F]
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -12,6 +13,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use confroll_coordinator::{
+    auth::{CredentialFiles, Credentials},
     model::Policy,
     replica::{Replica, ReplicaOptions},
     store::{
@@ -77,9 +79,25 @@ struct Cli {
     /// PEM CA that signed the other replicas' certificates (default: --tls-cert itself).
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
-    /// File holding the bearer token mutating RPCs must carry.
+    /// Operator credentials (one bearer token per line): submit, rollback,
+    /// abort, policy, adopt, reveal secrets. Reloaded on SIGHUP and on change.
+    #[arg(long, alias = "auth-token-file")]
+    operator_tokens: Option<PathBuf>,
+    /// Node credentials (one per line): register and heartbeat only.
     #[arg(long)]
-    auth_token_file: Option<PathBuf>,
+    node_tokens: Option<PathBuf>,
+    /// Reader credentials (one per line): status, history, diffs, redacted.
+    #[arg(long)]
+    reader_tokens: Option<PathBuf>,
+    /// The cluster's Ed25519 private key (PKCS#8 PEM, `confroll keygen`):
+    /// every push is signed with it, and nodes trust its public half. All
+    /// replicas of a cluster use the same key.
+    #[arg(long)]
+    push_key: Option<PathBuf>,
+    /// PEM CA that signed the certificates of nodes whose agents serve TLS
+    /// (they advertise `https://` addresses).
+    #[arg(long)]
+    agent_ca: Option<PathBuf>,
     /// Default bake time per stage.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     default_bake: Duration,
@@ -107,9 +125,29 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let token = match &cli.auth_token_file {
-        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned())
-            .filter(|t| !t.is_empty()),
+    let files = CredentialFiles {
+        operator: cli.operator_tokens.clone(),
+        node: cli.node_tokens.clone(),
+        reader: cli.reader_tokens.clone(),
+    };
+    let credentials = Arc::new(Credentials::load(files).context("credentials")?);
+    if credentials.is_open() {
+        tracing::warn!("no credentials configured: anyone who reaches the API may submit, roll back and read secrets");
+    } else if cli.node_tokens.is_none() {
+        tracing::warn!("no --node-tokens: no node can register");
+    }
+    let push_key = match &cli.push_key {
+        Some(f) => Some(confroll_node::trust::PushKey::load(f)?),
+        None => {
+            tracing::warn!("no --push-key: pushes go unsigned, and nodes that trust a key refuse them");
+            None
+        }
+    };
+    if let Some(k) = &push_key {
+        tracing::info!(key_id = k.id(), "pushes are signed");
+    }
+    let agent_ca = match &cli.agent_ca {
+        Some(f) => Some(std::fs::read(f).with_context(|| format!("read {}", f.display()))?),
         None => None,
     };
     let shutdown = CancellationToken::new();
@@ -139,6 +177,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut opts = ReplicaOptions::new(cli.id.clone(), cli.advertise.clone().unwrap_or_else(|| cli.listen.to_string()));
     opts.registration_ttl = cli.registration_ttl;
+    opts.push_key = push_key;
+    opts.agent_ca = agent_ca;
     opts.default_policy = Policy {
         stages: cli
             .default_stages
@@ -165,9 +205,13 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(id = %cli.id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
     let mut tasks = tokio::task::JoinSet::new();
     {
+        let (c, s) = (credentials.clone(), shutdown.clone());
+        tasks.spawn(async move { c.keep_reloaded(Duration::from_secs(2), s).await.context("credential reload") });
+    }
+    {
         let (r, s) = (replica.clone(), shutdown.clone());
         tasks.spawn(async move {
-            confroll_coordinator::service::run_with_tls(r, token, tls, grpc, s.cancelled_owned())
+            confroll_coordinator::service::run_with_tls(r, credentials, tls, grpc, s.cancelled_owned())
                 .await
                 .context("gRPC server")
         });

@@ -181,6 +181,55 @@ impl Backing {
     }
 }
 
+/// The test cluster's push key pair (private, public), written once under
+/// the target dir: coordinators sign with it, nodes trust it.
+pub fn push_keys() -> &'static (PathBuf, PathBuf) {
+    static KEYS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let dir = target_dir().join("test-push-keys");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, public) = (dir.join("push.key"), dir.join("push.pub"));
+        if !(key.exists() && public.exists()) {
+            let k = confroll_node::trust::PushKey::generate();
+            // Written beside, then renamed: a concurrent test binary sees
+            // the old pair or the new one, never half of one.
+            let tmp = dir.join(format!("tmp-{}", std::process::id()));
+            std::fs::create_dir_all(&tmp).unwrap();
+            std::fs::write(tmp.join("push.key"), k.to_pem()).unwrap();
+            std::fs::write(tmp.join("push.pub"), k.public_pem()).unwrap();
+            std::fs::rename(tmp.join("push.pub"), &public).unwrap();
+            std::fs::rename(tmp.join("push.key"), &key).unwrap();
+            let _ = std::fs::remove_dir(&tmp);
+        }
+        (key, public)
+    })
+}
+
+/// `r` for node `node`, signed with the test cluster's push key: what a
+/// coordinator of that cluster sends.
+pub fn signed(mut r: pb::ApplyRequest, node: &str) -> pb::ApplyRequest {
+    r.node_id = node.into();
+    confroll_node::trust::PushKey::load(&push_keys().0).unwrap().sign_apply(&mut r);
+    r
+}
+
+/// The cluster id the coordinators behind `client` report.
+pub async fn cluster_id(client: &CoordinatorClient<Channel>) -> String {
+    status_until(client, Duration::from_secs(20), "a cluster id", |s| {
+        (!s.cluster_id.is_empty()).then_some(s.cluster_id)
+    })
+    .await
+}
+
+/// `extra` unless it already says `flag` (or `unless`): then nothing.
+fn default_arg(extra: &[&str], flag: &str, unless: &str, value: &Path) -> Vec<String> {
+    if extra.iter().any(|a| *a == flag || *a == unless) {
+        vec![]
+    } else {
+        vec![flag.to_owned(), value.to_string_lossy().into_owned()]
+    }
+}
+
 /// A `confroll-coordinator` process.
 pub struct Coord {
     pub id: String,
@@ -206,7 +255,8 @@ impl Coord {
                 .args(store.args(id))
                 .args(["--lease-ttl", "2s"])
                 .args(["--default-bake", "200ms", "--default-health-interval", "100ms", "--registration-ttl", "3s"])
-                .args(extra)
+                .args(default_arg(extra, "--push-key", "--no-push-key", &push_keys().0))
+                .args(extra.iter().filter(|a| **a != "--no-push-key"))
                 .stdout(out.try_clone().unwrap())
                 .stderr(out),
             port,
@@ -275,6 +325,7 @@ impl NodeProc {
                 .arg(dir.join(format!("{id}.state")))
                 .args(["--id", id, "--no-watch"])
                 .args(if urls.is_empty() { vec![] } else { vec!["--coordinator".to_owned(), urls.join(",")] })
+                .args(default_arg(extra, "--trust-keys", "--insecure-unsigned-pushes", &push_keys().1))
                 .args(extra)
                 .stdout(out.try_clone().unwrap())
                 .stderr(out),

@@ -211,6 +211,14 @@ impl NodeProcess {
         let (http_port, agent_port) = (free_port(), free_port());
         let log = state_dir.with_extension(format!("{id}.log"));
         let out = std::fs::File::create(&log).unwrap();
+        // The node trusts this test process's push key (see `signed`).
+        let trust = state_dir.with_extension("trust.pem");
+        std::fs::write(&trust, push_key().public_pem()).unwrap();
+        let trust_args = if extra.contains(&"--insecure-unsigned-pushes") {
+            vec![]
+        } else {
+            vec!["--trust-keys".to_owned(), trust.display().to_string()]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_confroll-node"))
             .arg("--config")
             .arg(config)
@@ -219,6 +227,7 @@ impl NodeProcess {
             .arg("--state-dir")
             .arg(state_dir)
             .args(["--id", id, "--watch-debounce", "100ms"])
+            .args(trust_args)
             .args(extra)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -312,10 +321,36 @@ pub fn push(content: String, version: u64, token: u64) -> confroll_node::Push {
         fencing_token: token,
         rollout_id: "test-rollout".into(),
         sequence: 0,
+        cluster_id: String::new(),
     }
 }
 
-/// The same push as a `NodeAgent.Apply` request.
+/// The push key of this test process (the coordinators' role in tests).
+pub fn push_key() -> &'static confroll_node::trust::PushKey {
+    static KEY: std::sync::OnceLock<confroll_node::trust::PushKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(confroll_node::trust::PushKey::generate)
+}
+
+/// `r` addressed to node `node` and signed with [`push_key`], as a
+/// coordinator sends it.
+pub fn signed(mut r: confroll_proto::v1::ApplyRequest, node: &str) -> confroll_proto::v1::ApplyRequest {
+    r.node_id = node.into();
+    push_key().sign_apply(&mut r);
+    r
+}
+
+/// A signed dry run of `content` for node `node`.
+pub fn validate_request(content: &str, node: &str) -> confroll_proto::v1::ValidateRequest {
+    let mut r = confroll_proto::v1::ValidateRequest {
+        content: content.as_bytes().to_vec(),
+        node_id: node.into(),
+        ..Default::default()
+    };
+    push_key().sign_validate(&mut r);
+    r
+}
+
+/// The same push as a `NodeAgent.Apply` request (unsigned: see `signed`).
 pub fn apply_request(content: String, version: u64, token: u64) -> confroll_proto::v1::ApplyRequest {
     let p = push(content, version, token);
     confroll_proto::v1::ApplyRequest {
@@ -326,5 +361,8 @@ pub fn apply_request(content: String, version: u64, token: u64) -> confroll_prot
         fencing_token: p.fencing_token,
         rollout_id: p.rollout_id,
         sequence: p.sequence,
+        cluster_id: p.cluster_id,
+        node_id: String::new(),
+        signature: None,
     }
 }

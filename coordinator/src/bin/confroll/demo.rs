@@ -4,9 +4,14 @@
 //!                  spawns                        raft (own group, tonic)
 //!  confroll demo ─────────▶ c1 ◀──────▶ c2 ◀──────▶ c3   confroll-coordinator --store raft
 //!       │   gRPC (submit,     ▲  register, heartbeat  ▲
-//!       │   watch, status)    │  push (Apply, fenced) ▼
+//!       │   watch, status)    │  push (signed, fenced, over TLS) ▼
 //!       └─────────────────▶ n1 n2 n3 n4 n5               confroll-node, profile: lite
 //! ```
+//!
+//! The demo runs the way production should: it makes a push key pair
+//! (`confroll keygen` does the same), so the coordinators sign every push
+//! and the nodes trust only that key, and a self-signed certificate, so the
+//! nodes' agent ports serve TLS and pushes never cross the wire in plaintext.
 //!
 //! The story, each step checked before the next one starts:
 //! 1. the cluster comes up: a leader is elected, the five nodes register;
@@ -14,7 +19,9 @@
 //! 3. a bad config (it requires an LLM endpoint that is down) fails health on
 //!    the canary and the whole cluster rolls back; history says ROLLED_BACK;
 //! 4. the leader is SIGKILLed; another replica takes over and rolls out the
-//!    next version; the killed one restarts from its data dir and catches up.
+//!    next version; the killed one restarts from its data dir and catches up;
+//! 5. someone who reaches a node's agent port pushes a config without the
+//!    cluster's key (with a huge fencing token): refused, node unchanged.
 //!
 //! Every process is a child of the demo. They are killed and reaped, and the
 //! temporary directory (logs, raft data, node state) is removed, on every way
@@ -224,13 +231,16 @@ struct Demo {
     /// Declared last so that it drops last: even on a panic the children
     /// (killed on drop) are gone before their directory is removed.
     dir: tempfile::TempDir,
+    /// PEM certificate the node agents serve (self-signed): what a client
+    /// of their TLS ports trusts.
+    agent_ca: Vec<u8>,
 }
 
 impl Demo {
     fn new(bins: Bins) -> anyhow::Result<Demo> {
         let dir =
             tempfile::Builder::new().prefix("confroll-demo.").tempdir().context("create a temporary directory")?;
-        Ok(Demo { bins, replicas: Vec::new(), nodes: Vec::new(), dir })
+        Ok(Demo { bins, replicas: Vec::new(), nodes: Vec::new(), dir, agent_ca: Vec::new() })
     }
 
     /// Kills and reaps every child; how many were running.
@@ -261,6 +271,7 @@ impl Demo {
         let v1 = self.good_rollout().await?;
         self.bad_rollout(v1).await?;
         self.leader_killed(v1).await?;
+        self.unsigned_push_refused().await?;
         self.print_endpoints();
         Ok(())
     }
@@ -268,6 +279,18 @@ impl Demo {
     async fn start_cluster(&mut self) -> anyhow::Result<()> {
         step(1, "Start 3 coordinators (their own raft group: no etcd) and 5 nodes (profile: lite)");
         println!("   data, logs and raft state live in {} (removed on exit)", self.dir.path().display());
+        // The cluster's push key: coordinators sign, nodes trust the public half.
+        let key = confroll_node::trust::PushKey::generate();
+        let (key_file, pub_file) = (self.dir.path().join("push.key"), self.dir.path().join("push.pub"));
+        std::fs::write(&key_file, key.to_pem()).context("write the push key")?;
+        std::fs::write(&pub_file, key.public_pem()).context("write the push public key")?;
+        // The agents' certificate (self-signed for the loopback address).
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .context("make the agents' certificate")?;
+        let (cert_file, cert_key) = (self.dir.path().join("agent.pem"), self.dir.path().join("agent.key"));
+        std::fs::write(&cert_file, cert.cert.pem()).context("write the agent certificate")?;
+        std::fs::write(&cert_key, cert.signing_key.serialize_pem()).context("write the agent key")?;
+        println!("   pushes signed with key {} (push.key / push.pub), node agents serve TLS (agent.pem)", key.id());
         let raft: Vec<u16> = (0..REPLICAS).map(|_| port()).collect::<anyhow::Result<_>>()?;
         let peers: Vec<String> = raft.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect();
         for n in 1..=REPLICAS {
@@ -296,6 +319,10 @@ impl Demo {
                 "200ms",
                 "--registration-ttl",
                 "3s",
+                "--push-key",
+                &key_file.display().to_string(),
+                "--agent-ca",
+                &cert_file.display().to_string(),
             ]
             .map(str::to_owned)
             .to_vec();
@@ -335,12 +362,19 @@ impl Demo {
                 "--coordinator".into(),
                 urls.clone(),
                 "--no-watch".into(),
+                "--trust-keys".into(),
+                pub_file.display().to_string(),
+                "--agent-tls-cert".into(),
+                cert_file.display().to_string(),
+                "--agent-tls-key".into(),
+                cert_key.display().to_string(),
             ];
             let log = self.dir.path().join(format!("{id}.log"));
             let proc = Proc::spawn(&id, &self.bins.node, &args, log)?;
-            println!("   {id}  http://127.0.0.1:{http}  agent 127.0.0.1:{agent}  (pid {})", proc.pid());
+            println!("   {id}  http://127.0.0.1:{http}  agent https://127.0.0.1:{agent}  (pid {})", proc.pid());
             self.nodes.push(Node { id, http, agent, proc });
         }
+        self.agent_ca = cert.cert.pem().into_bytes();
         for n in &mut self.nodes {
             n.proc.wait_listening(n.http).await?;
         }
@@ -460,7 +494,7 @@ impl Demo {
     }
 
     fn print_endpoints(&self) {
-        step(5, "Point your tools at it");
+        step(6, "Point your tools at it");
         let first = &self.replicas[0];
         let urls = self.urls().join(",");
         println!("   grpcurl (server reflection is on):");
@@ -590,10 +624,8 @@ impl Demo {
         let seen = poll(Duration::from_millis(100), async || {
             let mut seen = Vec::new();
             for n in &self.nodes {
-                let status = async {
-                    let ch = endpoint(&format!("127.0.0.1:{}", n.agent), Duration::from_secs(2))?.connect().await?;
-                    anyhow::Ok(NodeAgentClient::new(ch).status(pb::StatusRequest {}).await?.into_inner())
-                };
+                let status =
+                    async { anyhow::Ok(self.agent(n).await?.status(pb::StatusRequest {}).await?.into_inner()) };
                 seen.push(match status.await {
                     Ok(s) => (n.id.clone(), s.version, s.healthy),
                     Err(_) => (n.id.clone(), 0, false),
@@ -608,6 +640,51 @@ impl Demo {
         .await?;
         let line: Vec<String> = seen.iter().map(|(id, v, _)| format!("{id}=v{v}")).collect();
         println!("   every node reports it runs v{version}, healthy: {}", line.join(" "));
+        Ok(())
+    }
+}
+
+impl Demo {
+    /// A client of node `n`'s agent (TLS, verified by the demo's certificate).
+    async fn agent(&self, n: &Node) -> anyhow::Result<NodeAgentClient<Channel>> {
+        let url = format!("https://127.0.0.1:{}", n.agent);
+        let ep = net::endpoint(&url, Some(&self.agent_ca))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2));
+        Ok(NodeAgentClient::new(ep.connect().await?))
+    }
+
+    /// Replays the attack of a stranger on the network: an unsigned push
+    /// with a huge fencing token straight to a node's agent port.
+    async fn unsigned_push_refused(&mut self) -> anyhow::Result<()> {
+        step(5, "A push from someone without the cluster's key is refused");
+        let n = &self.nodes[0];
+        let mut agent = self.agent(n).await?;
+        let before = agent.status(pb::StatusRequest {}).await?.into_inner();
+        let content = b"profile: lite\ncache: {ttl: 1s}\n".to_vec();
+        let forged = pb::ApplyRequest {
+            version: 77,
+            sha256: confroll_node::node::sha256_hex(&content),
+            content,
+            fencing_token: 9_223_372_036_854_775_000,
+            node_id: n.id.clone(),
+            ..Default::default()
+        };
+        let e = match agent.apply(forged).await {
+            Ok(r) => bail!("node {} took an unsigned push: {:?}", n.id, r.into_inner()),
+            Err(e) => e,
+        };
+        let after = agent.status(pb::StatusRequest {}).await?.into_inner();
+        if e.code() != tonic::Code::Unauthenticated
+            || (after.version, after.highest_fencing_token) != (before.version, before.highest_fencing_token)
+        {
+            bail!("an unsigned push was not refused cleanly: {e:?}, node before {before:?}, after {after:?}");
+        }
+        println!("   {}: {:?} \"{}\"", n.id, e.code(), e.message());
+        println!(
+            "   {} still runs v{} with fencing token {} (cluster {})",
+            n.id, after.version, after.highest_fencing_token, after.cluster_id
+        );
         Ok(())
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! confroll [-c URL,…] [--token-file F] [-o text|json] submit FILE [--watch] [--dry-run] [--stages 1,50%] [--bake 5s]
-//! confroll validate FILE | status | versions | diff FROM TO | rollback VERSION | abort | watch
+//! confroll validate FILE | status | versions | show V [--reveal-secrets] | diff FROM TO
+//! confroll rollback VERSION | abort | watch | adopt --from OLD_CLUSTER_ID
+//! confroll keygen --out DIR  # the push key pair (coordinators sign, nodes trust)
 //! confroll demo [--once]     # the whole system on loopback (see demo.rs)
 //! ```
 #![allow(clippy::print_stdout)]
@@ -33,7 +35,7 @@ struct Cli {
     /// PEM CA to verify `https://` coordinators with.
     #[arg(long, env = "CONFROLL_TLS_CA")]
     tls_ca: Option<PathBuf>,
-    /// File with the bearer token for mutating commands.
+    /// File with the bearer token (an operator's, or a reader's for reads).
     #[arg(long, env = "CONFROLL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Output format.
@@ -74,6 +76,29 @@ enum Cmd {
     Status,
     /// Version history.
     Versions,
+    /// One version's content, secrets redacted (or revealed: operator only, logged).
+    Show {
+        /// Version.
+        version: u64,
+        /// Print secret values as stored.
+        #[arg(long)]
+        reveal_secrets: bool,
+    },
+    /// Move the nodes that last ran under another coordinator cluster (after
+    /// a store rebuild or a switch of stores) to this one. `status` shows
+    /// each node's cluster.
+    Adopt {
+        /// The old cluster's id.
+        #[arg(long)]
+        from: String,
+    },
+    /// Write a new Ed25519 push key pair: DIR/push.key (the coordinators'
+    /// --push-key, keep it secret) and DIR/push.pub (the nodes' --trust-keys).
+    Keygen {
+        /// Directory to write to (the files must not exist yet).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Field diff between two versions.
     Diff {
         /// From version.
@@ -220,6 +245,19 @@ async fn run() -> anyhow::Result<()> {
     if let Cmd::Demo { once } = cli.cmd {
         return demo::run(once).await;
     }
+    if let Cmd::Keygen { out } = &cli.cmd {
+        let key = confroll_node::trust::PushKey::generate();
+        let (priv_path, pub_path) = (out.join("push.key"), out.join("push.pub"));
+        write_new(&priv_path, key.to_pem().as_bytes(), 0o600)?;
+        write_new(&pub_path, key.public_pem().as_bytes(), 0o644)?;
+        println!(
+            "wrote {} (coordinators: --push-key) and {} (nodes: --trust-keys); key id {}",
+            priv_path.display(),
+            pub_path.display(),
+            key.id()
+        );
+        return Ok(());
+    }
     let token = cli.token_file.as_deref().map(read_text).transpose()?.map(|t| t.trim().to_owned());
     let ca = cli.tls_ca.as_deref().map(read).transpose()?;
     let mut ctx = Ctx {
@@ -250,16 +288,14 @@ async fn run() -> anyhow::Result<()> {
             submit(&mut ctx, req).await?;
         }
         Cmd::Status => {
-            let r = ctx
-                .client
-                .get_status(pb::GetStatusRequest { service: ctx.service.clone() })
-                .await
-                .map_err(status_err)?;
+            let req = ctx.req(pb::GetStatusRequest { service: ctx.service.clone() });
+            let r = ctx.client.get_status(req).await.map_err(status_err)?;
             let r = r.into_inner();
             ctx.print(&r, || print_status(&r));
         }
         Cmd::Versions => {
-            let r = ctx.client.list_versions(pb::ListVersionsRequest { service: ctx.service.clone() }).await;
+            let req = ctx.req(pb::ListVersionsRequest { service: ctx.service.clone() });
+            let r = ctx.client.list_versions(req).await;
             let r = r.map_err(status_err)?.into_inner();
             ctx.print(&r, || {
                 println!(
@@ -282,9 +318,46 @@ async fn run() -> anyhow::Result<()> {
         }
         Cmd::Diff { from, to } => {
             let req = pb::DiffVersionsRequest { service: ctx.service.clone(), from_version: from, to_version: to };
-            let r = ctx.client.diff_versions(req).await.map_err(status_err)?.into_inner();
+            let r = ctx.client.diff_versions(ctx.req(req)).await.map_err(status_err)?.into_inner();
             ctx.print(&r, || print_diff(&r.diff));
         }
+        Cmd::Show { version, reveal_secrets } => {
+            let req = pb::GetVersionRequest { service: ctx.service.clone(), version, reveal_secrets };
+            let r = ctx.client.get_version(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || {
+                if let Some(v) = &r.info {
+                    println!(
+                        "# version {} ({}) by {} [{} {}]: {}",
+                        v.version, v.state, v.author, v.submitted_by_role, v.submitted_by_credential, v.message
+                    );
+                }
+                if r.redacted_secrets > 0 {
+                    println!(
+                        "# {} secret value(s) redacted (--reveal-secrets: operator only, logged)",
+                        r.redacted_secrets
+                    );
+                }
+                print!("{}", r.content);
+                if !r.content.ends_with('\n') {
+                    println!();
+                }
+            });
+        }
+        Cmd::Adopt { from } => {
+            let req = pb::AdoptNodesRequest { service: ctx.service.clone(), from_cluster_id: from };
+            let r = ctx.client.adopt_nodes(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || {
+                println!(
+                    "cluster {} adopts the nodes of the old cluster; moved now: {}",
+                    r.cluster_id,
+                    r.adopted.join(", ")
+                );
+                for f in &r.failed {
+                    println!("  not yet (retried as they register): {f}");
+                }
+            });
+        }
+        Cmd::Keygen { .. } => unreachable!("handled before connecting"),
         Cmd::Rollback { version, watch } => {
             let req = pb::RollbackRequest { service: ctx.service.clone(), to_version: version, ..Default::default() };
             let r = ctx.client.rollback(ctx.req(req)).await.map_err(status_err)?.into_inner();
@@ -315,12 +388,8 @@ async fn run() -> anyhow::Result<()> {
 
 /// Streams rollout events; exit status 0 only if the rollout succeeded.
 async fn follow(ctx: &mut Ctx, rollout_id: &str) -> anyhow::Result<()> {
-    let mut stream = ctx
-        .client
-        .watch_rollout(pb::WatchRolloutRequest { service: ctx.service.clone() })
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let req = ctx.req(pb::WatchRolloutRequest { service: ctx.service.clone() });
+    let mut stream = ctx.client.watch_rollout(req).await.map_err(status_err)?.into_inner();
     let mut last_state = String::new();
     while let Some(ev) = stream.next().await {
         let ev = ev.map_err(status_err)?;
@@ -402,8 +471,23 @@ fn policy_line(p: &pb::RolloutPolicy) -> String {
     )
 }
 
+/// Writes a file that must not exist yet, with `mode`.
+fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("write {}", path.display()))
+}
+
 fn print_status(r: &pb::GetStatusResponse) {
     println!("service {}  leader {} ({})  answered by {}", r.service, r.leader_id, r.leader_address, r.answered_by);
+    let adopted =
+        if r.adopted_from.is_empty() { String::new() } else { format!("  adopts {}", r.adopted_from.join(",")) };
+    println!("cluster {}{adopted}", r.cluster_id);
     println!("stable v{}  desired v{}", r.stable_version, r.desired_version);
     if let Some(p) = &r.default_policy {
         println!("default policy: {}", policy_line(p));
@@ -422,8 +506,13 @@ fn print_status(r: &pb::GetStatusResponse) {
             if ro.reason.is_empty() { String::new() } else { format!(": {}", ro.reason) }
         );
     }
-    println!("{:<16} {:<22} {:>7}  {:<7}  LAST SEEN", "NODE", "ADDRESS", "VERSION", "HEALTHY");
+    println!("{:<16} {:<22} {:>7}  {:<7}  {:<24}  LAST SEEN", "NODE", "ADDRESS", "VERSION", "HEALTHY", "CLUSTER");
     for n in &r.nodes {
-        println!("{:<16} {:<22} {:>7}  {:<7}  {}", n.id, n.address, n.version, n.healthy, n.last_seen);
+        let cluster = match n.cluster_id.as_str() {
+            "" => "-".to_owned(),
+            c if c == r.cluster_id => "this".to_owned(),
+            c => format!("{c} (adopt?)"),
+        };
+        println!("{:<16} {:<22} {:>7}  {:<7}  {:<24}  {}", n.id, n.address, n.version, n.healthy, cluster, n.last_seen);
     }
 }
