@@ -21,14 +21,16 @@ fail() {
   if [ -f "${DIR:-/nonexistent}/node.log" ]; then echo "--- node log (last 30 lines)" >&2; tail -30 "$DIR/node.log" >&2; fi
   exit 1
 }
-echo "building confroll-node ..."
-cargo build -q -p confroll-node
+echo "building confroll-node and confroll ..."
+cargo build -q -p confroll-node -p confroll-coordinator --bin confroll-node --bin confroll
 BIN=target/debug/confroll-node
 
 DIR=$(mktemp -d /tmp/confroll-demo.XXXXXX)
 NODE_PID=""
 cleanup() { [ -n "$NODE_PID" ] && kill "$NODE_PID" 2>/dev/null && wait "$NODE_PID" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT INT TERM
+# The agent port takes pushes signed by the coordinators' key only.
+target/debug/confroll keygen --out "$DIR" >/dev/null
 
 write_config() { # level ttl [extra]
   cat > "$DIR/config.yaml.tmp" <<YAML
@@ -52,7 +54,7 @@ write_config info 30s
 for attempt in 1 2 3; do
   HTTP=$(free_port); AGENT=$(free_port "$HTTP"); URL="http://127.0.0.1:$HTTP"
   $BIN --config "$DIR/config.yaml" --listen "127.0.0.1:$HTTP" --agent-listen "127.0.0.1:$AGENT" \
-       --state-dir "$DIR/state" --id demo-1 --watch-debounce 100ms > "$DIR/node.log" 2>&1 &
+       --trust-keys "$DIR/push.pub" --state-dir "$DIR/state" --id demo-1 --watch-debounce 100ms > "$DIR/node.log" 2>&1 &
   NODE_PID=$!
   for _ in $(seq 1 150); do
     curl -sf "$URL/healthz" >/dev/null && break
