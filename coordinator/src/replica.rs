@@ -406,6 +406,17 @@ impl Replica {
         }
     }
 
+    /// The cluster record, for a write of `term` that will push: a leader
+    /// that just took office may not have read (or created) it yet, and no
+    /// push leaves without the cluster id.
+    async fn cluster_of(&self, term: &Term) -> Result<Arc<ClusterRecord>, StoreError> {
+        if let Some(c) = self.inner.cluster.load_full() {
+            return Ok(c);
+        }
+        self.ensure_cluster(term).await?;
+        self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))
+    }
+
     /// Leader duties for one term.
     async fn lead(self, term: Term) {
         // No push before the cluster id is known: nodes fence by it.
@@ -851,6 +862,7 @@ impl Replica {
         let mut lock = None;
         if !req.dry_run {
             let term = self.leading()?;
+            self.cluster_of(&term).await?;
             let rollout_id = format!("{service}-{:08x}", rand::rng().random::<u32>());
             lock = Some((term.clone(), self.lock_service(&term, &service, &rollout_id).await?, rollout_id));
         }
@@ -1070,6 +1082,7 @@ impl Replica {
     pub async fn rollback(&self, service: &str, to_version: u64) -> Result<(String, u64), ApiError> {
         let service = service_name(service).map_err(ApiError::InvalidArgument)?;
         let term = self.leading()?;
+        self.cluster_of(&term).await?;
         let target = self.require_version(&service, to_version).await?;
         let rollout_id = format!("{service}-rb-{:08x}", rand::rng().random::<u32>());
         let lock = self.lock_service(&term, &service, &rollout_id).await?;

@@ -32,34 +32,57 @@ fn push_as(cluster: &str, token: u64, node: &str, version: u64, content: &str) -
     )
 }
 
-/// The rebuild story on `first` then `second` (the same ports: the nodes
-/// know one coordinator address).
-async fn rebuild_then_adopt(first: Backing, second: Backing, wipe: bool) {
+/// The rebuild story: `replicas` coordinators on `first`, the group lost,
+/// then as many on `second` on the same ports (the nodes know these
+/// addresses). With more than one replica, the quorum is lost first.
+async fn rebuild_then_adopt(first: Backing, second: Backing, replicas: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (port, http) = (free_port(), free_port());
-    let mut c1 = Coord::start_on(&first, "c1", dir.path(), &[], port, http);
+    let ports: Vec<(u16, u16)> = (0..replicas).map(|_| (free_port(), free_port())).collect();
+    let start = |store: &Backing| -> Vec<Coord> {
+        let ids = (1..=replicas).map(|i| format!("c{i}"));
+        ids.zip(&ports).map(|(id, (p, h))| Coord::start_on(store, &id, dir.path(), &[], *p, *h)).collect()
+    };
+    let mut coords = start(&first);
     let cfg = dir.path().join("base.yaml");
     std::fs::write(&cfg, lite(30)).unwrap();
+    let all: Vec<&Coord> = coords.iter().collect();
     let nodes: Vec<NodeProc> =
-        (1..=2).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &[&c1], &[])).collect();
+        (1..=2).map(|i| NodeProc::start(&format!("n{i}"), &cfg, dir.path(), &all, &[])).collect();
+    let c1 = &coords[0];
     let client = c1.client().await;
     let old = cluster_id(&client).await;
     submit_until_accepted(&client, submit_req(&lite(31), "0s")).await;
-    wait_rollout_done(&c1, Duration::from_secs(20)).await;
-    let mut c = client.clone();
-    let v2 = c.submit_config(submit_req(&lite(32), "0s")).await.unwrap().into_inner();
-    wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    wait_rollout_done(c1, Duration::from_secs(20)).await;
+    let v2 = submit_until_accepted(&client, submit_req(&lite(32), "0s")).await;
+    wait_rollout_done(c1, Duration::from_secs(20)).await;
     for n in &nodes {
         n.wait_version(v2.version).await;
     }
     let old_token = nodes[0].fencing_token().await;
 
-    // The old group is gone for good; a new one starts from an empty store.
-    c1.kill9();
-    if wipe {
-        std::fs::remove_dir_all(first.data_dir("c1").unwrap()).unwrap();
+    // The quorum is lost for good: writes stop (the nodes keep serving).
+    // The way out: a new group from empty data dirs (or another store).
+    if replicas > 1 {
+        for c in &mut coords[1..] {
+            c.kill9();
+        }
+        let mut c = client.clone();
+        let e = tokio::time::timeout(Duration::from_secs(30), c.submit_config(submit_req(&lite(33), "0s")))
+            .await
+            .expect("a submit without quorum gives up by itself")
+            .unwrap_err();
+        assert!(matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded), "{e:?}");
     }
-    let c1 = Coord::start_on(&second, "c1", dir.path(), &[], port, http);
+    for c in &mut coords {
+        c.kill9();
+    }
+    for i in 1..=replicas {
+        if let Some(d) = first.data_dir(&format!("c{i}")) {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+    let coords = start(&second);
+    let c1 = &coords[0];
     let client = c1.client().await;
     let new = cluster_id(&client).await;
     assert_ne!(new, old, "a rebuilt store is a new cluster");
@@ -74,7 +97,7 @@ async fn rebuild_then_adopt(first: Backing, second: Backing, wipe: bool) {
     // nodes keep the config they run (not the new cluster's v1) and serve.
     let first_new = submit_until_accepted(&client, submit_req(&lite(77), "0s")).await;
     assert_eq!(first_new.version, 1, "the new cluster numbers from 1 again");
-    let done = wait_rollout_done(&c1, Duration::from_secs(20)).await;
+    let done = wait_rollout_done(c1, Duration::from_secs(20)).await;
     assert_eq!((done.state.as_str(), done.total_nodes), ("SUCCEEDED", 0), "{done:?}");
     // A push of the new cluster reaching a node anyway is refused, and so
     // is one with a token lower than the old cluster's (the report's case).
@@ -135,7 +158,7 @@ async fn rebuild_then_adopt(first: Backing, second: Backing, wipe: bool) {
     // Later rollouts of the new cluster reach the adopted nodes as usual.
     let mut c = client.clone();
     let v = c.submit_config(submit_req(&lite(78), "0s")).await.unwrap().into_inner();
-    assert_eq!(wait_rollout_done(&c1, Duration::from_secs(20)).await.total_nodes, 2);
+    assert_eq!(wait_rollout_done(c1, Duration::from_secs(20)).await.total_nodes, 2);
     for n in &nodes {
         n.wait_version(v.version).await;
     }
@@ -144,18 +167,18 @@ async fn rebuild_then_adopt(first: Backing, second: Backing, wipe: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raft_group_rebuilt_from_empty_data_dirs_adopts_its_nodes() {
     let _serial = serial().await;
-    let store = Backing::raft(1);
+    let store = Backing::raft(3);
     // The same group, same ports: only the data is gone.
     let peers = match &store {
         Backing::Raft { peers, .. } => peers.clone(),
         Backing::Etcd(_) => unreachable!(),
     };
     let again = Backing::Raft { peers, dir: tempfile::tempdir().unwrap() };
-    rebuild_then_adopt(store, again, true).await;
+    rebuild_then_adopt(store, again, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_from_etcd_to_raft_adopts_the_nodes() {
     let _serial = serial().await;
-    rebuild_then_adopt(Backing::Etcd(Etcd::start()), Backing::raft(1), false).await;
+    rebuild_then_adopt(Backing::Etcd(Etcd::start()), Backing::raft(1), 1).await;
 }

@@ -261,13 +261,23 @@ async fn roles_are_separate_secrets_stay_redacted_and_credentials_rotate_live() 
     let c2_log = c2.log_text();
     assert!(c2_log.contains("secret values revealed"), "the reveal is logged");
     assert!(c2_log.contains(&confroll_coordinator::auth::fingerprint("op-token-1")), "with who asked");
-    let diff = pb::DiffVersionsRequest { from_version: v1.version, to_version: v1.version, ..Default::default() };
-    client.diff_versions(reader(diff)).await.unwrap();
-    let dry = pb::SubmitConfigRequest {
-        dry_run: true,
-        ..submit_req(&with_secrets(32).replace("TopSecretPw", "NewSecretPw"), "0s")
-    };
-    let checked = client.submit_config(op(dry)).await.unwrap().into_inner();
+    // A second version changes the database password: its submit answer,
+    // the rollout and the diff show the change, never either password.
+    let v2_doc = with_secrets(32).replace("TopSecretPw", "NewSecretPw");
+    let checked = client.submit_config(op(submit_req(&v2_doc, "0s"))).await.unwrap().into_inner();
+    assert!(checked.diff.iter().any(|c| c.path == "database.url"), "{checked:?}");
+    eventually(Duration::from_secs(20), "v2 to roll out", || {
+        let mut c = client.clone();
+        async move {
+            let s = c.get_status(reader(pb::GetStatusRequest::default())).await.ok()?.into_inner();
+            (s.stable_version == checked.version).then_some(())
+        }
+    })
+    .await;
+    let diff = pb::DiffVersionsRequest { from_version: v1.version, to_version: checked.version, ..Default::default() };
+    let diff = client.diff_versions(reader(diff)).await.unwrap().into_inner().diff;
+    let url = diff.iter().find(|c| c.path == "database.url").expect("the url changed");
+    assert!(url.new_value.as_deref().unwrap_or("").contains("***"), "{url:?}");
     let mut status = client.get_status(reader(pb::GetStatusRequest::default())).await.unwrap().into_inner();
     let mut watch = client.watch_rollout(reader(pb::WatchRolloutRequest::default())).await.unwrap().into_inner();
     let event = watch.message().await.unwrap();
@@ -280,6 +290,7 @@ async fn roles_are_separate_secrets_stay_redacted_and_credentials_rotate_live() 
         format!("{status:?}"),
         format!("{event:?}"),
         format!("{versions:?}"),
+        format!("{diff:?}"),
         c1.log_text(),
         c1.metrics().await,
         c2.metrics().await,

@@ -1036,7 +1036,10 @@ mod tests {
     fn adoption_moves_forward_only_from_the_current_cluster() {
         let s = state("a", 50, 3);
         let moved = adoption(&s, "a", "b", 2).unwrap().unwrap();
-        assert_eq!(moved, Fencing { cluster_id: "b".into(), token: 2, sequence: 0, retired_clusters: vec!["a".into()] });
+        assert_eq!(
+            moved,
+            Fencing { cluster_id: "b".into(), token: 2, sequence: 0, retired_clusters: vec!["a".into()] }
+        );
         // The new cluster's tokens start again; the old one's are refused.
         assert!(fence(&moved, &push("b", 2, 1)).is_ok());
         assert!(matches!(fence(&moved, &push("a", 999, 1)), Err(PushError::OtherCluster { .. })));

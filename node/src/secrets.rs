@@ -5,7 +5,7 @@
 //!
 //! * `"x-confroll-secret": "url-password"`: the value is a URL whose password
 //!   (userinfo, or a `password=` query value) is secret; the rest of the URL is
-//!   not. [`SecretUrl`](crate::config::SecretUrl) carries this mark.
+//!   not. [`SecretUrl`] carries this mark.
 //! * `"x-confroll-secret": true`, or JSON Schema's `"writeOnly": true`: the
 //!   whole value is secret. Any other string value of `x-confroll-secret` is
 //!   treated the same way (an unknown kind must not leak).
@@ -14,7 +14,7 @@
 //! paths of the marked values; [`SecretPaths::redact`] and [`redact_document`]
 //! then hide them in a document, and [`SecretPaths::secret_values`] lists the
 //! raw secrets so that free text (errors, logs) can be cleaned with
-//! [`config::scrub`](crate::config::scrub).
+//! [`config::scrub`].
 //!
 //! The walk errs on the side of hiding: map values and array items are matched
 //! by a wildcard, a recursive `$ref` turns into an "any depth" segment, and a
