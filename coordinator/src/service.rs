@@ -409,16 +409,8 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let rec = NodeRecord {
-            id: r.node_id,
-            address: r.agent_address,
-            version: r.version,
-            sha256: r.sha256,
-            healthy: r.healthy,
-            last_seen: now_rfc3339(),
-            cluster_id: r.cluster_id,
-            config_cluster_id: r.config_cluster_id,
-        };
+        let rec =
+            reported(r.node_id, r.agent_address, (r.version, r.sha256, r.healthy), r.cluster_id, r.config_cluster_id);
         let id = self.replica.register(&r.service, rec).await?;
         Ok(Response::new(pb::RegisterResponse {
             registration_id: id,
@@ -429,16 +421,8 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let rec = NodeRecord {
-            id: r.node_id,
-            address: r.agent_address,
-            version: r.version,
-            sha256: r.sha256,
-            healthy: r.healthy,
-            last_seen: now_rfc3339(),
-            cluster_id: r.cluster_id,
-            config_cluster_id: r.config_cluster_id,
-        };
+        let rec =
+            reported(r.node_id, r.agent_address, (r.version, r.sha256, r.healthy), r.cluster_id, r.config_cluster_id);
         self.replica.heartbeat(&r.service, r.registration_id, rec).await?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -459,6 +443,18 @@ impl Coordinator for CoordinatorServiceImpl {
             adopt_nodes
         )
     }
+}
+
+/// A registration as the node reports it (version, sha256, health; the
+/// cluster it obeys and the one that numbered its version), seen now.
+fn reported(
+    id: String,
+    address: String,
+    (version, sha256, healthy): (u64, String, bool),
+    cluster_id: String,
+    config_cluster_id: String,
+) -> NodeRecord {
+    NodeRecord { id, address, version, sha256, healthy, last_seen: now_rfc3339(), cluster_id, config_cluster_id }
 }
 
 /// Why the gRPC server stopped with an error (shared with the node agent).
