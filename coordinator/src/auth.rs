@@ -7,7 +7,7 @@
 //!          ▼
 //!   operator  submit, rollback, abort, policy, adopt, reveal secrets, + reader
 //!   node      register, heartbeat (nothing else: a node host is not an operator)
-//!   reader    status, versions, diffs, watch (secrets redacted)
+//!   reader    status, versions, diffs, watch (secrets redacted); no dry runs
 //! ```
 //!
 //! Each file holds one token per line (`#` comments and blank lines are

@@ -419,7 +419,9 @@ impl Replica {
 
     /// Leader duties for one term.
     async fn lead(self, term: Term) {
-        // No push before the cluster id is known: nodes fence by it.
+        // No push before the cluster id is known: nodes fence by it. Read
+        // again at every term: the store may have been rebuilt under us.
+        self.inner.cluster.store(None);
         let mut backoff = Duration::from_millis(50);
         let cluster = loop {
             match self.ensure_cluster(&term).await {
@@ -628,6 +630,7 @@ impl Replica {
             // Set (and signed) by `Agents::apply`.
             node_id: String::new(),
             signature: None,
+            issued_at_ms: 0,
         };
         match self.inner.agents.apply(node, address, req, timeout).await {
             // `unchanged`: the node already ran it, so no health phase ran.

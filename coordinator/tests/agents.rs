@@ -35,6 +35,7 @@ fn push(version: u64, ttl: u32, token: u64) -> pb::ApplyRequest {
         cluster_id: String::new(),
         node_id: String::new(), // set and signed by Agents
         signature: None,
+        issued_at_ms: 0,
     }
 }
 

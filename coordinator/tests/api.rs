@@ -218,7 +218,11 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
     );
     let got =
         client.get_version(pb::GetVersionRequest { version: 1, ..Default::default() }).await.unwrap().into_inner();
-    assert_eq!(got.content, lite(30));
+    // Rendered anew for reading (nothing secret here); as stored when revealed.
+    let yaml = |t: &str| confroll_node::config::yaml_to_json(t).unwrap();
+    assert_eq!(yaml(&got.content), yaml(&lite(30)));
+    let reveal = pb::GetVersionRequest { version: 1, reveal_secrets: true, ..Default::default() };
+    assert_eq!(client.get_version(reveal).await.unwrap().into_inner().content, lite(30));
     let e = client.get_version(pb::GetVersionRequest { version: 9, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 

@@ -78,7 +78,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
         let stale = pb::ApplyRequest {
             service: "default".into(),
             version: 1,
-            sha256: String::new(),
+            sha256: confroll_node::node::sha256_hex(content.as_bytes()),
             content: content.into_bytes(),
             fencing_token: old_token,
             rollout_id: "stale".into(),
@@ -86,6 +86,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
             cluster_id: cluster.clone(),
             node_id: String::new(),
             signature: None,
+            issued_at_ms: 0,
         };
         let err = n.agent().await.apply(signed(stale, &n.id)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

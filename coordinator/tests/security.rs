@@ -211,11 +211,12 @@ async fn roles_are_separate_secrets_stay_redacted_and_credentials_rotate_live() 
         client.rollback(as_role(rollback.clone(), "node-token")).await.unwrap_err().code(),
         Code::PermissionDenied
     );
-    // A reader can check a candidate but not submit it.
+    // A reader can neither submit nor dry-run (a dry run's diff would be an
+    // oracle for guesses of a secret).
     let e = client.submit_config(reader(submit_req(&with_secrets(31), "0s"))).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let dry = pb::SubmitConfigRequest { dry_run: true, ..submit_req(&with_secrets(31), "0s") };
-    assert!(client.submit_config(reader(dry)).await.unwrap().into_inner().dry_run);
+    assert_eq!(client.submit_config(reader(dry)).await.unwrap_err().code(), Code::PermissionDenied);
     // An operator can only register a node with a node credential.
     let reg = pb::RegisterRequest { node_id: "fake".into(), agent_address: "127.0.0.1:1".into(), ..Default::default() };
     assert_eq!(client.register(as_role(reg, "op-token-1")).await.unwrap_err().code(), Code::PermissionDenied);

@@ -124,7 +124,12 @@ impl From<PushError> for Status {
 impl NodeAgentServiceImpl {
     /// One push, for both `Apply` and `ApplyStream`.
     async fn apply_one(node: &Node, auth: &PushAuth, r: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {
-        check(node, auth, |k| k.verify_apply(node.id(), &r))?;
+        check(node, auth, |k| k.verify_apply(node.id(), &r, node.cluster_id().is_empty()))?;
+        // Signed pushes bind the content through its checksum: one must be there.
+        let hex64 = r.sha256.len() == 64 && r.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if matches!(auth, PushAuth::Signed(_)) && !hex64 {
+            return Err(Status::invalid_argument("a signed push must carry the content's hex SHA-256"));
+        }
         if r.content.len() > MAX_CONFIG_BYTES {
             let e = ConfigError::TooLarge { size: r.content.len(), limit: MAX_CONFIG_BYTES };
             return Err(Status::invalid_argument(e.to_string()));
@@ -198,6 +203,10 @@ impl NodeAgent for NodeAgentServiceImpl {
     async fn validate(&self, req: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
         let r = req.into_inner();
         self.check(|k| k.verify_validate(self.node.id(), &r))?;
+        let ours = self.node.cluster_id();
+        if matches!(self.auth, PushAuth::Signed(_)) && !ours.is_empty() && r.cluster_id != ours {
+            return Err(PushError::OtherCluster { ours, theirs: r.cluster_id }.into());
+        }
         Ok(Response::new(self.node.validate(&r.content).into()))
     }
 

@@ -166,6 +166,12 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     let mut agent_address = None;
     if let Some(addr) = cli.agent_listen {
+        if cli.state_dir.is_none() && !cli.insecure_unsigned_pushes {
+            // Without it the node forgets, at each restart, the cluster it
+            // obeys and the highest token and sequence it took: fencing and
+            // replay protection would start over.
+            anyhow::bail!("--agent-listen needs --state-dir DIR: fencing state must survive restarts");
+        }
         let auth = match (&cli.trust_keys, cli.insecure_unsigned_pushes) {
             (Some(f), _) => {
                 let keys = Arc::new(TrustedKeys::load(f)?);

@@ -232,8 +232,10 @@ pub enum RedactError {
 }
 
 /// Redacts a YAML or JSON document (JSON when it starts with `{` after
-/// whitespace, as [`Config::parse`] decides). When no value was secret, the
-/// original text is returned unchanged (comments and formatting kept).
+/// whitespace, as [`Config::parse`] decides). The document is always
+/// rendered anew, even when no value was secret: comments (which may hold an
+/// old connection string) never reach a reader, and a redacted document does
+/// not look different from one without secrets.
 pub fn redact_document(text: &str, paths: &SecretPaths) -> Result<Redacted, RedactError> {
     if !paths.is_complete() {
         return Err(RedactError::IncompleteSchema);
@@ -246,9 +248,6 @@ pub fn redact_document(text: &str, paths: &SecretPaths) -> Result<Redacted, Reda
         config::yaml_to_json(text).map_err(|message| RedactError::Syntax { format, message })?
     };
     let redacted = paths.redact(&mut doc);
-    if redacted == 0 {
-        return Ok(Redacted { text: text.to_owned(), redacted });
-    }
     let serialize_error = |message: String| RedactError::Serialize { format, message };
     let text = if json {
         let mut out = serde_json::to_string_pretty(&doc).map_err(|e| serialize_error(e.to_string()))?;
@@ -685,14 +684,19 @@ redis:
     }
 
     #[test]
-    fn a_document_without_secrets_comes_back_byte_identical() {
-        let yaml = "# lite demo\nprofile: lite   # no db\nlog:\n  level: debug\n\ncache: {ttl: 5s}\n";
+    fn a_document_without_secrets_is_rendered_anew_without_its_comments() {
+        let yaml =
+            "# old: postgres://app:OldPw@db/app\nprofile: lite   # no db\nlog:\n  level: debug\n\ncache: {ttl: 5s}\n";
         let out = redact_document(yaml, SecretPaths::for_node_config()).unwrap();
-        assert_eq!(out, Redacted { text: yaml.to_owned(), redacted: 0 });
+        assert_eq!(out.redacted, 0);
+        assert!(!out.text.contains("OldPw") && !out.text.contains('#'), "{}", out.text);
+        assert_eq!(config::yaml_to_json(&out.text).unwrap(), config::yaml_to_json(yaml).unwrap(), "same values");
 
         let json = "  {\"profile\":\"lite\",  \"redis\": {\"url\": \"redis://cache:6379\"}}";
         let out = redact_document(json, SecretPaths::for_node_config()).unwrap();
-        assert_eq!(out, Redacted { text: json.to_owned(), redacted: 0 });
+        assert_eq!(out.redacted, 0);
+        let (a, b): (Value, Value) = (serde_json::from_str(&out.text).unwrap(), serde_json::from_str(json).unwrap());
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -192,8 +192,10 @@ impl PushKey {
         pb::Signature { key_id: self.id.clone(), signature: self.key.sign(bytes).to_bytes().to_vec() }
     }
 
-    /// Signs a push (fill every other field first).
+    /// Signs a push (fill every other field first), stamping it with the
+    /// current time.
     pub fn sign_apply(&self, r: &mut pb::ApplyRequest) {
+        r.issued_at_ms = now_ms();
         r.signature = Some(self.sign(&apply_bytes(r)));
     }
 
@@ -231,11 +233,16 @@ impl TrustedKeys {
     /// Reads a file of one or more SPKI PEM public keys.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let keys = read_public_keys(path)?;
+        if keys.is_empty() {
+            let message = "no `-----BEGIN PUBLIC KEY-----` block: give the coordinators' Ed25519 public key(s)";
+            return Err(KeyError::Invalid { path: path.into(), message: message.into() });
+        }
         Ok(Self { path: Some(path.into()), keys: ArcSwap::from_pointee(keys) })
     }
 
-    /// Reads the file again. On any error the keys in force stay: a broken
-    /// edit must not leave the node trusting nothing (or anything).
+    /// Reads the file again. A file left with no key (blank, or comments
+    /// only) revokes every key: the node then takes no push. On any other
+    /// error the keys in force stay: a broken edit must not change trust.
     pub fn reload(&self) -> Result<usize, KeyError> {
         let Some(path) = &self.path else { return Ok(self.keys.load().len()) };
         let keys = read_public_keys(path)?;
@@ -261,17 +268,20 @@ impl TrustedKeys {
         }
         let sig = sig.ok_or(AuthError::Unsigned)?;
         let (_, key) =
-            keys.iter().find(|(id, _)| *id == sig.key_id).ok_or_else(|| AuthError::UnknownKey(sig.key_id.clone()))?;
+            keys.iter().find(|(id, _)| *id == sig.key_id).ok_or_else(|| AuthError::UnknownKey(short(&sig.key_id)))?;
         let sig = ed25519_dalek::Signature::from_slice(&sig.signature).map_err(|_| AuthError::BadSignature)?;
         // Strict: refuses the malleable and small-order forms `verify` allows.
         key.verify_strict(bytes, &sig).map_err(|_| AuthError::BadSignature)?;
         Ok(())
     }
 
-    /// Checks a push addressed to node `me`.
-    pub fn verify_apply(&self, me: &str, r: &pb::ApplyRequest) -> Result<(), AuthError> {
+    /// Checks a push addressed to node `me`. A node that obeys no cluster
+    /// yet (`binding`) also requires it to be recent: the first push binds
+    /// the node, so it must not be one recorded long ago.
+    pub fn verify_apply(&self, me: &str, r: &pb::ApplyRequest, binding: bool) -> Result<(), AuthError> {
         self.verify(&apply_bytes(r), r.signature.as_ref())?;
-        same_node(me, &r.node_id)
+        same_node(me, &r.node_id)?;
+        if binding { fresh(r.issued_at_ms) } else { Ok(()) }
     }
 
     /// Checks a dry run addressed to node `me` (and that it is recent).
@@ -290,7 +300,17 @@ impl TrustedKeys {
 }
 
 fn same_node(me: &str, theirs: &str) -> Result<(), AuthError> {
-    if me == theirs { Ok(()) } else { Err(AuthError::WrongNode { ours: me.into(), theirs: theirs.into() }) }
+    if me == theirs { Ok(()) } else { Err(AuthError::WrongNode { ours: me.into(), theirs: short(theirs) }) }
+}
+
+/// A caller's string as it may appear in an error or a log line: at most
+/// 64 characters, control characters replaced.
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(64).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
 }
 
 fn fresh(issued_at_ms: u64) -> Result<(), AuthError> {
@@ -313,7 +333,8 @@ fn read_public_keys(path: &Path) -> Result<Vec<(String, VerifyingKey)>, KeyError
         keys.push((key_id(&key), key));
         rest = &rest[start + end + END.len()..];
     }
-    if keys.is_empty() {
+    let blank = text.lines().map(str::trim).all(|l| l.is_empty() || l.starts_with('#'));
+    if keys.is_empty() && !blank {
         return Err(invalid(
             "no `-----BEGIN PUBLIC KEY-----` block: give the coordinators' Ed25519 public key(s)".into(),
         ));
@@ -355,6 +376,7 @@ fn apply_bytes(r: &pb::ApplyRequest) -> Vec<u8> {
         .u64(r.fencing_token)
         .u64(r.sequence)
         .str(&r.rollout_id)
+        .u64(r.issued_at_ms)
         .done()
 }
 
@@ -399,6 +421,7 @@ mod tests {
             cluster_id: "c1".into(),
             node_id: node.into(),
             signature: None,
+            issued_at_ms: 0,
         }
     }
 
@@ -407,11 +430,18 @@ mod tests {
         let key = PushKey::generate();
         let trust = TrustedKeys::of(&key);
         let mut r = push("n1");
-        assert_eq!(trust.verify_apply("n1", &r), Err(AuthError::Unsigned));
+        assert_eq!(trust.verify_apply("n1", &r, false), Err(AuthError::Unsigned));
         key.sign_apply(&mut r);
-        assert_eq!(trust.verify_apply("n1", &r), Ok(()));
+        assert_eq!(trust.verify_apply("n1", &r, false), Ok(()));
+        // A node that obeys no cluster yet takes only a recent push.
+        assert_eq!(trust.verify_apply("n1", &r, true), Ok(()));
+        let mut old = r.clone();
+        old.issued_at_ms -= MAX_REQUEST_AGE.as_millis() as u64 + 1000;
+        old.signature = Some(key.sign(&apply_bytes(&old)));
+        assert_eq!(trust.verify_apply("n1", &old, false), Ok(()), "a bound node fences by token and sequence");
+        assert!(matches!(trust.verify_apply("n1", &old, true), Err(AuthError::Stale { .. })));
         // Another node refuses it even though the signature is good.
-        assert!(matches!(trust.verify_apply("n2", &r), Err(AuthError::WrongNode { .. })));
+        assert!(matches!(trust.verify_apply("n2", &r, false), Err(AuthError::WrongNode { .. })));
         for tamper in [
             |r: &mut pb::ApplyRequest| r.fencing_token = 9_223_372_036_854_775_000,
             |r: &mut pb::ApplyRequest| r.version += 1,
@@ -424,7 +454,7 @@ mod tests {
         ] {
             let mut t = r.clone();
             tamper(&mut t);
-            assert_eq!(trust.verify_apply(&t.node_id.clone(), &t), Err(AuthError::BadSignature));
+            assert_eq!(trust.verify_apply(&t.node_id.clone(), &t, false), Err(AuthError::BadSignature));
         }
     }
 
@@ -433,11 +463,11 @@ mod tests {
         let (key, other) = (PushKey::generate(), PushKey::generate());
         let mut r = push("n1");
         other.sign_apply(&mut r);
-        assert_eq!(TrustedKeys::of(&key).verify_apply("n1", &r), Err(AuthError::UnknownKey(other.id().into())));
-        assert_eq!(TrustedKeys::new(vec![]).verify_apply("n1", &r), Err(AuthError::NoTrustedKey));
+        assert_eq!(TrustedKeys::of(&key).verify_apply("n1", &r, false), Err(AuthError::UnknownKey(other.id().into())));
+        assert_eq!(TrustedKeys::new(vec![]).verify_apply("n1", &r, false), Err(AuthError::NoTrustedKey));
         // A signature of the right key id but from another key is forged.
         r.signature.as_mut().unwrap().key_id = key.id().into();
-        assert_eq!(TrustedKeys::of(&key).verify_apply("n1", &r), Err(AuthError::BadSignature));
+        assert_eq!(TrustedKeys::of(&key).verify_apply("n1", &r, false), Err(AuthError::BadSignature));
     }
 
     #[test]
@@ -487,11 +517,16 @@ mod tests {
         assert_eq!(trust.reload().unwrap(), 2);
         let mut r = push("n1");
         k2.sign_apply(&mut r);
-        assert_eq!(trust.verify_apply("n1", &r), Ok(()));
+        assert_eq!(trust.verify_apply("n1", &r, false), Ok(()));
         // A broken edit keeps the keys in force.
         std::fs::write(&f, "garbage").unwrap();
         assert!(trust.reload().is_err());
-        assert_eq!(trust.verify_apply("n1", &r), Ok(()));
+        assert_eq!(trust.verify_apply("n1", &r, false), Ok(()));
+        // Emptying the file revokes every key.
+        std::fs::write(&f, "# revoked after a leak\n").unwrap();
+        assert_eq!(trust.reload().unwrap(), 0);
+        assert_eq!(trust.verify_apply("n1", &r, false), Err(AuthError::NoTrustedKey));
+        assert!(TrustedKeys::load(&f).is_err(), "a node does not start trusting nothing");
         assert!(TrustedKeys::load(&d.path().join("missing")).is_err());
     }
 }

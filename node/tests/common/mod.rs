@@ -364,5 +364,6 @@ pub fn apply_request(content: String, version: u64, token: u64) -> confroll_prot
         cluster_id: p.cluster_id,
         node_id: String::new(),
         signature: None,
+        issued_at_ms: 0,
     }
 }
