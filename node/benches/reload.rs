@@ -187,6 +187,17 @@ async fn main() -> anyhow::Result<()> {
     println!("| `config()` (ArcSwap::load_full, Arc kept across awaits) | {full_ns:.1} |");
     println!("| `config_guard()` while {stores} reloads stored new configs | {contended_ns:.1} |");
 
+    // What trust and hardening add to every push: the coordinator signs,
+    // the node verifies, and every document passes the pre-parse bounds.
+    let (sign_us, verify_us, limits_us, parse_us) = trust_costs(if smoke { 200 } else { 20_000 });
+    println!("\nper-push costs of signing and bounds (microseconds, median of batches)\n");
+    println!("| step | µs |");
+    println!("|---|---:|");
+    println!("| coordinator: sign an ApplyRequest (Ed25519) | {sign_us:.1} |");
+    println!("| node: verify its signature (`verify_strict`) | {verify_us:.1} |");
+    println!("| node: pre-parse bounds of a {}-byte config (`limits`) | {limits_us:.1} |", FULL.len());
+    println!("| node: `Config::parse` of the same config (bounds included) | {parse_us:.1} |");
+
     let (_, _, log_p99) = rows[0].total;
     let (_, full_p95, full_p99) = rows[3].total;
     if smoke {
@@ -210,6 +221,62 @@ async fn main() -> anyhow::Result<()> {
     node.close().await;
     Ok(())
 }
+
+/// Medians (µs per call, over 20 batches of `n / 20`) of signing and
+/// verifying a push and of the pre-parse bounds and the parse of a config.
+fn trust_costs(n: usize) -> (f64, f64, f64, f64) {
+    use confroll_node::trust::{PushKey, TrustedKeys};
+    let key = PushKey::generate();
+    let trust = TrustedKeys::of(&key);
+    let mut req = confroll_proto::v1::ApplyRequest {
+        service: "default".into(),
+        version: 7,
+        sha256: confroll_node::node::sha256_hex(FULL.as_bytes()),
+        content: FULL.as_bytes().to_vec(),
+        fencing_token: 42,
+        sequence: 9,
+        cluster_id: "cr-0123456789abcdef".into(),
+        node_id: "n1".into(),
+        rollout_id: "default-0000".into(),
+        ..Default::default()
+    };
+    let batch = (n / 20).max(1);
+    let median = |f: &mut dyn FnMut()| {
+        let mut per: Vec<f64> = (0..20)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..batch {
+                    f();
+                }
+                t.elapsed().as_secs_f64() * 1e6 / batch as f64
+            })
+            .collect();
+        per.sort_by(f64::total_cmp);
+        per[per.len() / 2]
+    };
+    let sign = median(&mut || key.sign_apply(std::hint::black_box(&mut req)));
+    let verify = median(&mut || assert!(trust.verify_apply("n1", std::hint::black_box(&req), false).is_ok()));
+    let limits = median(&mut || assert!(confroll_node::limits::check_yaml(std::hint::black_box(FULL)).is_ok()));
+    let parse = median(&mut || assert!(confroll_node::Config::parse(std::hint::black_box(FULL.as_bytes())).is_ok()));
+    (sign, verify, limits, parse)
+}
+
+/// A config with every section (what a real service's document looks like).
+const FULL: &str = "log: {level: info, format: json}
+database:
+  url: postgres://app:secret@db:5432/app
+  max_conns: 20
+  min_conns: 2
+  acquire_timeout: 5s
+  idle_timeout: 10m
+redis: {url: \"redis://cache:6379/0\", pool_size: 16, timeout: 2s}
+llm: {endpoint: \"http://llm:8000/v1\", model: gpt-x, timeout: 30s, max_retries: 2, required: false}
+metrics: {enabled: true, labels: {cluster: eu-1}}
+cache: {ttl: 60s}
+server: {host: 0.0.0.0, port: 8080}
+profile: standard
+storage: {backend: memory}
+";
 
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
