@@ -16,6 +16,7 @@
 //!
 //! Run: `bash scripts/bench.sh` (starts PostgreSQL, Redis; etcd is started
 //! here). Without `--bench` (cargo test --all-targets) it runs a smoke pass.
+//! `CONFROLL_BENCH_UNSIGNED=1` (pushes unsigned: the cost of signing),
 //! `CONFROLL_BENCH_SIZES=100,1000`, `CONFROLL_BENCH_BACKENDS=etcd|raft` and
 //! `CONFROLL_BENCH_FAILOVERS=N` narrow or widen a run.
 #![allow(clippy::print_stdout, missing_docs)]
@@ -101,6 +102,12 @@ fn lite(ttl: u64) -> String {
     format!("profile: lite\nlog: {{level: warn}}\ncache: {{ttl: {ttl}s}}\n")
 }
 
+/// `CONFROLL_BENCH_UNSIGNED=1`: pushes go unsigned and nodes take them
+/// (development mode), to measure what signing and verifying cost.
+fn unsigned() -> bool {
+    std::env::var("CONFROLL_BENCH_UNSIGNED").is_ok_and(|v| v == "1")
+}
+
 /// The benchmark cluster's push key: replicas sign every push with it and
 /// the nodes verify it, as in production.
 fn push_key() -> &'static confroll_node::trust::PushKey {
@@ -125,8 +132,14 @@ async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> any
         let node = Node::start(o).await?;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?.to_string();
-        let trust = std::sync::Arc::new(confroll_node::trust::TrustedKeys::of(push_key()));
-        tokio::spawn(confroll_node::agent::run(node.clone(), trust, l, shutdown.clone().cancelled_owned()));
+        let auth = if unsigned() {
+            confroll_node::agent::PushAuth::InsecureUnsigned
+        } else {
+            confroll_node::agent::PushAuth::Signed(std::sync::Arc::new(confroll_node::trust::TrustedKeys::of(
+                push_key(),
+            )))
+        };
+        tokio::spawn(confroll_node::agent::serve(node.clone(), auth, None, l, shutdown.clone().cancelled_owned()));
         let live = node.config();
         replica
             .register(
@@ -203,7 +216,7 @@ impl Backend {
 
 fn replica_options(id: &str, addr: std::net::SocketAddr) -> ReplicaOptions {
     let mut opts = ReplicaOptions::new(id, addr.to_string());
-    opts.push_key = Some(push_key().clone());
+    opts.push_key = (!unsigned()).then(|| push_key().clone());
     opts.registration_ttl = Duration::from_secs(3600);
     opts.reconcile_interval = Duration::from_secs(3600);
     opts
