@@ -39,6 +39,18 @@ fn op<T>(m: T) -> tonic::Request<T> {
     as_role(m, "op-token-1")
 }
 
+/// Waits until a reader sees `version` as the stable version.
+async fn wait_stable(client: &pb::coordinator_client::CoordinatorClient<Channel>, version: u64) {
+    eventually(Duration::from_secs(20), &format!("v{version} to roll out"), || {
+        let mut c = client.clone();
+        async move {
+            let s = c.get_status(reader(pb::GetStatusRequest::default())).await.ok()?.into_inner();
+            (s.stable_version == version).then_some(())
+        }
+    })
+    .await
+}
+
 /// The grpcurl call of the report: an unsigned push with a huge token.
 fn attackers_push(node: &str) -> pb::ApplyRequest {
     let content = lite(1);
@@ -227,14 +239,7 @@ async fn roles_are_separate_secrets_stay_redacted_and_credentials_rotate_live() 
         async move { c.submit_config(op(submit_req(&with_secrets(31), "0s"))).await.ok().map(|r| r.into_inner()) }
     })
     .await;
-    eventually(Duration::from_secs(20), "v1 to roll out", || {
-        let mut c = client.clone();
-        async move {
-            let s = c.get_status(reader(pb::GetStatusRequest::default())).await.ok()?.into_inner();
-            (s.stable_version == v1.version).then_some(())
-        }
-    })
-    .await;
+    wait_stable(&client, v1.version).await;
     for n in &nodes {
         n.wait_version(v1.version).await;
     }
@@ -267,14 +272,7 @@ async fn roles_are_separate_secrets_stay_redacted_and_credentials_rotate_live() 
     let v2_doc = with_secrets(32).replace("TopSecretPw", "NewSecretPw");
     let checked = client.submit_config(op(submit_req(&v2_doc, "0s"))).await.unwrap().into_inner();
     assert!(checked.diff.iter().any(|c| c.path == "database.url"), "{checked:?}");
-    eventually(Duration::from_secs(20), "v2 to roll out", || {
-        let mut c = client.clone();
-        async move {
-            let s = c.get_status(reader(pb::GetStatusRequest::default())).await.ok()?.into_inner();
-            (s.stable_version == checked.version).then_some(())
-        }
-    })
-    .await;
+    wait_stable(&client, checked.version).await;
     let diff = pb::DiffVersionsRequest { from_version: v1.version, to_version: checked.version, ..Default::default() };
     let diff = client.diff_versions(reader(diff)).await.unwrap().into_inner().diff;
     let url = diff.iter().find(|c| c.path == "database.url").expect("the url changed");
