@@ -108,13 +108,6 @@ fn unsigned() -> bool {
     std::env::var("CONFROLL_BENCH_UNSIGNED").is_ok_and(|v| v == "1")
 }
 
-/// The benchmark cluster's push key: replicas sign every push with it and
-/// the nodes verify it, as in production.
-fn push_key() -> &'static confroll_node::trust::PushKey {
-    static KEY: std::sync::OnceLock<confroll_node::trust::PushKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(confroll_node::trust::PushKey::generate)
-}
-
 struct Fleet {
     nodes: Vec<Node>,
     shutdown: CancellationToken,
@@ -136,7 +129,7 @@ async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> any
             confroll_node::agent::PushAuth::InsecureUnsigned
         } else {
             confroll_node::agent::PushAuth::Signed(std::sync::Arc::new(confroll_node::trust::TrustedKeys::of(
-                push_key(),
+                common::push_key(),
             )))
         };
         tokio::spawn(confroll_node::agent::serve(node.clone(), auth, None, l, shutdown.clone().cancelled_owned()));
@@ -216,7 +209,7 @@ impl Backend {
 
 fn replica_options(id: &str, addr: std::net::SocketAddr) -> ReplicaOptions {
     let mut opts = ReplicaOptions::new(id, addr.to_string());
-    opts.push_key = (!unsigned()).then(|| push_key().clone());
+    opts.push_key = (!unsigned()).then(|| common::push_key().clone());
     opts.registration_ttl = Duration::from_secs(3600);
     opts.reconcile_interval = Duration::from_secs(3600);
     opts

@@ -38,10 +38,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Code, Streaming,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Streaming, transport::Channel};
 
 /// Why a call to a node failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -125,20 +122,13 @@ impl Agents {
         if let Some(c) = map.get(address) {
             return Ok(NodeAgentClient::new(c.clone()));
         }
-        let url = confroll_node::net::with_scheme(address);
-        let bad = |e: tonic::transport::Error| AgentError::Refused(format!("bad agent address `{address}`: {e}"));
-        let mut ep = Endpoint::from_shared(url.clone()).map_err(bad)?;
-        if url.starts_with("https://") {
-            let mut tls = tonic::transport::ClientTlsConfig::new();
-            if let Some(ca) = &self.ca {
-                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
-            }
-            ep = ep.tls_config(tls).map_err(bad)?;
-        }
+        // `https://` agents over TLS, verified by the agent CA.
+        let ep = confroll_node::net::endpoint(&confroll_node::net::with_scheme(address), self.ca.as_deref())
+            .map_err(|e| AgentError::Refused(format!("bad agent address `{address}`: {e}")))?;
         // Pings find a connection that died silently (a node host gone, a
         // NAT entry expired) before a push waits its whole timeout on it.
+        // (`net::endpoint` gives up connecting after 2 s.)
         let ch = ep
-            .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))

@@ -259,34 +259,14 @@ impl Credentials {
         poll: Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> std::io::Result<()> {
-        if !self.files.any() {
-            shutdown.cancelled().await; // nothing to reload; run as long as the server
-            return Ok(());
-        }
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        let snapshot = |f: &CredentialFiles| f.each().map(|(_, p)| p.and_then(|p| std::fs::read(p).ok()));
-        let mut last = snapshot(&self.files);
-        loop {
-            let forced = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = hup.recv() => true,
-                _ = tokio::time::sleep(poll) => false,
-            };
-            let now = snapshot(&self.files);
-            if !forced && now == last {
-                continue;
+        let files = self.files.each().into_iter().filter_map(|(_, p)| p.map(Path::to_path_buf)).collect();
+        confroll_node::triggers::on_hup_or_change(files, poll, shutdown, || match self.reload() {
+            Ok(counts) => {
+                tracing::info!(operator = counts[0].1, node = counts[1].1, reader = counts[2].1, "credentials reloaded")
             }
-            last = now;
-            match self.reload() {
-                Ok(counts) => tracing::info!(
-                    operator = counts[0].1,
-                    node = counts[1].1,
-                    reader = counts[2].1,
-                    "credentials reloaded"
-                ),
-                Err(e) => tracing::error!(error = %e, "cannot reload credentials; keeping the ones in force"),
-            }
-        }
+            Err(e) => tracing::error!(error = %e, "cannot reload credentials; keeping the ones in force"),
+        })
+        .await
     }
 }
 

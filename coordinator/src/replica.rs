@@ -24,9 +24,9 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use confroll_node::{
-    Config, ConfigError,
-    config::MAX_CONFIG_BYTES,
+    Config,
     diff::{ConfigDiff, FieldChange},
+    limits::check_size,
     node::sha256_hex,
     trust::PushKey,
 };
@@ -410,11 +410,10 @@ impl Replica {
     /// that just took office may not have read (or created) it yet, and no
     /// push leaves without the cluster id.
     async fn cluster_of(&self, term: &Term) -> Result<Arc<ClusterRecord>, StoreError> {
-        if let Some(c) = self.inner.cluster.load_full() {
-            return Ok(c);
+        match self.inner.cluster.load_full() {
+            Some(c) => Ok(c),
+            None => Ok(Arc::new(self.ensure_cluster(term).await?)),
         }
-        self.ensure_cluster(term).await?;
-        self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))
     }
 
     /// Leader duties for one term.
@@ -523,10 +522,11 @@ impl Replica {
         let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
         self.inner.metrics.nodes.with_label_values(&[service, "healthy"]).set(healthy);
         self.inner.metrics.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);
+        // Set by `lead` before its first pass.
+        let cluster =
+            self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))?;
         // Nodes of a cluster an operator adopted from: move them here first.
-        if let Some(cluster) = self.inner.cluster.load_full() {
-            self.adopt_nodes(term, service, &cluster, &nodes).await;
-        }
+        self.adopt_nodes(term, service, &cluster, &nodes).await;
         let started = {
             let d = self.inner.drivers.lock().expect("drivers");
             if d.running.contains_key(service) {
@@ -556,8 +556,6 @@ impl Replica {
                 v
             }
         };
-        let cluster =
-            self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))?;
         for node in nodes {
             if node.is_foreign(&cluster.id) {
                 continue; // adopted in `adopt_nodes` first, or none of ours
@@ -822,10 +820,7 @@ impl Replica {
     pub async fn submit(&self, req: Submit) -> Result<SubmitOutcome, ApiError> {
         let service = service_name(&req.service).map_err(ApiError::InvalidArgument)?;
         let submit_overrides = Self::overrides(req.policy.as_ref())?;
-        if req.content.len() > MAX_CONFIG_BYTES {
-            let e = ConfigError::TooLarge { size: req.content.len(), limit: MAX_CONFIG_BYTES };
-            return Err(ApiError::InvalidArgument(e.to_string()));
-        }
+        check_size(req.content.len()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let mut checks = Vec::new();
         let check = |name: &str, ok: bool, detail: String| pb::Check { name: name.into(), ok, detail };
         // 1. parse (types, unknown keys, business rules)

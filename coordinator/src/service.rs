@@ -137,18 +137,13 @@ fn forward_request<T>(mut req: Request<T>) -> Request<T> {
 /// patience; a new leader takes office within milliseconds.
 const OFFICE_WAIT: Duration = Duration::from_secs(2);
 
-/// A mutating RPC: checks the bearer token, then runs `local` (with `$r`
-/// bound to the request's message) when this replica leads, else forwards
-/// the request unchanged with `remote`.
+/// A mutating RPC: checks that the caller is an operator (bound to
+/// `$caller`), then runs `local` (with `$r` bound to the request's message)
+/// when this replica leads, else forwards the request unchanged with
+/// `remote` (the leader checks the caller again).
 macro_rules! on_leader {
-    ($self:ident, $req:ident, |$r:ident| $local:expr, $remote:ident) => {{
-        let _caller = $self.authorize(&$req, Need::Operator)?;
-        on_leader!(@run $self, $req, _caller, |$r| $local, $remote)
-    }};
     ($self:ident, $req:ident, $caller:ident, |$r:ident| $local:expr, $remote:ident) => {{
-        on_leader!(@run $self, $req, $caller, |$r| $local, $remote)
-    }};
-    (@run $self:ident, $req:ident, $caller:ident, |$r:ident| $local:expr, $remote:ident) => {{
+        let $caller = $self.authorize(&$req, Need::Operator)?;
         let mut leader = None;
         if $self.replica.term().is_none() {
             // The store may already name this replica while it takes office.
@@ -191,10 +186,7 @@ impl Coordinator for CoordinatorServiceImpl {
         req: Request<pb::SubmitConfigRequest>,
     ) -> Result<Response<pb::SubmitConfigResponse>, Status> {
         let dry_run = req.get_ref().dry_run;
-        // Operators only, dry runs too: a dry run's diff against the stable
-        // version would let a reader test guesses of a secret value.
-        let caller = self.authorize(&req, Need::Operator)?;
-        let submit = |r: pb::SubmitConfigRequest| Submit {
+        let submit = |r: pb::SubmitConfigRequest, caller: &Caller| Submit {
             service: r.service,
             content: r.content,
             author: r.author,
@@ -214,14 +206,17 @@ impl Coordinator for CoordinatorServiceImpl {
             base_version: o.base_version,
         };
         if dry_run {
-            return Ok(Response::new(to_pb(self.replica.submit(submit(req.into_inner())).await?)));
+            // Operators only, dry runs too: a dry run's diff against the
+            // stable version would let a reader test guesses of a secret.
+            let caller = self.authorize(&req, Need::Operator)?;
+            return Ok(Response::new(to_pb(self.replica.submit(submit(req.into_inner(), &caller)).await?)));
         }
         // Copied only when it runs here: a follower forwards the request itself.
         on_leader!(
             self,
             req,
             caller,
-            |r| async { self.replica.submit(submit(r.clone())).await.map(to_pb) },
+            |r| async { self.replica.submit(submit(r.clone(), &caller)).await.map(to_pb) },
             submit_config
         )
     }
@@ -314,6 +309,7 @@ impl Coordinator for CoordinatorServiceImpl {
         on_leader!(
             self,
             req,
+            _caller,
             |r| async {
                 self.replica
                     .rollback(&r.service, r.to_version)
@@ -331,6 +327,7 @@ impl Coordinator for CoordinatorServiceImpl {
         on_leader!(
             self,
             req,
+            _caller,
             |r| async {
                 self.replica
                     .abort(&r.service, &r.reason)
@@ -348,6 +345,7 @@ impl Coordinator for CoordinatorServiceImpl {
         on_leader!(
             self,
             req,
+            _caller,
             |r| async {
                 self.replica
                     .set_policy(&r.service, r.policy.as_ref())
@@ -435,6 +433,7 @@ impl Coordinator for CoordinatorServiceImpl {
         on_leader!(
             self,
             req,
+            _caller,
             |r| async {
                 self.replica
                     .adopt(&r.service, &r.from_cluster_id)

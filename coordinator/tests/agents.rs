@@ -11,12 +11,7 @@ use common::lite;
 use confroll_coordinator::agents::{AgentError, Agents};
 use std::sync::Arc;
 
-use confroll_node::{
-    Node, NodeOptions,
-    agent::PushAuth,
-    node::sha256_hex,
-    trust::{PushKey, TrustedKeys},
-};
+use confroll_node::{Node, NodeOptions, agent::PushAuth, node::sha256_hex, trust::TrustedKeys};
 use confroll_proto::v1 as pb;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -39,19 +34,13 @@ fn push(version: u64, ttl: u32, token: u64) -> pb::ApplyRequest {
     }
 }
 
-/// The push key of these tests: `Agents` sign with it, the nodes trust it.
-fn key() -> &'static PushKey {
-    static KEY: std::sync::OnceLock<PushKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(PushKey::generate)
-}
-
 fn trust() -> Arc<TrustedKeys> {
-    Arc::new(TrustedKeys::of(key()))
+    Arc::new(TrustedKeys::of(common::push_key()))
 }
 
 /// Clients that sign as the coordinators do.
 fn agents() -> Agents {
-    Agents::new(Some(key().clone()), None)
+    Agents::new(Some(common::push_key().clone()), None)
 }
 
 /// A node's agent server on `listener`, until the returned token is cancelled.

@@ -149,7 +149,7 @@ async fn rebuild_then_adopt(first: Backing, second: Backing, replicas: usize) {
         fencing_token: old_token + 1_000,
         ..Default::default()
     };
-    confroll_node::trust::PushKey::load(&push_keys().0).unwrap().sign_adopt(&mut back);
+    push_key().sign_adopt(&mut back);
     let e = agent.adopt(back).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("never goes back"), "{}", e.message());

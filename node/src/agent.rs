@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    config::{ConfigError, MAX_CONFIG_BYTES},
     net::{self, MAX_MESSAGE_BYTES},
     node::{Node, Push, PushError},
     pb_impl::node_status,
@@ -88,10 +87,6 @@ impl NodeAgentServiceImpl {
     pub fn new(node: Node, auth: PushAuth, closing: CancellationToken) -> Self {
         Self { node, auth, closing }
     }
-
-    fn check(&self, verify: impl FnOnce(&TrustedKeys) -> Result<(), AuthError>) -> Result<(), Status> {
-        check(&self.node, &self.auth, verify)
-    }
 }
 
 /// Refuses a request `verify` does not accept (nothing else happens).
@@ -130,10 +125,7 @@ impl NodeAgentServiceImpl {
         if matches!(auth, PushAuth::Signed(_)) && !hex64 {
             return Err(Status::invalid_argument("a signed push must carry the content's hex SHA-256"));
         }
-        if r.content.len() > MAX_CONFIG_BYTES {
-            let e = ConfigError::TooLarge { size: r.content.len(), limit: MAX_CONFIG_BYTES };
-            return Err(Status::invalid_argument(e.to_string()));
-        }
+        crate::limits::check_size(r.content.len()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let report = node
             .push(Push {
                 service: r.service,
@@ -202,7 +194,7 @@ impl NodeAgent for NodeAgentServiceImpl {
 
     async fn validate(&self, req: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
         let r = req.into_inner();
-        self.check(|k| k.verify_validate(self.node.id(), &r))?;
+        check(&self.node, &self.auth, |k| k.verify_validate(self.node.id(), &r))?;
         let ours = self.node.cluster_id();
         if matches!(self.auth, PushAuth::Signed(_)) && !ours.is_empty() && r.cluster_id != ours {
             return Err(PushError::OtherCluster { ours, theirs: r.cluster_id }.into());
@@ -212,7 +204,7 @@ impl NodeAgent for NodeAgentServiceImpl {
 
     async fn adopt(&self, req: Request<pb::AdoptRequest>) -> Result<Response<pb::AdoptResponse>, Status> {
         let r = req.into_inner();
-        self.check(|k| k.verify_adopt(self.node.id(), &r))?;
+        check(&self.node, &self.auth, |k| k.verify_adopt(self.node.id(), &r))?;
         let service = if r.service.is_empty() { crate::node::DEFAULT_SERVICE } else { r.service.as_str() };
         if service != self.node.service() {
             let e = PushError::WrongService { ours: self.node.service().into(), theirs: service.into() };

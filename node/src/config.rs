@@ -489,9 +489,7 @@ impl Config {
     /// Parses and validates a document: size, UTF-8, syntax, types and
     /// unknown keys (with their path), then business rules.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        if bytes.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::TooLarge { size: bytes.len(), limit: MAX_CONFIG_BYTES });
-        }
+        crate::limits::check_size(bytes.len())?;
         let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::NotUtf8 { offset: e.valid_up_to() })?;
         let meaningful = text.lines().map(str::trim).any(|l| !l.is_empty() && !l.starts_with('#'));
         if !meaningful || text.trim() == "---" {

@@ -15,7 +15,7 @@
 //!  metrics.rs     Prometheus registry with reloadable labels
 //!  secrets.rs     secret fields from the JSON Schema: redact documents, list secret values
 //!  state.rs       atomic persistence of the applied config and highest token
-//!  triggers.rs    SIGHUP and debounced file watch
+//!  triggers.rs    SIGHUP and debounced file watch; SIGHUP-or-change reload of small files
 //!  trust.rs       Ed25519 signatures: only the coordinator group may push
 //!  agent.rs       NodeAgent gRPC service (coordinator → node), reflection, health
 //!  http.rs        the reference service: /work, /healthz, /readyz, /metrics, status

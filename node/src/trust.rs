@@ -103,32 +103,12 @@ pub async fn keep_reloaded(
     poll: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    let Some(path) = keys.path().map(Path::to_path_buf) else {
-        shutdown.cancelled().await; // nothing to reload; run as long as the server
-        return Ok(());
-    };
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut last = std::fs::read(&path).ok();
-    loop {
-        let forced = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = hup.recv() => true,
-            _ = tokio::time::sleep(poll) => false,
-        };
-        let now = std::fs::read(&path).ok();
-        if !forced && now == last {
-            continue;
-        }
-        last = now;
-        match keys.reload() {
-            Ok(n) => {
-                tracing::info!(file = %path.display(), keys = n, ids = ?keys.ids(), "trusted coordinator keys reloaded")
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reload the trusted coordinator keys; keeping the ones in force")
-            }
-        }
-    }
+    let files: Vec<_> = keys.path().map(Path::to_path_buf).into_iter().collect();
+    crate::triggers::on_hup_or_change(files, poll, shutdown, || match keys.reload() {
+        Ok(n) => tracing::info!(keys = n, ids = ?keys.ids(), "trusted coordinator keys reloaded"),
+        Err(e) => tracing::error!(error = %e, "cannot reload the trusted coordinator keys; keeping the ones in force"),
+    })
+    .await
 }
 
 /// Short id of a public key: the first 8 bytes (hex) of its SHA-256.

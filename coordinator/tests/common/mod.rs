@@ -184,7 +184,7 @@ impl Backing {
 /// The test cluster's push key pair (private, public), written once under
 /// the target dir: coordinators sign with it, nodes trust it.
 pub fn push_keys() -> &'static (PathBuf, PathBuf) {
-    static KEYS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    static KEYS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     KEYS.get_or_init(|| {
         let dir = target_dir().join("test-push-keys");
         std::fs::create_dir_all(&dir).unwrap();
@@ -205,11 +205,17 @@ pub fn push_keys() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The test cluster's push key, loaded once from [`push_keys`].
+pub fn push_key() -> &'static confroll_node::trust::PushKey {
+    static KEY: OnceLock<confroll_node::trust::PushKey> = OnceLock::new();
+    KEY.get_or_init(|| confroll_node::trust::PushKey::load(&push_keys().0).expect("the test push key"))
+}
+
 /// `r` for node `node`, signed with the test cluster's push key: what a
 /// coordinator of that cluster sends.
 pub fn signed(mut r: pb::ApplyRequest, node: &str) -> pb::ApplyRequest {
     r.node_id = node.into();
-    confroll_node::trust::PushKey::load(&push_keys().0).unwrap().sign_apply(&mut r);
+    push_key().sign_apply(&mut r);
     r
 }
 
