@@ -21,6 +21,11 @@ ensure_packages() {
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v curl >/dev/null 2>&1 || need+=(curl)
+  # The chaos suite: namespaces and veth (iproute2), fault rules (nftables),
+  # running PostgreSQL as its own user (setpriv, util-linux).
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)
+  command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
   apt_install ${need[@]+"${need[@]}"}
 }
 

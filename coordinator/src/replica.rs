@@ -347,15 +347,15 @@ impl Replica {
                     }
                 }
             };
-            tracing::info!(replica = %me.id, token = term.token, "elected leader");
+            tracing::info!(replica = %me.id, token = term.token, at_ms = now_ms(), "elected leader");
             self.inner.term.store(Some(Arc::new(term.clone())));
             self.inner.took_office.notify_waiters();
             self.inner.metrics.is_leader.set(1);
             tokio::spawn(self.clone().lead(term.clone()));
             tokio::select! {
-                _ = term.lost.cancelled() => tracing::warn!(replica = %me.id, "lost leadership; stepping down"),
+                _ = term.lost.cancelled() => tracing::warn!(replica = %me.id, at_ms = now_ms(), "lost leadership; stepping down"),
                 _ = shutdown.cancelled() => {
-                    tracing::info!(replica = %me.id, "shutting down: resigning leadership");
+                    tracing::info!(replica = %me.id, at_ms = now_ms(), "shutting down: resigning leadership");
                     if let Err(e) = self.inner.store.resign(&term).await {
                         tracing::warn!(error = %e, "resign failed; the lease will expire instead");
                     }
@@ -462,7 +462,7 @@ impl Replica {
     async fn resume(&self, term: &Term, service: &str, rec: RolloutRecord) -> Result<(), StoreError> {
         match self.inner.store.try_lock(term, service, rec.id.as_bytes()).await? {
             LockAttempt::Acquired(lock) => {
-                tracing::info!(%service, rollout = %rec.id, state = rec.state.as_str(), stage = rec.stage, "resuming rollout of the previous leader");
+                tracing::info!(%service, rollout = %rec.id, version = rec.version, state = rec.state.as_str(), stage = rec.stage, at_ms = now_ms(), "resuming rollout of the previous leader");
                 self.spawn_driver(term.clone(), lock, rec, None);
             }
             // The previous leader's lock lives until its lease expires; the
@@ -947,7 +947,7 @@ impl Replica {
             Op::Put(keys::rollout(&service), encode(first)),
         ];
         self.commit_start(&term, &lock, &service, &rollout_id, meta_cond(&service, meta_rev), ops).await?;
-        tracing::info!(%service, version, rollout = %rollout_id, nodes = rec.order.len(), "version stored; rollout starting");
+        tracing::info!(%service, version, rollout = %rollout_id, nodes = rec.order.len(), at_ms = now_ms(), "version stored; rollout starting");
         self.inner.metrics.desired_version.with_label_values(&[&service]).set(version as i64);
         self.spawn_driver((*term).clone(), lock, rec, prepared);
         out.version = version;
@@ -1110,7 +1110,7 @@ impl Replica {
             vec![Op::Put(keys::meta(&service), encode(&new_meta)), Op::Put(keys::rollout(&service), encode(&rec))];
         let cond = Cond::ModRevision(keys::meta(&service), meta_rev);
         self.commit_start(&term, &lock, &service, &rollout_id, cond, ops).await?;
-        tracing::info!(%service, to_version, rollout = %rollout_id, "manual rollback starting");
+        tracing::info!(%service, version = to_version, rollout = %rollout_id, at_ms = now_ms(), "manual rollback starting");
         self.spawn_driver((*term).clone(), lock, rec, None);
         Ok((rollout_id, to_version))
     }
@@ -1506,7 +1506,11 @@ impl Replica {
         // Until it is recorded (or leadership is gone: the next leader then
         // resumes the unfinished record), never report it as finished.
         let mut delay = Duration::from_millis(50);
+        // Taken before the write that releases the lock: a later rollout's
+        // start is logged after it, so logged intervals never overlap.
+        let mut finished_ms;
         loop {
+            finished_ms = now_ms();
             match self.finish_once(term, lock, rec, state).await {
                 Ok(true) => break,
                 // The meta moved (a policy change): re-read and retry.
@@ -1535,7 +1539,7 @@ impl Replica {
             m.stable_version.with_label_values(&[service]).set(meta.stable_version as i64);
             m.desired_version.with_label_values(&[service]).set(meta.desired_version as i64);
         }
-        tracing::info!(%service, rollout = %rec.id, version = rec.version, outcome, reason = %rec.reason, took_ms = took.as_millis() as u64, "rollout finished");
+        tracing::info!(%service, rollout = %rec.id, version = rec.version, outcome, reason = %rec.reason, took_ms = took.as_millis() as u64, at_ms = finished_ms, "rollout finished");
     }
 
     async fn finish_once(

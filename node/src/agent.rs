@@ -136,6 +136,7 @@ impl NodeAgentServiceImpl {
                 rollout_id: r.rollout_id,
                 sequence: r.sequence,
                 cluster_id: r.cluster_id,
+                issued_at_ms: r.issued_at_ms,
             })
             .await?;
         let live = node.config();

@@ -15,6 +15,7 @@
 //!  metrics.rs     Prometheus registry with reloadable labels
 //!  secrets.rs     secret fields from the JSON Schema: redact documents, list secret values
 //!  state.rs       atomic persistence of the applied config and highest token
+//!  journal.rs     applies.jsonl: one line per apply attempt, in the node's own words
 //!  triggers.rs    SIGHUP and debounced file watch; SIGHUP-or-change reload of small files
 //!  trust.rs       Ed25519 signatures: only the coordinator group may push
 //!  agent.rs       NodeAgent gRPC service (coordinator → node), reflection, health
@@ -40,6 +41,7 @@ pub mod components;
 pub mod config;
 pub mod diff;
 pub mod http;
+pub mod journal;
 pub mod limits;
 pub mod membership;
 pub mod metrics;

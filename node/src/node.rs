@@ -29,6 +29,7 @@ use crate::{
     components::{ComponentKind, Components, Database, Grace, Instance, LlmClient, LogTarget, Logger, RedisPool},
     config::{Config, ConfigError, MAX_CONFIG_BYTES, scrub},
     diff::{ConfigDiff, FieldChange},
+    journal::{self, Journal},
     metrics::NodeMetrics,
     pipeline::{Command, ComponentStatus, DiffSummary, Event, Machine, Outcome, Phase},
     report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
@@ -207,6 +208,9 @@ pub struct Push {
     pub sequence: u64,
     /// The coordinator cluster that issued `fencing_token` and `version`.
     pub cluster_id: String,
+    /// When the pushing replica signed it (ms since the Unix epoch; 0:
+    /// unknown). Recorded in the apply journal.
+    pub issued_at_ms: u64,
 }
 
 /// Result of a dry-run validation.
@@ -273,6 +277,9 @@ struct Inner {
     last_report: ArcSwapOption<ReloadReport>,
     reload_seq: AtomicU64,
     state: Option<StateDir>,
+    /// The apply journal (with a state dir only): what this node ran and
+    /// refused, in its own words.
+    journal: Option<Journal>,
     /// SHA-256 of the config file when last read (dedupe of file events).
     file_sha: ArcSwapOption<String>,
     /// Keeps the tracing subscriber alive when it is not the global one.
@@ -295,6 +302,7 @@ impl Node {
             Some(s) => s.load_fencing().map_err(StartError::State)?,
             None => Fencing::default(),
         };
+        let journal = state.as_ref().map(|s| Journal::open(s.path())).transpose().map_err(StartError::State)?;
         let file_bytes = match &opts.config_path {
             Some(p) => Some(read_limited(p).await.map_err(|source| StartError::Read { path: p.clone(), source })?),
             None => None,
@@ -333,6 +341,7 @@ impl Node {
                 reload_seq: AtomicU64::new(0),
                 file_sha: ArcSwapOption::new(file_sha.map(Arc::new)),
                 state,
+                journal,
                 dispatch,
                 version_tx: tokio::sync::watch::Sender::new(version),
                 opts,
@@ -453,7 +462,10 @@ impl Node {
             Some(p) => Source::File(p.clone()),
             None => Source::Bytes(Vec::new(), None),
         };
-        self.run(source, None, trigger).await
+        let received_ms = journal::now_ms();
+        let report = self.run(source, None, trigger).await;
+        self.journal_report(journal::Entry { received_ms, ..Default::default() }, &report);
+        report
     }
 
     /// Reloads from a document given in memory (local version: current + 1).
@@ -461,7 +473,10 @@ impl Node {
         let (me, content) = (self.clone(), content.into());
         detached(async move {
             let _g = me.inner.reload_lock.lock().await;
-            me.run(Source::Bytes(content, None), None, Trigger::Api).await
+            let received_ms = journal::now_ms();
+            let report = me.run(Source::Bytes(content, None), None, Trigger::Api).await;
+            me.journal_report(journal::Entry { received_ms, ..Default::default() }, &report);
+            report
         })
         .await
     }
@@ -473,8 +488,66 @@ impl Node {
     /// The reload runs to its end (rollback included) even when the caller
     /// stops waiting, e.g. when the pusher's RPC deadline passes.
     pub async fn push(&self, push: Push) -> Result<ReloadReport, PushError> {
-        let me = self.clone();
-        detached(async move { me.push_inner(push).await }).await
+        let (me, received_ms) = (self.clone(), journal::now_ms());
+        detached(async move {
+            let entry = journal::Entry {
+                received_ms,
+                trigger: Trigger::Push.as_str().into(),
+                version: push.version,
+                sha256: push.sha256.clone(),
+                cluster_id: push.cluster_id.clone(),
+                fencing_token: push.fencing_token,
+                sequence: push.sequence,
+                rollout_id: push.rollout_id.clone(),
+                issued_at_ms: push.issued_at_ms,
+                ..Default::default()
+            };
+            let r = me.push_inner(push).await;
+            match &r {
+                Ok(report) => me.journal_report(entry, report),
+                Err(e) => me.journal(journal::Entry { outcome: "refused", detail: e.to_string(), ..entry }),
+            }
+            r
+        })
+        .await
+    }
+
+    /// Journals `report`'s outcome over `base` (the trigger's fields).
+    fn journal_report(&self, base: journal::Entry, report: &ReloadReport) {
+        let outcome = match report.status {
+            ReloadStatus::Applied | ReloadStatus::Degraded => "applied",
+            ReloadStatus::Unchanged => "unchanged",
+            ReloadStatus::Rejected | ReloadStatus::RolledBack => "failed",
+        };
+        let candidate = report.candidate_sha256.clone().unwrap_or_default();
+        let (version, sha256) = match (base.trigger.is_empty(), outcome) {
+            // A push: the coordinator's number and hash.
+            (false, _) => (base.version, if base.sha256.is_empty() { candidate } else { base.sha256.clone() }),
+            // A local reload that runs: what runs now.
+            (true, "applied" | "unchanged") => {
+                let live = self.config();
+                (live.version, live.sha256.clone())
+            }
+            // A local reload that failed: the candidate, under the version it
+            // did not get.
+            (true, _) => (report.from_version + 1, candidate),
+        };
+        let detail = match outcome {
+            "applied" => String::new(),
+            _ => match &report.error {
+                Some(e) => format!("{}: {e}", report.status.as_str()),
+                None => report.status.as_str().to_owned(),
+            },
+        };
+        let trigger = if base.trigger.is_empty() { report.trigger.as_str().into() } else { base.trigger.clone() };
+        self.journal(journal::Entry { trigger, version, sha256, outcome, detail, ..base });
+    }
+
+    /// Appends `e` (stamped with this node and the time) to the journal.
+    fn journal(&self, e: journal::Entry) {
+        if let Some(j) = &self.inner.journal {
+            j.record(&journal::Entry { node: self.id().into(), at_ms: journal::now_ms(), ..e });
+        }
     }
 
     async fn push_inner(&self, push: Push) -> Result<ReloadReport, PushError> {
@@ -999,6 +1072,7 @@ mod tests {
             rollout_id: String::new(),
             sequence,
             cluster_id: cluster.into(),
+            issued_at_ms: 0,
         }
     }
 

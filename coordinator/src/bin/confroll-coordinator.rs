@@ -116,15 +116,24 @@ struct Cli {
     /// Log filter.
     #[arg(long, default_value = "info")]
     log: String,
+    /// Log format: `text`, or `json` (one object per line, for log
+    /// pipelines and the chaos suite's checkers).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?;
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init();
+    }
     let files = CredentialFiles {
         operator: cli.operator_tokens.clone(),
         node: cli.node_tokens.clone(),

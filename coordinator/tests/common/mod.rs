@@ -5,9 +5,9 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient};
@@ -19,75 +19,28 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     M.lock().await
 }
 
-/// A loopback port nothing listens on, for a process this test starts:
-/// below the ephemeral range (so no outgoing connection takes it before the
-/// process binds it), and never handed out twice by this test binary.
-pub fn free_port() -> u16 {
-    confroll_node::net::spare_loopback_port().expect("a free loopback port")
-}
+pub use confroll_testkit::{
+    free_port,
+    process::{ChildGuard, spawn_listening, tail},
+    wait::eventually,
+};
 
-/// Starts `cmd` (`what`, for messages) and waits until it listens on `port`.
-/// If it exits first, panics with its status and the end of `log` (where
-/// its output goes), instead of waiting out the deadline.
-pub fn spawn_listening(cmd: &mut Command, port: u16, what: &str, log: Option<&Path>) -> ChildGuard {
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {what} ({e}); scripts/test.sh installs it"));
-    let mut guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = guard.0.try_wait() {
-            let text = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
-            panic!("{what} exited ({status}) before it listened on {port}; its log ends:\n{}", tail(&text, 20));
-        }
-        assert!(Instant::now() < deadline, "{what} never listened on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    guard
-}
-
-/// The last `n` lines of `text`.
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+/// `port` on loopback.
+pub fn lo(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn target_dir() -> PathBuf {
-    // target/debug/deps/<test> → target/debug
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
+    confroll_testkit::bins::bin_dir()
 }
 
 /// The node binary, built once per test process (it belongs to another package).
 pub fn node_bin() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "confroll-node", "--bin", "confroll-node"])
-                .status()
-                .expect("cargo build confroll-node");
-            assert!(status.success(), "building confroll-node failed");
-            target_dir().join("confroll-node")
-        })
-        .clone()
+    confroll_testkit::bins::ensure_built(&["confroll-node"]).expect("build confroll-node").join("confroll-node")
 }
 
 pub fn coordinator_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_confroll-coordinator"))
-}
-
-/// A child process killed (and reaped) when dropped, even if the test panics.
-pub struct ChildGuard(pub Child);
-
-impl ChildGuard {
-    pub fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A single-member etcd on free loopback ports.
@@ -113,7 +66,7 @@ impl Etcd {
                 .args(["--log-level", "error"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
-            client,
+            lo(client),
             "etcd",
             None,
         );
@@ -265,7 +218,7 @@ impl Coord {
                 .args(extra.iter().filter(|a| **a != "--no-push-key"))
                 .stdout(out.try_clone().unwrap())
                 .stderr(out),
-            port,
+            lo(port),
             "coordinator",
             Some(&log),
         );
@@ -335,7 +288,7 @@ impl NodeProc {
                 .args(extra)
                 .stdout(out.try_clone().unwrap())
                 .stderr(out),
-            http_port,
+            lo(http_port),
             "node",
             Some(&log),
         );
@@ -374,22 +327,6 @@ impl NodeProc {
 
     pub fn kill9(&mut self) {
         self.proc.take();
-    }
-}
-
-/// Polls until `f` returns Some, or panics after `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -456,7 +393,7 @@ pub fn redis_server() -> (ChildGuard, String) {
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
-        port,
+        lo(port),
         "redis-server",
         None,
     );

@@ -1,7 +1,7 @@
 //! Test support: real PostgreSQL and Redis (started by `scripts/test.sh`, or
 //! a throwaway redis-server per test), embedded nodes served on port 0, and
 //! node processes that are killed when the test ends.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unreachable_pub, missing_docs, unused_imports)]
 
 use std::{
     net::SocketAddr,
@@ -25,12 +25,7 @@ pub fn redis_url() -> String {
         .expect("CONFROLL_TEST_REDIS_URL is not set: run the tests with `bash scripts/test.sh`, which starts Redis")
 }
 
-/// A loopback port nothing listens on, for a process this test starts:
-/// below the ephemeral range (so no outgoing connection takes it before the
-/// process binds it), and never handed out twice by this test binary.
-pub fn free_port() -> u16 {
-    confroll_node::net::spare_loopback_port().expect("a free loopback port")
-}
+pub use confroll_testkit::{free_port, wait::eventually};
 
 /// A URL on a loopback port where nothing listens.
 pub fn dead_port() -> u16 {
@@ -190,12 +185,9 @@ impl Drop for RedisServer {
     }
 }
 
+/// Blocks until something listens on loopback `port`.
 pub fn wait_for_port(port: u16, within: Duration) {
-    let deadline = Instant::now() + within;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port} after {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    confroll_testkit::wait::wait_for_port(std::net::SocketAddr::from(([127, 0, 0, 1], port)), within)
 }
 
 /// A `confroll-node` process; SIGKILLed on drop if still running.
@@ -294,22 +286,6 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Polls `f` until it returns `Some`, or panics after `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// A push of `content` as `version` under fencing token `token` (unordered:
 /// sequence 0; set it where order matters).
 pub fn push(content: String, version: u64, token: u64) -> confroll_node::Push {
@@ -322,6 +298,7 @@ pub fn push(content: String, version: u64, token: u64) -> confroll_node::Push {
         rollout_id: "test-rollout".into(),
         sequence: 0,
         cluster_id: String::new(),
+        issued_at_ms: 0,
     }
 }
 

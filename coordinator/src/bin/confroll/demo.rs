@@ -109,20 +109,7 @@ struct Bins {
 
 impl Bins {
     fn locate() -> anyhow::Result<Bins> {
-        let exe = std::env::current_exe().context("locate the confroll binary")?;
-        let dir = exe.parent().context("the confroll binary has no directory")?;
-        let find = |name: &str| {
-            let p = dir.join(name);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                bail!(
-                    "{} not found next to {} (build every binary first: `cargo build --bins`)",
-                    p.display(),
-                    exe.display()
-                )
-            }
-        };
+        let find = |name: &str| confroll_testkit::bins::sibling_bin(name).map_err(anyhow::Error::msg);
         Ok(Bins { coordinator: find("confroll-coordinator")?, node: find("confroll-node")? })
     }
 }
@@ -185,9 +172,7 @@ impl Proc {
     }
 
     fn tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        confroll_testkit::process::tail_file(&self.log, lines)
     }
 }
 

@@ -1,0 +1,333 @@
+//! The chaos scenarios, each a test, on both stores where it applies.
+//!
+//! A custom harness (libtest-mimic): without root or network namespaces
+//! every scenario is reported *ignored* with the reason, never passed.
+//! `CONFROLL_CHAOS=full` runs every scenario on every store it applies to;
+//! the default (CI) set runs each scenario once, alternating stores.
+
+use std::time::Duration;
+
+use confroll_chaos::{
+    cluster::{Cluster, Options, Store, lite},
+    scenario::{self, Readers, Verdict},
+};
+
+type Body = fn(Store) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Verdict>> + Send>>;
+
+/// `scenario/store`: fails with the report when an invariant broke.
+fn run(name: &str, store: Store, body: Body) -> Result<(), libtest_mimic::Failed> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let verdict = rt.block_on(body(store)).map_err(|e| format!("{name} on {}: {e:#}", store.as_str()))?;
+    if verdict.violations.is_empty() {
+        eprintln!(
+            "{name}/{}: ok ({} ops, {} journal lines, {} leader events)",
+            store.as_str(),
+            verdict.records.ops.len(),
+            verdict.records.journal.len(),
+            verdict.records.leaders.len()
+        );
+        Ok(())
+    } else {
+        Err(format!("{}\nevidence kept in {}", verdict.report, verdict.dir.display()).into())
+    }
+}
+
+macro_rules! body {
+    ($f:ident) => {
+        |s| Box::pin($f(s))
+    };
+}
+
+fn main() {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let full = std::env::var("CONFROLL_CHAOS").as_deref() == Ok("full");
+    let unavailable = confroll_chaos::netns::available().err();
+    if let Some(why) = &unavailable {
+        eprintln!("chaos scenarios SKIPPED: {why}");
+    }
+    // (name, stores it applies to, body)
+    let both = || vec![Store::Raft, Store::Etcd];
+    let all: Vec<(&str, Vec<Store>, Body)> = vec![
+        ("healthy_rollout", both(), body!(healthy_rollout)),
+        ("leader_paused_past_its_lease", both(), body!(leader_paused_past_its_lease)),
+        ("leader_cut_from_store", both(), body!(leader_cut_from_store)),
+        ("leader_cut_from_nodes", both(), body!(leader_cut_from_nodes)),
+        ("canary_partitioned_mid_stage", both(), body!(canary_partitioned_mid_stage)),
+        ("node_killed_during_apply", both(), body!(node_killed_during_apply)),
+        ("store_fault_mid_rollout", both(), body!(store_fault_mid_rollout)),
+        ("all_coordinators_killed", both(), body!(all_coordinators_killed)),
+        ("postgres_stopped_during_pool_change", both(), body!(postgres_stopped_during_pool_change)),
+        ("concurrent_submitters", both(), body!(concurrent_submitters)),
+        ("nodes_restarted_one_by_one", both(), body!(nodes_restarted_one_by_one)),
+        ("slow_link_and_blackholed_rollback", both(), body!(slow_link_and_blackholed_rollback)),
+        ("rollback_while_leadership_moves", both(), body!(rollback_while_leadership_moves)),
+    ];
+    let mut trials = Vec::new();
+    for (k, (name, stores, f)) in all.into_iter().enumerate() {
+        let chosen: Vec<Store> = if full { stores.clone() } else { vec![stores[k % stores.len()]] };
+        for store in chosen {
+            let test = format!("{name}/{}", store.as_str());
+            let t = libtest_mimic::Trial::test(test, move || run(name, store, f));
+            trials.push(t.with_ignored_flag(unavailable.is_some()));
+        }
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// No fault: a rollout of three versions; the baseline every checker must
+/// pass.
+async fn healthy_rollout(store: Store) -> anyhow::Result<Verdict> {
+    let cl = Cluster::start(Options::new(store)).await?;
+    let readers = Readers::start(&cl, Duration::from_millis(200));
+    for ttl in [31, 32, 33] {
+        cl.submit_acked(0, &lite(ttl), "200ms").await?;
+        let done = cl.wait_done(Duration::from_secs(30)).await?;
+        anyhow::ensure!(done.state == "SUCCEEDED", "{done:?}");
+    }
+    scenario::finish(cl, "healthy_rollout", readers).await
+}
+
+const STAGE_WAIT: Duration = Duration::from_secs(30);
+
+/// A cluster with a first version rolled out everywhere, and its readers.
+async fn started(opts: Options) -> anyhow::Result<(Cluster, Readers)> {
+    let cl = Cluster::start(opts).await?;
+    let readers = Readers::start(&cl, Duration::from_millis(200));
+    cl.submit_acked(0, &lite(31), "0s").await?;
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "SUCCEEDED", "the first rollout failed: {done:?}");
+    Ok((cl, readers))
+}
+
+/// The leader is SIGSTOPped while its rollout bakes, for three lease TTLs;
+/// another replica takes over and resumes the rollout; the old one wakes up
+/// believing it still leads.
+async fn leader_paused_past_its_lease(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "2s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    let old = cl.leader(STAGE_WAIT).await?;
+    cl.pause_coord(old)?;
+    let name = cl.coords[old].name.clone();
+    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != name).then_some(()))
+        .await?;
+    tokio::time::sleep(cl.opts.lease_ttl * 2).await;
+    cl.resume_coord(old)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scenario::finish(cl, "leader_paused_past_its_lease", readers).await
+}
+
+/// The leader loses the store (every etcd member, or the raft majority) but
+/// still reaches every node, mid-rollout.
+async fn leader_cut_from_store(store: Store) -> anyhow::Result<Verdict> {
+    let (cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "2s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    let old = cl.leader(STAGE_WAIT).await?;
+    let name = cl.coords[old].name.clone();
+    let store_hosts: Vec<String> = match store {
+        Store::Etcd => cl.etcd.iter().map(|e| e.host.name.clone()).collect(),
+        Store::Raft => cl.coords.iter().filter(|c| c.name != name).map(|c| c.name.clone()).collect(),
+    };
+    for h in &store_hosts {
+        cl.cut(&name, h)?;
+    }
+    let n = name.clone();
+    let others: Vec<usize> = (0..cl.coords.len()).filter(|i| *i != old).collect();
+    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != n).then_some(())).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = others;
+    cl.heal()?;
+    scenario::finish(cl, "leader_cut_from_store", readers).await
+}
+
+/// The leader loses every node but keeps the store, mid-rollout.
+async fn leader_cut_from_nodes(store: Store) -> anyhow::Result<Verdict> {
+    let (cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "1s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    let old = cl.leader(STAGE_WAIT).await?;
+    let name = cl.coords[old].name.clone();
+    for n in &cl.nodes {
+        cl.cut(&name, &n.name)?;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cl.heal()?;
+    scenario::finish(cl, "leader_cut_from_nodes", readers).await
+}
+
+/// The canary node is partitioned from everything while its stage bakes:
+/// its health checks fail, the cluster rolls back, the reverts to it fail
+/// until it is back.
+async fn canary_partitioned_mid_stage(store: Store) -> anyhow::Result<Verdict> {
+    let (cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "3s").await?;
+    let order = cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    cl.isolate(&order[0])?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cl.heal()?;
+    scenario::finish(cl, "canary_partitioned_mid_stage", readers).await
+}
+
+/// A node is SIGKILLed as its stage's push goes out, and restarted on its
+/// state dir two seconds later.
+async fn node_killed_during_apply(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "500ms").await?;
+    let order = cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    // Stage 1 (50%) pushes to the second node of the order after the bake.
+    let victim = cl.node_index(&order[1]);
+    cl.wait_stage(1, 1, STAGE_WAIT).await?;
+    cl.kill_node(victim);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cl.restart_node(victim).await?;
+    scenario::finish(cl, "node_killed_during_apply", readers).await
+}
+
+/// etcd: the etcd member that leads is SIGKILLed mid-rollout, restarted
+/// later. raft: a follower replica is cut off from the other two (a
+/// minority partition) mid-rollout.
+async fn store_fault_mid_rollout(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "1s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    match store {
+        Store::Etcd => {
+            let e = cl.etcd_leader().await?;
+            cl.kill_etcd(e);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            cl.restart_etcd(e).await?;
+        }
+        Store::Raft => {
+            let l = cl.leader(STAGE_WAIT).await?;
+            let f = (l + 1) % cl.coords.len();
+            let name = cl.coords[f].name.clone();
+            for c in cl.coords.iter().filter(|c| c.name != name) {
+                cl.cut(&name, &c.name)?;
+            }
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            cl.heal()?;
+        }
+    }
+    scenario::finish(cl, "store_fault_mid_rollout", readers).await
+}
+
+/// Every coordinator is SIGKILLed mid-rollout, then all restart.
+async fn all_coordinators_killed(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "1s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    for i in 0..cl.coords.len() {
+        cl.kill_coord(i);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..cl.coords.len() {
+        cl.restart_coord(i).await?;
+    }
+    let done = cl.wait_done(Duration::from_secs(60)).await?;
+    anyhow::ensure!(done.version == 2, "the restarted cluster lost the rollout: {done:?}");
+    scenario::finish(cl, "all_coordinators_killed", readers).await
+}
+
+/// PostgreSQL stops; a database pool change fails health on the canary and
+/// the cluster rolls back. PostgreSQL is back: the next submit succeeds.
+async fn postgres_stopped_during_pool_change(store: Store) -> anyhow::Result<Verdict> {
+    let opts = Options { databases: true, ..Options::new(store) };
+    let cl = Cluster::start(opts).await?;
+    let readers = Readers::start(&cl, Duration::from_millis(200));
+    let (db, redis) = cl.db_urls.clone().expect("databases");
+    let mut cl = cl;
+    cl.submit_acked(0, &confroll_chaos::cluster::db_config(&db, &redis, 3, 31), "0s").await?;
+    anyhow::ensure!(cl.wait_done(STAGE_WAIT).await?.state == "SUCCEEDED");
+    cl.stop_pg();
+    cl.submit_acked(0, &confroll_chaos::cluster::db_config(&db, &redis, 4, 31), "300ms").await?;
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "ROLLED_BACK", "a pool change without PostgreSQL must roll back: {done:?}");
+    cl.start_pg().await?;
+    cl.submit_acked(0, &confroll_chaos::cluster::db_config(&db, &redis, 5, 31), "0s").await?;
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "SUCCEEDED", "PostgreSQL is back: the next submit must succeed: {done:?}");
+    cl.healed();
+    scenario::finish(cl, "postgres_stopped_during_pool_change", readers).await
+}
+
+/// Ten clients submit at once through every replica: one rollout runs, every
+/// other submit is refused with FAILED_PRECONDITION, none is lost.
+async fn concurrent_submitters(store: Store) -> anyhow::Result<Verdict> {
+    let (cl, readers) = started(Options::new(store)).await?;
+    let cl = std::sync::Arc::new(cl);
+    let mut tasks = Vec::new();
+    for k in 0..10u32 {
+        let cl = cl.clone();
+        tasks.push(tokio::spawn(async move { cl.submit(10 + k, k as usize % 3, &lite(40 + k), "2s").await }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await?);
+    }
+    use confroll_chaos::records::OpResult;
+    let acked = results.iter().filter(|r| matches!(r, OpResult::Ok { .. })).count();
+    let refused =
+        results.iter().filter(|r| matches!(r, OpResult::Fail { code, .. } if code == "FailedPrecondition")).count();
+    anyhow::ensure!(acked == 1 && refused == 9, "want 1 acknowledged and 9 refused, got {results:#?}");
+    let cl = std::sync::Arc::try_unwrap(cl).map_err(|_| anyhow::anyhow!("cluster still shared"))?;
+    scenario::finish(cl, "concurrent_submitters", readers).await
+}
+
+/// Every node is restarted (SIGKILL, same state dir), one after the other,
+/// while a rollout runs.
+async fn nodes_restarted_one_by_one(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "1s").await?;
+    for i in 0..cl.nodes.len() {
+        cl.kill_node(i);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cl.restart_node(i).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    scenario::finish(cl, "nodes_restarted_one_by_one", readers).await
+}
+
+/// A 200 ms link between the leader and half of the nodes while a version
+/// rolls out; then a rollback, during which one node's link is blackholed.
+async fn slow_link_and_blackholed_rollback(store: Store) -> anyhow::Result<Verdict> {
+    let (cl, readers) = started(Options::new(store)).await?;
+    let l = cl.leader(STAGE_WAIT).await?;
+    let leader = cl.coords[l].name.clone();
+    let half: Vec<String> = cl.nodes.iter().take(cl.nodes.len() / 2 + 1).map(|n| n.name.clone()).collect();
+    for n in &half {
+        cl.delay(&leader, n, Duration::from_millis(200)).await?;
+    }
+    let (v2, _) = cl.submit_acked(0, &lite(32), "300ms").await?;
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "SUCCEEDED" && done.version == v2, "a slow link must not fail a rollout: {done:?}");
+    let r = cl.rollback(0, l, v2 - 1).await;
+    anyhow::ensure!(matches!(r, confroll_chaos::records::OpResult::Ok { .. }), "rollback refused: {r:?}");
+    cl.blackhole(&cl.nodes[cl.nodes.len() - 1].name.clone())?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cl.heal()?;
+    scenario::finish(cl, "slow_link_and_blackholed_rollback", readers).await
+}
+
+/// A rollback is requested through a follower just as the leader is
+/// SIGKILLed.
+async fn rollback_while_leadership_moves(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    let (v2, _) = cl.submit_acked(0, &lite(32), "0s").await?;
+    anyhow::ensure!(cl.wait_done(STAGE_WAIT).await?.state == "SUCCEEDED");
+    let l = cl.leader(STAGE_WAIT).await?;
+    let f = (l + 1) % cl.coords.len();
+    let client = cl.client(1, f);
+    let handle = cl.net.hub_handle();
+    let rollback = handle.spawn(async move {
+        let mut c = client;
+        c.rollback(v2 - 1).await
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cl.kill_coord(l);
+    let _ = rollback.await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cl.restart_coord(l).await?;
+    scenario::finish(cl, "rollback_while_leadership_moves", readers).await
+}
