@@ -113,14 +113,23 @@ pub mod ports {
     pub const REDIS: u16 = 6379;
 }
 
-/// The directory holding this build's binaries (`target/<profile>`).
+/// The directory holding the coordinator and node binaries:
+/// `$CONFROLL_CHAOS_BINS` when set (to run the suite against another build,
+/// e.g. the commit before a fix), else this build's (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
-    confroll_testkit::bins::bin_dir()
+    match std::env::var_os("CONFROLL_CHAOS_BINS") {
+        Some(d) => PathBuf::from(d),
+        None => confroll_testkit::bins::bin_dir(),
+    }
 }
 
 /// Builds the coordinator and node binaries once per process (a test of this
-/// crate does not get other packages' binaries built for it).
+/// crate does not get other packages' binaries built for it), unless
+/// `$CONFROLL_CHAOS_BINS` names prebuilt ones.
 pub fn ensure_binaries() -> anyhow::Result<()> {
+    if std::env::var_os("CONFROLL_CHAOS_BINS").is_some() {
+        return Ok(());
+    }
     confroll_testkit::bins::ensure_built(&["confroll-coordinator", "confroll-node"])
         .map(|_| ())
         .map_err(anyhow::Error::msg)
@@ -720,6 +729,18 @@ impl Cluster {
     pub async fn submit(&self, id: u32, i: usize, content: &str, bake: &str) -> crate::records::OpResult {
         let (mut c, content, bake) = (self.client(id, i), content.to_owned(), bake.to_owned());
         self.net.on_hub(async move { c.submit(&content, &bake).await }).await
+    }
+
+    /// Client `id` of replica `i` submits `content` with `policy` (recorded).
+    pub async fn submit_with(
+        &self,
+        id: u32,
+        i: usize,
+        content: &str,
+        policy: confroll_proto::v1::RolloutPolicy,
+    ) -> crate::records::OpResult {
+        let (mut c, content) = (self.client(id, i), content.to_owned());
+        self.net.on_hub(async move { c.submit_with(&content, policy).await }).await
     }
 
     /// Client `id` of replica `i` rolls back to `to` (recorded).

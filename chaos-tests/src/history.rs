@@ -63,12 +63,18 @@ impl Client {
 
     /// Submits `content` (with `bake`); records it.
     pub async fn submit(&mut self, content: &str, bake: &str) -> OpResult {
+        let policy = pb::RolloutPolicy { bake: Some(bake.into()), ..Default::default() };
+        self.submit_with(content, policy).await
+    }
+
+    /// Submits `content` with `policy`; records it.
+    pub async fn submit_with(&mut self, content: &str, policy: pb::RolloutPolicy) -> OpResult {
         let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()));
         let req = pb::SubmitConfigRequest {
             content: content.into(),
             author: format!("chaos-client-{}", self.id),
             message: "chaos".into(),
-            policy: Some(pb::RolloutPolicy { bake: Some(bake.into()), ..Default::default() }),
+            policy: Some(policy),
             ..Default::default()
         };
         let kind = OpKind::Submit { service: "default".into(), sha256 };

@@ -62,6 +62,7 @@ fn main() {
         ("nodes_restarted_one_by_one", both(), body!(nodes_restarted_one_by_one)),
         ("slow_link_and_blackholed_rollback", both(), body!(slow_link_and_blackholed_rollback)),
         ("rollback_while_leadership_moves", both(), body!(rollback_while_leadership_moves)),
+        ("abort_while_a_push_is_on_its_way", both(), body!(abort_while_a_push_is_on_its_way)),
     ];
     let mut trials = Vec::new();
     for (k, (name, stores, f)) in all.into_iter().enumerate() {
@@ -330,4 +331,43 @@ async fn rollback_while_leadership_moves(store: Store) -> anyhow::Result<Verdict
     tokio::time::sleep(Duration::from_secs(1)).await;
     cl.restart_coord(l).await?;
     scenario::finish(cl, "rollback_while_leadership_moves", readers).await
+}
+
+/// Found by the randomised mode (seed 2802789233003676104): the very first
+/// rollout of a service (nothing to revert to) is aborted while its pushes
+/// to the second stage are still on a slow link; the next rollout starts;
+/// the old pushes land after it. Here the links from the leader to the
+/// second stage's nodes take 1.5 s each way and those pushes give up after
+/// 1 s; the canary's link is fast (the submit's dry run goes there).
+async fn abort_while_a_push_is_on_its_way(store: Store) -> anyhow::Result<Verdict> {
+    use confroll_chaos::records::OpResult;
+    use confroll_proto::v1::RolloutPolicy;
+    let cl = Cluster::start(Options::new(store)).await?;
+    let readers = Readers::start(&cl, Duration::from_millis(200));
+    let l = cl.leader(STAGE_WAIT).await?;
+    let leader = cl.coords[l].name.clone();
+    let order = confroll_coordinator::engine::canary_order("default", cl.nodes.iter().map(|n| n.name.clone()));
+    // Stages 1, 50%, 100% of 5: the second stage adds the next two.
+    for n in &order[1..3] {
+        cl.delay(&leader, n, Duration::from_millis(1500)).await?;
+    }
+    let quick = RolloutPolicy { bake: Some("0s".into()), apply_timeout: Some("1s".into()), ..Default::default() };
+    let deadline = std::time::Instant::now() + STAGE_WAIT;
+    while !matches!(cl.submit_with(0, l, &lite(32), quick.clone()).await, OpResult::Ok { .. }) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the first submit was never accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cl.wait_stage(1, 1, STAGE_WAIT).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = cl.abort(0, l).await;
+    anyhow::ensure!(matches!(r, OpResult::Ok { .. }), "abort refused: {r:?}");
+    let patient = RolloutPolicy { bake: Some("0s".into()), apply_timeout: Some("8s".into()), ..Default::default() };
+    while !matches!(cl.submit_with(0, l, &lite(33), patient.clone()).await, OpResult::Ok { .. }) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the next submit was never accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "SUCCEEDED", "the next rollout must succeed on slow links: {done:?}");
+    cl.heal()?;
+    scenario::finish(cl, "abort_while_a_push_is_on_its_way", readers).await
 }

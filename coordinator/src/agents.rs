@@ -200,8 +200,15 @@ impl Agents {
             req.sequence = self.next_sequence();
         }
         req.node_id = node.to_owned();
-        if let Some(k) = &self.key {
-            k.sign_apply(&mut req);
+        // The node refuses it after `deadline` (when this call gives up), so a
+        // push still on its way when we stop waiting can never land later,
+        // after another rollout has begun.
+        match &self.key {
+            Some(k) => k.sign_apply_within(&mut req, timeout),
+            None => {
+                req.issued_at_ms = crate::store::now_ms();
+                req.expires_at_ms = req.issued_at_ms + timeout.as_millis() as u64;
+            }
         }
         if self.unary.lock().expect("agents lock").contains(address) {
             return self.apply_unary(address, req, deadline, timeout).await;

@@ -35,6 +35,10 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{Policy, StageSize};
 
+/// Appended to the reason of a failed first version (nothing to revert to).
+pub const NOT_REVERTED: &str =
+    "; not reverted: it is the service's first version, so nodes that applied it keep it until the next one";
+
 /// Where a rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -420,8 +424,12 @@ impl Engine {
         if self.rec.from_version == 0 {
             // Nothing to return to: the first version of a service. Nodes
             // keep what they run; reconciliation has no stable version to
-            // impose either.
-            return self.finish(self.final_failure_state());
+            // impose either. So it ends ABORTED (stopped where it was), never
+            // ROLLED_BACK, which would tell operators that no node runs it.
+            if !self.rec.reason.ends_with(NOT_REVERTED) {
+                self.rec.reason.push_str(NOT_REVERTED);
+            }
+            return self.finish(RolloutState::Aborted);
         }
         self.live.revert_answered.clear();
         let mut a = vec![Action::Persist];
@@ -729,6 +737,8 @@ mod tests {
         let mut e = Engine::new(r);
         e.start(0);
         let a = e.step(0, Input::Applied { node: "a".into(), result: Err("x".into()) });
-        assert_eq!(a, vec![Action::Persist, Action::Finished(RolloutState::RolledBack)]);
+        // Nothing is reverted, so it is not "rolled back": node `a` may run it.
+        assert_eq!(a, vec![Action::Persist, Action::Finished(RolloutState::Aborted)]);
+        assert!(e.record().reason.ends_with(NOT_REVERTED), "{}", e.record().reason);
     }
 }

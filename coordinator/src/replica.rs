@@ -629,6 +629,8 @@ impl Replica {
             node_id: String::new(),
             signature: None,
             issued_at_ms: 0,
+            // Set (and signed) by `Agents::apply`: when it gives up.
+            expires_at_ms: 0,
         };
         match self.inner.agents.apply(node, address, req, timeout).await {
             // `unchanged`: the node already ran it, so no health phase ran.
@@ -1253,6 +1255,10 @@ impl Replica {
         let (records, written) = self.spawn_writer(&term, &lock);
         let durable = p.durable;
         let mut issued = 0u64;
+        // Pushes and reverts still running: the rollout is recorded as
+        // finished (and the lock released) only once each has answered or
+        // given up, so none of them can land after the next rollout starts.
+        let mut in_flight: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         loop {
             for action in std::mem::take(&mut actions) {
                 match action {
@@ -1283,7 +1289,8 @@ impl Replica {
                             return;
                         }
                         let addr = self.address(&service, &node, &mut addresses).await;
-                        self.spawn_push(&term, &engine, &node, addr, new.clone(), tx.clone(), true);
+                        in_flight.retain(|h| !h.is_finished());
+                        in_flight.push(self.spawn_push(&term, &engine, &node, addr, new.clone(), tx.clone(), true));
                     }
                     Action::Revert(node) => {
                         // The ROLLING_BACK record is written before any revert.
@@ -1293,7 +1300,18 @@ impl Replica {
                         }
                         let addr = self.address(&service, &node, &mut addresses).await;
                         match &old {
-                            Some(old) => self.spawn_push(&term, &engine, &node, addr, old.clone(), tx.clone(), false),
+                            Some(old) => {
+                                in_flight.retain(|h| !h.is_finished());
+                                in_flight.push(self.spawn_push(
+                                    &term,
+                                    &engine,
+                                    &node,
+                                    addr,
+                                    old.clone(),
+                                    tx.clone(),
+                                    false,
+                                ));
+                            }
                             None => {
                                 let _ = tx.send(Input::Reverted { node, result: Err("no previous version".into()) });
                             }
@@ -1332,6 +1350,16 @@ impl Replica {
                             return;
                         }
                         drop(records);
+                        if !in_flight.iter().all(|h| h.is_finished()) {
+                            tracing::info!(%service, rollout = %engine.record().id, pending = in_flight.len(), "waiting for the pushes still on their way before recording the outcome");
+                            tokio::select! {
+                                _ = futures::future::join_all(in_flight.drain(..)) => {}
+                                _ = term.lost.cancelled() => {
+                                    tracing::warn!(%service, "leadership lost before the outcome was recorded; the next leader resumes the rollout");
+                                    return;
+                                }
+                            }
+                        }
                         engine.touch(now_rfc3339());
                         self.finish(&term, &lock, engine.record(), state, started.elapsed()).await;
                         return;
@@ -1369,7 +1397,7 @@ impl Replica {
         v: Arc<VersionRecord>,
         tx: mpsc::UnboundedSender<Input>,
         forward: bool,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let (me, term, node) = (self.clone(), term.clone(), node.to_owned());
         let (service, rollout, timeout) =
             (engine.record().service.clone(), engine.record().id.clone(), engine.record().policy.apply_timeout);
@@ -1387,7 +1415,7 @@ impl Replica {
                 Input::Reverted { node, result: result.map(|_| ()) }
             };
             let _ = tx.send(input);
-        });
+        })
     }
 
     async fn address(&self, service: &str, node: &str, cache: &mut HashMap<String, String>) -> Option<String> {
@@ -1575,6 +1603,11 @@ impl Replica {
                     "",
                     &mut ops,
                 );
+                // The target runs everywhere again, whatever it ended as
+                // before (a version once rolled back can be returned to).
+                let target = self.version(service, rec.version).await?.filter(|v| v.state != VersionState::RolledOut);
+                let reason = format!("rolled out again by a rollback from version {}", rec.from_version);
+                set_state(target, VersionState::RolledOut, &reason, "", &mut ops);
                 meta.stable_version = rec.version;
                 meta.desired_version = rec.version;
             }

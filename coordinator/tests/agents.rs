@@ -31,6 +31,7 @@ fn push(version: u64, ttl: u32, token: u64) -> pb::ApplyRequest {
         node_id: String::new(), // set and signed by Agents
         signature: None,
         issued_at_ms: 0,
+        expires_at_ms: 0,
     }
 }
 

@@ -243,6 +243,19 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
     assert!(versions[0].reason.contains("by hand"), "{:?}", versions[0]);
     let st = client.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(st.stable_version, 1);
+
+    // And back to v2: it runs everywhere again, so it is no longer listed as
+    // ROLLED_BACK (the chaos suite's no_rolled_back checker found a cluster
+    // whose nodes all ran a version still marked so).
+    client.rollback(authed(pb::RollbackRequest { to_version: 2, ..Default::default() })).await.unwrap();
+    assert_eq!(wait_rollout_done(&c1, Duration::from_secs(20)).await.state, "SUCCEEDED");
+    for n in &nodes {
+        assert_eq!(n.version().await, 2);
+    }
+    let versions = client.list_versions(pb::ListVersionsRequest::default()).await.unwrap().into_inner().versions;
+    let states: Vec<(u64, &str)> = versions.iter().map(|v| (v.version, v.state.as_str())).collect();
+    assert_eq!(states, [(2, "ROLLED_OUT"), (1, "ROLLED_BACK")], "{versions:#?}");
+    assert!(versions[0].reason.contains("rolled out again"), "{:?}", versions[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,6 +87,7 @@ async fn a_paused_ex_leader_is_fenced_out_by_the_nodes() {
             node_id: String::new(),
             signature: None,
             issued_at_ms: 0,
+            expires_at_ms: 0,
         };
         let err = n.agent().await.apply(signed(stale, &n.id)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

@@ -110,6 +110,7 @@ impl From<PushError> for Status {
                 Status::failed_precondition(e.to_string())
             }
             PushError::Superseded { .. } => Status::aborted(e.to_string()),
+            PushError::Expired { .. } => Status::failed_precondition(e.to_string()),
             PushError::ShaMismatch { .. } | PushError::WrongService { .. } => Status::invalid_argument(e.to_string()),
             PushError::Persist(_) => Status::unavailable(e.to_string()),
         }
@@ -137,6 +138,7 @@ impl NodeAgentServiceImpl {
                 sequence: r.sequence,
                 cluster_id: r.cluster_id,
                 issued_at_ms: r.issued_at_ms,
+                expires_at_ms: r.expires_at_ms,
             })
             .await?;
         let live = node.config();

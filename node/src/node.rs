@@ -168,6 +168,17 @@ pub enum PushError {
         /// Highest sequence taken.
         latest: u64,
     },
+    /// The push arrived after its deadline: its pusher gave up on it and may
+    /// have moved on (another rollout). Fatal for this push only.
+    #[error(
+        "push expired: it arrived at {received_ms} ms, after its deadline {expires_at_ms} ms (its coordinator gave up on it; a clock skew between coordinator and node also shows this way)"
+    )]
+    Expired {
+        /// When it arrived.
+        received_ms: u64,
+        /// Its deadline.
+        expires_at_ms: u64,
+    },
     /// The content does not match its checksum.
     #[error("sha256 mismatch: push says {expected}, content hashes to {actual}")]
     ShaMismatch {
@@ -211,6 +222,10 @@ pub struct Push {
     /// When the pushing replica signed it (ms since the Unix epoch; 0:
     /// unknown). Recorded in the apply journal.
     pub issued_at_ms: u64,
+    /// When the pusher stops waiting for it (ms since the Unix epoch; 0: no
+    /// deadline). A push that arrives later is refused: its pusher already
+    /// counted it as failed and may have moved on.
+    pub expires_at_ms: u64,
 }
 
 /// Result of a dry-run validation.
@@ -502,7 +517,14 @@ impl Node {
                 issued_at_ms: push.issued_at_ms,
                 ..Default::default()
             };
-            let r = me.push_inner(push).await;
+            let r = match expired(&push, received_ms) {
+                Some(e) => {
+                    me.inner.metrics.errors_total.with_label_values(&["expired"]).inc();
+                    tracing::warn!(version = push.version, token = push.fencing_token, sequence = push.sequence, rollout = %push.rollout_id, error = %e, "refused push");
+                    Err(e)
+                }
+                None => me.push_inner(push).await,
+            };
             match &r {
                 Ok(report) => me.journal_report(entry, report),
                 Err(e) => me.journal(journal::Entry { outcome: "refused", detail: e.to_string(), ..entry }),
@@ -986,6 +1008,13 @@ pub fn fence(current: &Fencing, push: &Push) -> Result<Fencing, PushError> {
     })
 }
 
+/// The deadline rule, as a pure function: `Some` when `push`, arriving at
+/// `received_ms`, came too late.
+pub fn expired(push: &Push, received_ms: u64) -> Option<PushError> {
+    (push.expires_at_ms != 0 && received_ms > push.expires_at_ms)
+        .then_some(PushError::Expired { received_ms, expires_at_ms: push.expires_at_ms })
+}
+
 /// The adoption rule, as a pure function: the state after moving from
 /// cluster `from` to `to` (`None`: already there), or why not.
 pub fn adoption(current: &Fencing, from: &str, to: &str, token: u64) -> Result<Option<Fencing>, PushError> {
@@ -1073,11 +1102,22 @@ mod tests {
             sequence,
             cluster_id: cluster.into(),
             issued_at_ms: 0,
+            expires_at_ms: 0,
         }
     }
 
     fn state(cluster: &str, token: u64, sequence: u64) -> Fencing {
         Fencing { cluster_id: cluster.into(), token, sequence, retired_clusters: Vec::new() }
+    }
+
+    #[test]
+    fn a_push_arriving_after_its_deadline_expires() {
+        let p = Push { expires_at_ms: 10_000, ..push("c1", 1, 1) };
+        assert!(expired(&p, 9_999).is_none());
+        assert!(expired(&p, 10_000).is_none(), "the deadline itself is still in time");
+        assert!(matches!(expired(&p, 10_001), Some(PushError::Expired { received_ms: 10_001, expires_at_ms: 10_000 })));
+        // No deadline (an older coordinator): never expires.
+        assert!(expired(&push("c1", 1, 1), u64::MAX).is_none());
     }
 
     #[test]

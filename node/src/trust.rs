@@ -179,6 +179,14 @@ impl PushKey {
         r.signature = Some(self.sign(&apply_bytes(r)));
     }
 
+    /// Signs a push that the node must refuse if it arrives more than
+    /// `valid_for` from now (the caller's give-up time).
+    pub fn sign_apply_within(&self, r: &mut pb::ApplyRequest, valid_for: Duration) {
+        r.issued_at_ms = now_ms();
+        r.expires_at_ms = r.issued_at_ms + valid_for.as_millis() as u64;
+        r.signature = Some(self.sign(&apply_bytes(r)));
+    }
+
     /// Signs a dry run, stamping it with the current time.
     pub fn sign_validate(&self, r: &mut pb::ValidateRequest) {
         r.issued_at_ms = now_ms();
@@ -347,8 +355,8 @@ impl Canon {
 }
 
 fn apply_bytes(r: &pb::ApplyRequest) -> Vec<u8> {
-    Canon::new("confroll.v1.NodeAgent/Apply")
-        .str(&r.cluster_id)
+    let mut c = Canon::new("confroll.v1.NodeAgent/Apply");
+    c.str(&r.cluster_id)
         .str(&r.service)
         .str(&r.node_id)
         .u64(r.version)
@@ -356,8 +364,13 @@ fn apply_bytes(r: &pb::ApplyRequest) -> Vec<u8> {
         .u64(r.fencing_token)
         .u64(r.sequence)
         .str(&r.rollout_id)
-        .u64(r.issued_at_ms)
-        .done()
+        .u64(r.issued_at_ms);
+    // Appended only when set: a push of a coordinator from before deadlines
+    // (none) is signed over the bytes it always was.
+    if r.expires_at_ms != 0 {
+        c.u64(r.expires_at_ms);
+    }
+    c.done()
 }
 
 fn validate_bytes(r: &pb::ValidateRequest) -> Vec<u8> {
@@ -402,6 +415,7 @@ mod tests {
             node_id: node.into(),
             signature: None,
             issued_at_ms: 0,
+            expires_at_ms: 0,
         }
     }
 
@@ -436,6 +450,26 @@ mod tests {
             tamper(&mut t);
             assert_eq!(trust.verify_apply(&t.node_id.clone(), &t, false), Err(AuthError::BadSignature));
         }
+    }
+
+    #[test]
+    fn a_push_deadline_is_signed_and_a_push_without_one_verifies_as_before() {
+        let key = PushKey::generate();
+        let trust = TrustedKeys::of(&key);
+        let mut r = push("n1");
+        key.sign_apply_within(&mut r, Duration::from_secs(15));
+        assert_eq!(r.expires_at_ms, r.issued_at_ms + 15_000);
+        assert_eq!(trust.verify_apply("n1", &r, false), Ok(()));
+        // Stretching or removing the deadline breaks the signature.
+        for expires in [r.expires_at_ms + 60_000, 0] {
+            let t = pb::ApplyRequest { expires_at_ms: expires, ..r.clone() };
+            assert_eq!(trust.verify_apply("n1", &t, false), Err(AuthError::BadSignature), "expires {expires}");
+        }
+        // A coordinator from before deadlines signs the bytes it always did.
+        let mut legacy = push("n1");
+        key.sign_apply(&mut legacy);
+        assert_eq!(legacy.expires_at_ms, 0);
+        assert_eq!(trust.verify_apply("n1", &legacy, false), Ok(()));
     }
 
     #[test]

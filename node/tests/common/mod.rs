@@ -299,6 +299,7 @@ pub fn push(content: String, version: u64, token: u64) -> confroll_node::Push {
         sequence: 0,
         cluster_id: String::new(),
         issued_at_ms: 0,
+        expires_at_ms: 0,
     }
 }
 
@@ -342,5 +343,6 @@ pub fn apply_request(content: String, version: u64, token: u64) -> confroll_prot
         node_id: String::new(),
         signature: None,
         issued_at_ms: 0,
+        expires_at_ms: 0,
     }
 }
