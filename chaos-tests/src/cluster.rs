@@ -530,6 +530,23 @@ impl Cluster {
         wait_listening(&self.net, p, addr).await
     }
 
+    /// Stops Redis (SIGKILL).
+    pub fn stop_redis(&mut self) {
+        self.event("stop redis");
+        if let Some(p) = &mut self.redis {
+            p.kill();
+        }
+    }
+
+    /// Starts Redis again and waits until it listens.
+    pub async fn start_redis(&mut self) -> anyhow::Result<()> {
+        self.event("start redis");
+        let p = self.redis.as_mut().context("no redis in this cluster")?;
+        p.start()?;
+        let addr = SocketAddr::new(p.host.ip.into(), ports::REDIS);
+        wait_listening(&self.net, p, addr).await
+    }
+
     // ---- network faults ----
 
     fn host_of(&self, name: &str) -> Host {

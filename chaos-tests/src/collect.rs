@@ -167,3 +167,48 @@ pub async fn final_read(cl: &Cluster, bound: Duration) -> anyhow::Result<FinalRe
     let nodes = converge(cl, stable, &sha, healed + bound + Duration::from_secs(5)).await;
     Ok(FinalRead { service: "default".into(), versions, stable_version: stable, nodes })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_log_lines_become_leader_and_rollout_events() {
+        let log = [
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"elected leader","replica":"c2","token":7,"at_ms":100},"target":"x"}"#,
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"version stored; rollout starting","service":"default","version":3,"rollout":"default-ab","nodes":5,"at_ms":110},"target":"x"}"#,
+            "not json: a panic message, say",
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"some other line","at_ms":115},"target":"x"}"#,
+            r#"{"timestamp":"t","level":"INFO","fields":{"message":"rollout finished","service":"default","rollout":"default-ab","version":3,"outcome":"rolled_back","at_ms":120},"target":"x"}"#,
+            r#"{"timestamp":"t","level":"WARN","fields":{"message":"lost leadership; stepping down","replica":"c2","at_ms":130},"target":"x"}"#,
+        ]
+        .join("\n");
+        let (leaders, rollouts) = coordinator_events("c2", &log);
+        assert_eq!(
+            leaders,
+            [
+                LeaderEvent { replica: "c2".into(), at_ms: 100, kind: LeaderEventKind::Elected { token: 7 } },
+                LeaderEvent { replica: "c2".into(), at_ms: 130, kind: LeaderEventKind::SteppedDown },
+            ]
+        );
+        let kinds: Vec<(&str, u64, &str)> =
+            rollouts.iter().map(|r| (r.kind.as_str(), r.at_ms, r.outcome.as_str())).collect();
+        assert_eq!(kinds, [("started", 110, ""), ("finished", 120, "ROLLED_BACK")]);
+        assert!(rollouts.iter().all(|r| r.rollout_id == "default-ab" && r.version == 3 && r.service == "default"));
+    }
+
+    #[test]
+    fn a_journal_is_read_rotated_file_first_and_torn_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |v: u64| {
+            format!(
+                r#"{{"at_ms":{v},"trigger":"push","version":{v},"sha256":"ab","outcome":"applied","detail":""}}"#
+            )
+        };
+        std::fs::write(dir.path().join("applies.jsonl.1"), format!("{}\n", line(1))).unwrap();
+        std::fs::write(dir.path().join("applies.jsonl"), format!("{}\n{}\n{{\"at_ms\":", line(2), line(3))).unwrap();
+        let j = journal(dir.path(), "n4");
+        assert_eq!(j.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(j.iter().all(|e| e.node == "n4"), "the node is filled in from where the journal is");
+    }
+}

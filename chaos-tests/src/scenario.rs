@@ -96,6 +96,9 @@ pub async fn settle(cl: &mut Cluster) -> anyhow::Result<()> {
     if cl.pg.as_mut().is_some_and(|p| !p.running()) {
         cl.start_pg().await?;
     }
+    if cl.redis.as_mut().is_some_and(|p| !p.running()) {
+        cl.start_redis().await?;
+    }
     for i in 0..cl.coords.len() {
         if !cl.coords[i].running() {
             cl.restart_coord(i).await?;

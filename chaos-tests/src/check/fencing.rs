@@ -16,13 +16,17 @@
 //!    is in time order): the fencing token never goes below a token that
 //!    node accepted earlier.
 //! 2. A push under token `t` must not be received after the first election
-//!    of any token greater than `t`. The product guarantees this, rather
-//!    than merely "tokens go up at each node", because a push is only valid
-//!    until its leader's lease deadline, which ends before any other replica
-//!    can be elected: a node refuses a push it receives after the push's
-//!    deadline. So even a node that never heard of the new term must not
-//!    take a push from the old one once the new term has begun, however
-//!    long that push was in flight.
+//!    of any token greater than `t`, even by a node that never heard of the
+//!    new term. What makes it hold: a leader stops pushing as soon as it
+//!    cannot renew its lease for half the TTL (raft: a quarter), while a
+//!    successor can only be elected once the whole TTL has run out; and a
+//!    push carries a signed deadline (when its leader gives up on it) that
+//!    the node enforces, so a push cannot linger in the network for longer.
+//!    The window left is a leader frozen (SIGSTOP, a VM pause) between its
+//!    last lease check and the write of a push, for longer than the lease:
+//!    the push then arrives within its deadline but after the new election.
+//!    This rule is there to catch it (see docs/security.md, "Not covered
+//!    yet").
 //!
 //! Trusts: the nodes' journals (what was accepted, when it was received,
 //! under which token) and the coordinators' `Elected` log lines (when each
