@@ -201,9 +201,7 @@ mod tests {
     fn a_journal_is_read_rotated_file_first_and_torn_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let line = |v: u64| {
-            format!(
-                r#"{{"at_ms":{v},"trigger":"push","version":{v},"sha256":"ab","outcome":"applied","detail":""}}"#
-            )
+            format!(r#"{{"at_ms":{v},"trigger":"push","version":{v},"sha256":"ab","outcome":"applied","detail":""}}"#)
         };
         std::fs::write(dir.path().join("applies.jsonl.1"), format!("{}\n", line(1))).unwrap();
         std::fs::write(dir.path().join("applies.jsonl"), format!("{}\n{}\n{{\"at_ms\":", line(2), line(3))).unwrap();
