@@ -56,6 +56,34 @@ impl Store {
     }
 }
 
+/// The kinds of process a cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A coordinator replica.
+    Coordinator,
+    /// A node.
+    Node,
+    /// An etcd member.
+    Etcd,
+    /// PostgreSQL.
+    Postgres,
+    /// Redis.
+    Redis,
+}
+
+impl Role {
+    /// The port that says it is up.
+    pub fn port(self) -> u16 {
+        match self {
+            Role::Coordinator => ports::COORD,
+            Role::Node => ports::NODE_HTTP,
+            Role::Etcd => ports::ETCD,
+            Role::Postgres => ports::PG,
+            Role::Redis => ports::REDIS,
+        }
+    }
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -439,18 +467,38 @@ impl Cluster {
 
     // ---- process faults ----
 
-    /// SIGKILLs coordinator `i`.
-    pub fn kill_coord(&mut self, i: usize) {
-        self.event(format!("kill {}", self.coords[i].name));
-        self.coords[i].kill();
+    /// Process `i` of `role` (`i` is 0 for PostgreSQL and Redis).
+    fn proc_mut(&mut self, role: Role, i: usize) -> anyhow::Result<&mut Proc> {
+        let p = match role {
+            Role::Coordinator => self.coords.get_mut(i),
+            Role::Node => self.nodes.get_mut(i),
+            Role::Etcd => self.etcd.get_mut(i),
+            Role::Postgres => self.pg.as_mut(),
+            Role::Redis => self.redis.as_mut(),
+        };
+        p.with_context(|| format!("this cluster has no {role:?} #{i}"))
     }
 
-    /// Restarts coordinator `i` (same data dir) and waits until it listens.
-    pub async fn restart_coord(&mut self, i: usize) -> anyhow::Result<()> {
-        self.event(format!("restart {}", self.coords[i].name));
-        self.coords[i].restart()?;
-        let addr = SocketAddr::new(self.coords[i].host.ip.into(), ports::COORD);
-        wait_listening(&self.net, &mut self.coords[i], addr).await
+    /// SIGKILLs process `i` of `role` (a crash: no shutdown of any kind).
+    pub fn kill(&mut self, role: Role, i: usize) {
+        let Ok(name) = self.proc_mut(role, i).map(|p| p.name.clone()) else { return };
+        self.event(format!("kill {name}"));
+        if let Ok(p) = self.proc_mut(role, i) {
+            p.kill();
+        }
+    }
+
+    /// Starts process `i` of `role` again (after a kill: the same command,
+    /// data dir and address; a running one is killed first) and waits until
+    /// it listens.
+    pub async fn restart(&mut self, role: Role, i: usize) -> anyhow::Result<()> {
+        let what = format!("restart {}", self.proc_mut(role, i)?.name);
+        self.event(what);
+        let net = self.net.clone();
+        let p = self.proc_mut(role, i)?;
+        p.restart()?;
+        let addr = SocketAddr::new(p.host.ip.into(), role.port());
+        wait_listening(&net, p, addr).await
     }
 
     /// SIGSTOPs coordinator `i`.
@@ -465,32 +513,34 @@ impl Cluster {
         self.coords[i].resume()
     }
 
+    /// SIGKILLs coordinator `i`.
+    pub fn kill_coord(&mut self, i: usize) {
+        self.kill(Role::Coordinator, i);
+    }
+
+    /// Restarts coordinator `i` (same data dir) and waits until it listens.
+    pub async fn restart_coord(&mut self, i: usize) -> anyhow::Result<()> {
+        self.restart(Role::Coordinator, i).await
+    }
+
     /// SIGKILLs node `i`.
     pub fn kill_node(&mut self, i: usize) {
-        self.event(format!("kill {}", self.nodes[i].name));
-        self.nodes[i].kill();
+        self.kill(Role::Node, i);
     }
 
     /// Restarts node `i` (same state dir) and waits until it listens.
     pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
-        self.event(format!("restart {}", self.nodes[i].name));
-        self.nodes[i].restart()?;
-        let addr = SocketAddr::new(self.nodes[i].host.ip.into(), ports::NODE_HTTP);
-        wait_listening(&self.net, &mut self.nodes[i], addr).await
+        self.restart(Role::Node, i).await
     }
 
     /// SIGKILLs etcd member `i`.
     pub fn kill_etcd(&mut self, i: usize) {
-        self.event(format!("kill {}", self.etcd[i].name));
-        self.etcd[i].kill();
+        self.kill(Role::Etcd, i);
     }
 
     /// Restarts etcd member `i` on its data dir.
     pub async fn restart_etcd(&mut self, i: usize) -> anyhow::Result<()> {
-        self.event(format!("restart {}", self.etcd[i].name));
-        self.etcd[i].restart()?;
-        let addr = SocketAddr::new(self.etcd[i].host.ip.into(), ports::ETCD);
-        wait_listening(&self.net, &mut self.etcd[i], addr).await
+        self.restart(Role::Etcd, i).await
     }
 
     /// The index of the etcd member that leads the etcd cluster.
@@ -515,36 +565,22 @@ impl Cluster {
 
     /// Stops PostgreSQL (SIGKILL: the server is gone, as in a crash).
     pub fn stop_pg(&mut self) {
-        self.event("stop postgresql");
-        if let Some(p) = &mut self.pg {
-            p.kill();
-        }
+        self.kill(Role::Postgres, 0);
     }
 
     /// Starts PostgreSQL again and waits until it listens.
     pub async fn start_pg(&mut self) -> anyhow::Result<()> {
-        self.event("start postgresql");
-        let p = self.pg.as_mut().context("no postgresql in this cluster")?;
-        p.start()?;
-        let addr = SocketAddr::new(p.host.ip.into(), ports::PG);
-        wait_listening(&self.net, p, addr).await
+        self.restart(Role::Postgres, 0).await
     }
 
     /// Stops Redis (SIGKILL).
     pub fn stop_redis(&mut self) {
-        self.event("stop redis");
-        if let Some(p) = &mut self.redis {
-            p.kill();
-        }
+        self.kill(Role::Redis, 0);
     }
 
     /// Starts Redis again and waits until it listens.
     pub async fn start_redis(&mut self) -> anyhow::Result<()> {
-        self.event("start redis");
-        let p = self.redis.as_mut().context("no redis in this cluster")?;
-        p.start()?;
-        let addr = SocketAddr::new(p.host.ip.into(), ports::REDIS);
-        wait_listening(&self.net, p, addr).await
+        self.restart(Role::Redis, 0).await
     }
 
     // ---- network faults ----

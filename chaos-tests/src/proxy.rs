@@ -457,7 +457,10 @@ mod tests {
         round_trip(&mut s, b"ping").await;
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(400), "round trip took only {took:?}");
-        assert!(took < Duration::from_millis(1500), "round trip took {took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "round trip took {took:?}: is the delay applied more than once each way?"
+        );
     }
 
     #[tokio::test]
@@ -484,7 +487,8 @@ mod tests {
             assert!(chunk.iter().all(|&b| usize::from(b) == i), "chunk {i} corrupted or reordered");
         }
         assert!(took >= Duration::from_millis(200), "100 chunks took only {took:?}");
-        assert!(took < Duration::from_secs(2), "100 chunks took {took:?}: delay is serialising chunks");
+        // Serialised, 100 chunks would take 10 s.
+        assert!(took < Duration::from_secs(5), "100 chunks took {took:?}: delay is serialising chunks");
     }
 
     #[tokio::test]
