@@ -2,8 +2,10 @@
 # Runs every test against real servers: installs what is missing, starts a
 # throwaway PostgreSQL and Redis on free loopback ports, runs the workspace's
 # tests (the coordinator suites against etcd; tests/recovery.rs picks its
-# stores itself), then the coordinator suites again on the embedded raft
-# store, and stops and deletes both whatever happens.
+# stores itself; the chaos suite's CI set, every scenario once, in network
+# namespaces: reported ignored without root), then the coordinator suites
+# again on the embedded raft store, and stops and deletes both whatever
+# happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
