@@ -39,6 +39,9 @@ pub const PREFIX: &str = "crf-";
 /// The subnet every run uses inside its own namespaces (never outside them).
 pub const SUBNET: [u8; 3] = [10, 77, 0];
 
+/// The marker file of a run dir kept as evidence (sweeps leave it).
+pub const KEPT: &str = "KEPT";
+
 /// Where runs keep their temp dirs: `<base>/<pid>-<n>`.
 pub fn base_dir() -> PathBuf {
     std::env::temp_dir().join("confroll-chaos")
@@ -143,7 +146,8 @@ pub fn sweep() -> usize {
     if let Ok(dirs) = fs::read_dir(base_dir()) {
         for d in dirs.flatten() {
             let name = format!("{PREFIX}{}", d.file_name().to_string_lossy());
-            if dead_owner(&name) {
+            // A failed run's evidence stays until someone removes it.
+            if dead_owner(&name) && !d.path().join(KEPT).exists() {
                 let _ = fs::remove_dir_all(d.path());
                 removed += 1;
             }
@@ -254,9 +258,11 @@ impl Net {
         &self.dir
     }
 
-    /// Keeps the temp dir when the run ends (a failed scenario's evidence).
+    /// Keeps the temp dir when the run ends (a failed scenario's evidence),
+    /// and marks it so that no later sweep removes it.
     pub fn keep_dir(&self) {
         self.keep_dir.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = fs::write(self.dir.join(KEPT), "evidence of a failed run: remove by hand when done\n");
     }
 
     /// The hub's address on the bridge.

@@ -63,6 +63,7 @@ fn main() {
         ("slow_link_and_blackholed_rollback", both(), body!(slow_link_and_blackholed_rollback)),
         ("rollback_while_leadership_moves", both(), body!(rollback_while_leadership_moves)),
         ("abort_while_a_push_is_on_its_way", both(), body!(abort_while_a_push_is_on_its_way)),
+        ("leader_woken_after_its_lease_pushes_nothing", both(), body!(leader_woken_after_its_lease_pushes_nothing)),
     ];
     let mut trials = Vec::new();
     for (k, (name, stores, f)) in all.into_iter().enumerate() {
@@ -370,4 +371,37 @@ async fn abort_while_a_push_is_on_its_way(store: Store) -> anyhow::Result<Verdic
     anyhow::ensure!(done.state == "SUCCEEDED", "the next rollout must succeed on slow links: {done:?}");
     cl.heal()?;
     scenario::finish(cl, "abort_while_a_push_is_on_its_way", readers).await
+}
+
+/// Found by the randomised mode (raft, seed 10324905216773371355): the
+/// leader is SIGSTOPped while its canary stage bakes, past its lease; a new
+/// leader resumes the rollout and starts the bake again; the old one wakes
+/// with its own bake long over and, before it notices it was deposed,
+/// promotes and pushes the next stage to nodes the new leader has not
+/// reached yet, which take it (their highest token is still the old one).
+/// Here the old leader also wakes cut off from the store (it still reaches
+/// every node), so nothing tells it at once that it was deposed.
+async fn leader_woken_after_its_lease_pushes_nothing(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "2s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    let old = cl.leader(STAGE_WAIT).await?;
+    cl.pause_coord(old)?;
+    let name = cl.coords[old].name.clone();
+    let store_hosts: Vec<String> = match store {
+        Store::Etcd => cl.etcd.iter().map(|e| e.host.name.clone()).collect(),
+        Store::Raft => cl.coords.iter().filter(|c| c.name != name).map(|c| c.name.clone()).collect(),
+    };
+    for h in &store_hosts {
+        cl.cut(&name, h)?;
+    }
+    let n = name.clone();
+    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != n).then_some(())).await?;
+    // The new leader re-pushes the canary and bakes 2 s again; wake the old
+    // one inside that bake, its own long over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cl.resume_coord(old)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cl.heal()?;
+    scenario::finish(cl, "leader_woken_after_its_lease_pushes_nothing", readers).await
 }

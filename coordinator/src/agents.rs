@@ -49,6 +49,10 @@ pub enum AgentError {
     /// The node answered with an error (stale token, bad checksum, …).
     #[error("node refused: {0}")]
     Refused(String),
+    /// Not sent: the caller's lease no longer surely holds (it may have been
+    /// deposed while it waited). Fatal for this push.
+    #[error("not sent: this replica's leadership is no longer confirmed")]
+    NotLeading,
 }
 
 /// An open `ApplyStream` to one node.
@@ -190,11 +194,28 @@ impl Agents {
         &self,
         node: &str,
         address: &str,
+        req: pb::ApplyRequest,
+        timeout: Duration,
+    ) -> Result<pb::ApplyResponse, AgentError> {
+        self.apply_while(node, address, req, timeout, &|| true).await
+    }
+
+    /// [`Agents::apply`], sent only if `leading()` still says so once the
+    /// node's turn has come (the wait for it can be long): a leader's pushes
+    /// never leave after its lease is in doubt.
+    pub async fn apply_while(
+        &self,
+        node: &str,
+        address: &str,
         mut req: pb::ApplyRequest,
         timeout: Duration,
+        leading: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<pb::ApplyResponse, AgentError> {
         let slot = self.slot(node);
         let mut slot = slot.lock().await;
+        if !leading() {
+            return Err(AgentError::NotLeading);
+        }
         let deadline = Instant::now() + timeout;
         if req.sequence == 0 {
             req.sequence = self.next_sequence();

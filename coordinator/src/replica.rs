@@ -610,7 +610,7 @@ impl Replica {
         sequence: u64,
         timeout: Duration,
     ) -> Result<Applied, String> {
-        if term.lost.is_cancelled() {
+        if !self.lease_confirmed(term, timeout).await {
             return Err("leadership lost: not pushing".into());
         }
         let Some(cluster) = self.inner.cluster.load_full() else {
@@ -632,7 +632,9 @@ impl Replica {
             // Set (and signed) by `Agents::apply`: when it gives up.
             expires_at_ms: 0,
         };
-        match self.inner.agents.apply(node, address, req, timeout).await {
+        let (store, t) = (self.inner.store.clone(), term.clone());
+        let leading = move || store.lease_holds(&t);
+        match self.inner.agents.apply_while(node, address, req, timeout, &leading).await {
             // `unchanged`: the node already ran it, so no health phase ran.
             Ok(r) if r.applied && r.report.as_ref().is_some_and(|r| r.status == "unchanged") => {
                 Ok(Applied::AlreadyRunning)
@@ -642,6 +644,30 @@ impl Replica {
                 Err(r.report.map(|r| format!("{}: {}", r.status, r.error)).unwrap_or_else(|| "not applied".into()))
             }
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Waits (up to `within`) until `term`'s lease surely holds now; `false`
+    /// once the term is lost or `within` passed. Right after a freeze
+    /// (SIGSTOP, a VM pause) the lease is in doubt until the store's
+    /// background task renews it, or finds it lost; a push waits for that
+    /// instead of going out on an old belief.
+    async fn lease_confirmed(&self, term: &Term, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if term.lost.is_cancelled() {
+                return false;
+            }
+            if self.inner.store.lease_holds(term) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::select! {
+                _ = term.lost.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
         }
     }
 

@@ -15,7 +15,10 @@
 //! * Watches: resumed from the last seen revision + 1 after a disconnect; a
 //!   compaction or cancellation is reported as [`WatchEvent::Reset`].
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
@@ -24,7 +27,8 @@ use etcd_client::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Cond, Entry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent, WatchStream,
+    Cond, Entry, Fence, LeaseDeadline, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent,
+    WatchStream,
 };
 
 const ELECTION: &str = "/confroll/election";
@@ -70,7 +74,7 @@ impl EtcdStore {
     /// fires `lost` once half the granted TTL has passed since the last
     /// keep-alive that etcd acknowledged (measured from when it was sent), so
     /// the leader stops acting well before etcd can expire the lease.
-    fn keep_alive(&self, lease: i64, granted: Duration, lost: CancellationToken) {
+    fn keep_alive(&self, lease: i64, granted: Duration, lost: CancellationToken, holds: Arc<LeaseDeadline>) {
         let mut client = self.streams.clone();
         tokio::spawn(async move {
             let step_down_after = granted / 2;
@@ -88,7 +92,10 @@ impl EtcdStore {
                 };
                 let left = step_down_after.saturating_sub(last_ok.elapsed()).max(Duration::from_millis(10));
                 match tokio::time::timeout(left.min(granted / 3), attempt).await {
-                    Ok(Ok(Some(t))) if t > 0 => last_ok = sent,
+                    Ok(Ok(Some(t))) if t > 0 => {
+                        last_ok = sent;
+                        holds.extend_to(sent + step_down_after);
+                    }
                     Ok(Ok(Some(_))) => {
                         tracing::warn!(lease, "leader lease expired");
                         lost.cancel();
@@ -127,7 +134,7 @@ impl EtcdStore {
 /// The leader key and lease of a term won on etcd.
 fn etcd_term(term: &Term) -> Result<(&[u8], i64), StoreError> {
     match &term.handle {
-        TermHandle::Etcd { key, lease } => Ok((key, *lease)),
+        TermHandle::Etcd { key, lease, .. } => Ok((key, *lease)),
         TermHandle::Raft => Err(StoreError::FencedOut("a term of another backend".into())),
     }
 }
@@ -149,10 +156,13 @@ impl Store for EtcdStore {
     async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
         let value = serde_json::to_vec(me).expect("member serializes");
         loop {
+            let asked = Instant::now();
             let g = self.c().lease_grant(self.ttl.as_secs() as i64, None).await.map_err(unavailable)?;
             let (lease, granted) = (g.id(), Duration::from_secs(g.ttl().max(1) as u64));
             let lost = CancellationToken::new();
-            self.keep_alive(lease, granted, lost.clone());
+            let holds = Arc::new(LeaseDeadline::new());
+            holds.extend_to(asked + granted / 2);
+            self.keep_alive(lease, granted, lost.clone(), holds.clone());
             let mut client = self.streams.clone();
             // `None`: the lease died while we waited; start over with a new one.
             let outcome = tokio::select! {
@@ -164,7 +174,7 @@ impl Store for EtcdStore {
                             return Ok(Some(Term {
                                 token: key.rev() as u64,
                                 lost,
-                                handle: TermHandle::Etcd { key: key.key().to_vec(), lease },
+                                handle: TermHandle::Etcd { key: key.key().to_vec(), lease, holds_until: holds },
                             }));
                         }
                         None => Some(Err(StoreError::Unavailable("campaign answered no leader key".into()))),
@@ -178,6 +188,13 @@ impl Store for EtcdStore {
             if let Some(r) = outcome {
                 return r;
             }
+        }
+    }
+
+    fn lease_holds(&self, term: &Term) -> bool {
+        match &term.handle {
+            TermHandle::Etcd { holds_until, .. } => !term.lost.is_cancelled() && holds_until.holds(),
+            TermHandle::Raft => false,
         }
     }
 

@@ -65,6 +65,33 @@ pub struct Term {
     pub(crate) handle: TermHandle,
 }
 
+/// Until when a lease surely holds, on the monotonic clock (which keeps
+/// counting while the process is stopped): set at each renewal the store
+/// acknowledged, to when the request was *sent* plus the part of the TTL
+/// after which the leader steps down.
+#[derive(Debug)]
+pub(crate) struct LeaseDeadline {
+    epoch: std::time::Instant,
+    until_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LeaseDeadline {
+    pub(crate) fn new() -> Self {
+        Self { epoch: std::time::Instant::now(), until_ms: 0.into() }
+    }
+
+    /// The lease holds until `t`.
+    pub(crate) fn extend_to(&self, t: std::time::Instant) {
+        let ms = t.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.until_ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the lease holds now.
+    pub(crate) fn holds(&self) -> bool {
+        (self.epoch.elapsed().as_millis() as u64) < self.until_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Backend-specific part of a [`Term`].
 #[derive(Debug, Clone)]
 pub(crate) enum TermHandle {
@@ -74,6 +101,8 @@ pub(crate) enum TermHandle {
         key: Vec<u8>,
         /// Lease id.
         lease: i64,
+        /// Until when the lease surely holds (see [`LeaseDeadline`]).
+        holds_until: std::sync::Arc<LeaseDeadline>,
     },
     /// raft: the token (the `Lead` entry's index) says it all.
     Raft,
@@ -181,6 +210,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives leadership up at once (SIGTERM: immediate handover).
     async fn resign(&self, term: &Term) -> Result<(), StoreError>;
+
+    /// Whether `term`'s lease is known to hold *now*, by this replica's own
+    /// clock: not lost, and renewed recently enough that no successor can
+    /// have been elected. `Term::lost` fires when a background task notices
+    /// the loss; this answers at once, so a replica that was frozen (SIGSTOP,
+    /// a VM pause) past its lease does not act on its old belief in the
+    /// moment between waking up and noticing. Check it right before acting
+    /// outside the store (a push), where no fence protects the act.
+    fn lease_holds(&self, term: &Term) -> bool {
+        !term.lost.is_cancelled()
+    }
 
     /// The current leader, if any.
     async fn leader(&self) -> Result<Option<Member>, StoreError>;

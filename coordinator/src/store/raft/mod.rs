@@ -540,6 +540,13 @@ impl Store for RaftStore {
         }
     }
 
+    fn lease_holds(&self, term: &Term) -> bool {
+        !term.lost.is_cancelled()
+            && matches!(term.handle, TermHandle::Raft)
+            && self.leader_lease_holds()
+            && self.shared.state.read().expect("state").sm.term_token() == Some(term.token)
+    }
+
     async fn resign(&self, term: &Term) -> Result<(), StoreError> {
         let r = write_local(&self.raft, Command::Resign { term_token: term.token }).await;
         term.lost.cancel();
