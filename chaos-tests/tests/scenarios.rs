@@ -64,6 +64,7 @@ fn main() {
         ("rollback_while_leadership_moves", both(), body!(rollback_while_leadership_moves)),
         ("abort_while_a_push_is_on_its_way", both(), body!(abort_while_a_push_is_on_its_way)),
         ("leader_woken_after_its_lease_pushes_nothing", both(), body!(leader_woken_after_its_lease_pushes_nothing)),
+        ("promotion_lost_with_its_leader", vec![Store::Etcd, Store::Raft], body!(promotion_lost_with_its_leader)),
     ];
     let mut trials = Vec::new();
     for (k, (name, stores, f)) in all.into_iter().enumerate() {
@@ -404,4 +405,37 @@ async fn leader_woken_after_its_lease_pushes_nothing(store: Store) -> anyhow::Re
     tokio::time::sleep(Duration::from_secs(3)).await;
     cl.heal()?;
     scenario::finish(cl, "leader_woken_after_its_lease_pushes_nothing", readers).await
+}
+
+/// Found by the randomised mode (etcd, seed of run 10 in the 2026-12-01
+/// 18:00 run): a leader promoted its rollout and pushed the next stage, then
+/// lost the store before the promotion was written; its successor resumed
+/// at the earlier stage, which failed there, so a version recorded as
+/// failing in a 3-node stage had reached all 5 nodes. Here the leader is cut
+/// from the store while stage 2 (3 nodes) bakes, so it promotes with no way
+/// to record it; then the canary goes dark, so the resumed stage fails.
+async fn promotion_lost_with_its_leader(store: Store) -> anyhow::Result<Verdict> {
+    use confroll_proto::v1::RolloutPolicy;
+    let (cl, readers) = started(Options::new(store)).await?;
+    let policy = RolloutPolicy { bake: Some("600ms".into()), apply_timeout: Some("1s".into()), ..Default::default() };
+    let r = cl.submit_with(0, 0, &lite(32), policy).await;
+    anyhow::ensure!(matches!(r, confroll_chaos::records::OpResult::Ok { .. }), "submit refused: {r:?}");
+    let order = cl.wait_stage(1, 3, STAGE_WAIT).await?;
+    let old = cl.leader(STAGE_WAIT).await?;
+    let name = cl.coords[old].name.clone();
+    let store_hosts: Vec<String> = match store {
+        Store::Etcd => cl.etcd.iter().map(|e| e.host.name.clone()).collect(),
+        Store::Raft => cl.coords.iter().filter(|c| c.name != name).map(|c| c.name.clone()).collect(),
+    };
+    for h in &store_hosts {
+        cl.cut(&name, h)?;
+    }
+    // The bake ends while the leader still believes in its lease.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cl.isolate(&order[0])?;
+    let n = name.clone();
+    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != n).then_some(())).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cl.heal()?;
+    scenario::finish(cl, "promotion_lost_with_its_leader", readers).await
 }

@@ -1285,6 +1285,12 @@ impl Replica {
         // finished (and the lock released) only once each has answered or
         // given up, so none of them can land after the next rollout starts.
         let mut in_flight: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        // The record that first said the current stage (0: the first stage,
+        // durable with the version). A stage's nodes are pushed only once it
+        // is written: a leader that dies right after a promotion must not
+        // leave nodes on the version beyond the stage its successor resumes
+        // (and may fail) at.
+        let (mut stage_seen, mut stage_record) = (engine.record().stage, 0u64);
         loop {
             for action in std::mem::take(&mut actions) {
                 match action {
@@ -1296,6 +1302,9 @@ impl Replica {
                         let r = engine.record();
                         metrics.rollout_stage.with_label_values(&[&service]).set(r.stage as i64);
                         issued += 1;
+                        if r.stage != stage_seen {
+                            (stage_seen, stage_record) = (r.stage, issued);
+                        }
                         let _ = records.send(Some((issued, Arc::new(r.clone()))));
                     }
                     Action::Push(node) | Action::Revert(node) if term.lost.is_cancelled() => {
@@ -1304,13 +1313,16 @@ impl Replica {
                     }
                     Action::Push(node) => {
                         // Wait for a write only when no written record lists
-                        // the node; stop at once when a write failed for good
-                        // (nothing pushed from then on could be persisted).
-                        let must_wait = {
+                        // the node or says its stage; stop at once when a
+                        // write failed for good (nothing pushed from then on
+                        // could be persisted).
+                        let (must_wait, upto) = {
                             let d = written.borrow();
-                            d.failed.is_some() || (d.generation == 0 && !durable.contains(&node))
+                            let listed = d.generation > 0 || durable.contains(&node);
+                            let staged = d.generation >= stage_record;
+                            (d.failed.is_some() || !listed || !staged, if listed { stage_record } else { issued })
                         };
-                        if must_wait && let Err(e) = Self::written_up_to(&written, issued).await {
+                        if must_wait && let Err(e) = Self::written_up_to(&written, upto.max(1).min(issued)).await {
                             tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
                             return;
                         }
