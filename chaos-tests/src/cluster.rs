@@ -101,6 +101,8 @@ pub struct Options {
     pub bake: Duration,
     /// Stages.
     pub stages: String,
+    /// Where the coordinator and node binaries are (default: [`bin_dir`]).
+    pub bins: Option<PathBuf>,
 }
 
 impl Options {
@@ -115,6 +117,7 @@ impl Options {
             lease_ttl: Duration::from_secs(2),
             bake: Duration::from_millis(300),
             stages: "1,50%,100%".into(),
+            bins: None,
         }
     }
 }
@@ -203,13 +206,15 @@ impl Cluster {
     /// Starts everything and waits until every node is registered and some
     /// replica leads.
     pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
-        ensure_binaries()?;
+        if opts.bins.is_none() {
+            ensure_binaries()?;
+        }
         let net = Net::new()?;
         let dir = net.dir().to_path_buf();
         let key = confroll_node::trust::PushKey::generate();
         std::fs::write(dir.join("push.key"), key.to_pem())?;
         std::fs::write(dir.join("push.pub"), key.public_pem())?;
-        let bins = bin_dir();
+        let bins = opts.bins.clone().unwrap_or_else(bin_dir);
 
         let mut pg = None;
         let mut redis = None;

@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("chaos needs network namespaces: {why}");
     }
     let store = Store::parse(&cli.store)?;
+    let bins = snapshot_binaries()?;
     let seed = cli.seed.unwrap_or_else(rand::random);
     tracing::info!(seed, store = store.as_str(), duration = ?cli.duration, "chaos starting (rerun with --seed {seed})");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -85,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         let run_seed: u64 = rng.random();
         let length =
             cli.run_length.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_secs(20));
-        let out = one_run(store, run_seed, length).await;
+        let out = one_run(store, &bins, run_seed, length).await;
         runs += 1;
         match out {
             Ok((f, verdict)) => {
@@ -106,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&bins);
     writeln!(
         std::io::stdout(),
         "seed={seed} store={} runs={runs} faults={faults} ops={ops} violations={violations}",
@@ -119,9 +121,14 @@ async fn main() -> anyhow::Result<()> {
 
 /// One cluster, `length` of traffic and faults from `seed`, then the checks.
 /// The number of faults injected and the verdict.
-async fn one_run(store: Store, seed: u64, length: Duration) -> anyhow::Result<(u64, scenario::Verdict)> {
+async fn one_run(
+    store: Store,
+    bins: &std::path::Path,
+    seed: u64,
+    length: Duration,
+) -> anyhow::Result<(u64, scenario::Verdict)> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cl = Cluster::start(Options::new(store)).await?;
+    let mut cl = Cluster::start(Options { bins: Some(bins.to_owned()), ..Options::new(store) }).await?;
     let readers = Readers::start(&cl, Duration::from_millis(250));
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = spawn_traffic(&cl, rng.random(), stop.clone());
@@ -256,6 +263,19 @@ async fn inject(cl: &mut Cluster, rng: &mut StdRng) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Copies the coordinator and node binaries aside, so that a rebuild during
+/// a long run cannot swap them (or make them vanish) under it.
+fn snapshot_binaries() -> anyhow::Result<std::path::PathBuf> {
+    confroll_chaos::cluster::ensure_binaries()?;
+    let from = confroll_chaos::cluster::bin_dir();
+    let to = netns::base_dir().join(format!("bins-{}", std::process::id()));
+    std::fs::create_dir_all(&to)?;
+    for b in ["confroll-coordinator", "confroll-node"] {
+        std::fs::copy(from.join(b), to.join(b))?;
+    }
+    Ok(to)
 }
 
 /// For the cleanup tests: a network with two hosts running `sleep`.
