@@ -464,6 +464,12 @@ impl Cluster {
             .await
     }
 
+    /// Waits until some replica names a leader other than `old`.
+    pub async fn wait_new_leader(&self, old: &str, within: Duration) -> anyhow::Result<()> {
+        let old = old.to_owned();
+        self.poll(within, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != old).then_some(())).await
+    }
+
     /// The current leader's index, waiting for one.
     pub async fn leader(&self, within: Duration) -> anyhow::Result<usize> {
         let name = self.poll(within, "a leader", |s| (!s.leader_id.is_empty()).then(|| s.leader_id.clone())).await?;
@@ -604,6 +610,20 @@ impl Cluster {
     pub fn cut_one_way(&self, from: &str, to: &str) -> anyhow::Result<()> {
         self.event(format!("cut {from} -> {to}"));
         faults::cut_one_way(&self.host_of(from), &self.host_of(to))
+    }
+
+    /// Cuts coordinator `coord` off its store: every etcd member, or (raft)
+    /// the other replicas. It still reaches the nodes.
+    pub fn cut_from_store(&self, coord: &str) -> anyhow::Result<()> {
+        let store: Vec<String> = if self.etcd.is_empty() {
+            self.coords.iter().filter(|c| c.name != coord).map(|c| c.name.clone()).collect()
+        } else {
+            self.etcd.iter().map(|e| e.host.name.clone()).collect()
+        };
+        for h in &store {
+            self.cut(coord, h)?;
+        }
+        Ok(())
     }
 
     /// Cuts `host` off everything.

@@ -112,9 +112,7 @@ async fn leader_paused_past_its_lease(store: Store) -> anyhow::Result<Verdict> {
     cl.wait_stage(0, 1, STAGE_WAIT).await?;
     let old = cl.leader(STAGE_WAIT).await?;
     cl.pause_coord(old)?;
-    let name = cl.coords[old].name.clone();
-    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != name).then_some(()))
-        .await?;
+    cl.wait_new_leader(&cl.coords[old].name, STAGE_WAIT).await?;
     tokio::time::sleep(cl.opts.lease_ttl * 2).await;
     cl.resume_coord(old)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -129,18 +127,9 @@ async fn leader_cut_from_store(store: Store) -> anyhow::Result<Verdict> {
     cl.wait_stage(0, 1, STAGE_WAIT).await?;
     let old = cl.leader(STAGE_WAIT).await?;
     let name = cl.coords[old].name.clone();
-    let store_hosts: Vec<String> = match store {
-        Store::Etcd => cl.etcd.iter().map(|e| e.host.name.clone()).collect(),
-        Store::Raft => cl.coords.iter().filter(|c| c.name != name).map(|c| c.name.clone()).collect(),
-    };
-    for h in &store_hosts {
-        cl.cut(&name, h)?;
-    }
-    let n = name.clone();
-    let others: Vec<usize> = (0..cl.coords.len()).filter(|i| *i != old).collect();
-    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != n).then_some(())).await?;
+    cl.cut_from_store(&name)?;
+    cl.wait_new_leader(&name, STAGE_WAIT).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let _ = others;
     cl.heal()?;
     scenario::finish(cl, "leader_cut_from_store", readers).await
 }
@@ -389,15 +378,8 @@ async fn leader_woken_after_its_lease_pushes_nothing(store: Store) -> anyhow::Re
     let old = cl.leader(STAGE_WAIT).await?;
     cl.pause_coord(old)?;
     let name = cl.coords[old].name.clone();
-    let store_hosts: Vec<String> = match store {
-        Store::Etcd => cl.etcd.iter().map(|e| e.host.name.clone()).collect(),
-        Store::Raft => cl.coords.iter().filter(|c| c.name != name).map(|c| c.name.clone()).collect(),
-    };
-    for h in &store_hosts {
-        cl.cut(&name, h)?;
-    }
-    let n = name.clone();
-    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != n).then_some(())).await?;
+    cl.cut_from_store(&name)?;
+    cl.wait_new_leader(&name, STAGE_WAIT).await?;
     // The new leader re-pushes the canary and bakes 2 s again; wake the old
     // one inside that bake, its own long over.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -423,18 +405,11 @@ async fn promotion_lost_with_its_leader(store: Store) -> anyhow::Result<Verdict>
     let order = cl.wait_stage(1, 3, STAGE_WAIT).await?;
     let old = cl.leader(STAGE_WAIT).await?;
     let name = cl.coords[old].name.clone();
-    let store_hosts: Vec<String> = match store {
-        Store::Etcd => cl.etcd.iter().map(|e| e.host.name.clone()).collect(),
-        Store::Raft => cl.coords.iter().filter(|c| c.name != name).map(|c| c.name.clone()).collect(),
-    };
-    for h in &store_hosts {
-        cl.cut(&name, h)?;
-    }
+    cl.cut_from_store(&name)?;
     // The bake ends while the leader still believes in its lease.
     tokio::time::sleep(Duration::from_millis(800)).await;
     cl.isolate(&order[0])?;
-    let n = name.clone();
-    cl.poll(STAGE_WAIT, "a new leader", move |s| (!s.leader_id.is_empty() && s.leader_id != n).then_some(())).await?;
+    cl.wait_new_leader(&name, STAGE_WAIT).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     cl.heal()?;
     scenario::finish(cl, "promotion_lost_with_its_leader", readers).await

@@ -198,14 +198,7 @@ async fn inject(cl: &mut Cluster, rng: &mut StdRng) -> anyhow::Result<()> {
             cl.resume_coord(leader)?;
         }
         2 => {
-            let store: Vec<String> = if cl.etcd.is_empty() {
-                cl.coords.iter().filter(|c| c.name != lname).map(|c| c.name.clone()).collect()
-            } else {
-                cl.etcd.iter().map(|e| e.host.name.clone()).collect()
-            };
-            for s in &store {
-                cl.cut(&lname, s)?;
-            }
+            cl.cut_from_store(&lname)?;
             tokio::time::sleep(hold).await;
             cl.heal()?;
         }
