@@ -393,24 +393,56 @@ async fn leader_woken_after_its_lease_pushes_nothing(store: Store) -> anyhow::Re
 /// 18:00 run): a leader promoted its rollout and pushed the next stage, then
 /// lost the store before the promotion was written; its successor resumed
 /// at the earlier stage, which failed there, so a version recorded as
-/// failing in a 3-node stage had reached all 5 nodes. Here the leader is cut
-/// from the store while stage 2 (3 nodes) bakes, so it promotes with no way
-/// to record it; then the canary goes dark, so the resumed stage fails.
+/// failing in a 3-node stage had reached all 5 nodes.
+///
+/// The leader is cut from the store just before stage 2 (3 nodes) ends its
+/// bake: the promotion falls inside the part of the lease the leader still
+/// trusts (so pushes are allowed), but its record can no longer be written.
+/// The bake's start is read from the record itself (`updated_at` of the
+/// write that says the stage is applied), so the cut lands a fixed time
+/// before the promotion, whatever the polling delay. Then the canary goes
+/// dark, so the resumed stage fails. On the build before the fix, the two
+/// nodes of stage 3 apply the version (the canary checker fails); after it,
+/// nothing beyond stage 2 is pushed.
 async fn promotion_lost_with_its_leader(store: Store) -> anyhow::Result<Verdict> {
     use confroll_proto::v1::RolloutPolicy;
+    const BAKE: Duration = Duration::from_secs(2);
+    // How long before the bake's end the leader loses the store: well inside
+    // the lease it trusts after its last renewal (etcd: at least TTL/2 -
+    // TTL/3 = 333 ms at TTL 2 s; raft: TTL/4 = 500 ms of heartbeats).
+    const CUT_BEFORE: Duration = Duration::from_millis(200);
     let (cl, readers) = started(Options::new(store)).await?;
-    let policy = RolloutPolicy { bake: Some("600ms".into()), apply_timeout: Some("1s".into()), ..Default::default() };
+    let policy = RolloutPolicy { bake: Some("2s".into()), apply_timeout: Some("1s".into()), ..Default::default() };
     let r = cl.submit_with(0, 0, &lite(32), policy).await;
     anyhow::ensure!(matches!(r, confroll_chaos::records::OpResult::Ok { .. }), "submit refused: {r:?}");
-    let order = cl.wait_stage(1, 3, STAGE_WAIT).await?;
+    let (order, baking_since) = cl
+        .poll(STAGE_WAIT, "stage 2 baking", |s| {
+            let r = s.rollout.as_ref()?;
+            let baking = r.state == "RUNNING" && r.stage == 1 && r.applied_nodes >= r.stage_nodes;
+            let at = humantime::parse_rfc3339(&r.updated_at).ok()?;
+            baking.then(|| (r.canary_order.clone(), at))
+        })
+        .await?;
     let old = cl.leader(STAGE_WAIT).await?;
     let name = cl.coords[old].name.clone();
+    let promote_at = baking_since + BAKE;
+    let until_cut = promote_at
+        .duration_since(std::time::SystemTime::now())
+        .ok()
+        .and_then(|d| d.checked_sub(CUT_BEFORE))
+        .ok_or_else(|| anyhow::anyhow!("saw stage 2 baking too late to cut before its promotion"))?;
+    tokio::time::sleep(until_cut).await;
     cl.cut_from_store(&name)?;
-    // The bake ends while the leader still believes in its lease.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Past the promotion (and the old build's stage-3 pushes), the canary
+    // goes dark: the stage its successor resumes at fails.
+    tokio::time::sleep(CUT_BEFORE + Duration::from_millis(500)).await;
     cl.isolate(&order[0])?;
     cl.wait_new_leader(&name, STAGE_WAIT).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     cl.heal()?;
+    // The faults hit where they were meant to: the promotion was never
+    // recorded (a written one would have the successor fail at stage 3).
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "ROLLED_BACK" && done.stage == 1, "the cut missed the promotion: {done:?}");
     scenario::finish(cl, "promotion_lost_with_its_leader", readers).await
 }
