@@ -243,6 +243,11 @@ struct Inner {
     /// A version's number, checksum and content never change once written,
     /// so a pass reads it again only when the stable pointer moved.
     stable: std::sync::Mutex<HashMap<String, Arc<VersionRecord>>>,
+    /// Nodes of each service as the last reconcile pass of this term read
+    /// them: one missing from the next pass lost its registration
+    /// (`confroll_nodes_lost_total`). Nodes never deregister, so every
+    /// disappearance is an expiry.
+    seen_nodes: std::sync::Mutex<HashMap<String, HashSet<String>>>,
 }
 
 /// The service meta is still as read at revision `rev` (`None`: absent).
@@ -282,6 +287,7 @@ impl Replica {
                 reg_writes: Default::default(),
                 reconciling: Default::default(),
                 stable: Default::default(),
+                seen_nodes: Default::default(),
             }),
         }
     }
@@ -351,6 +357,7 @@ impl Replica {
             self.inner.term.store(Some(Arc::new(term.clone())));
             self.inner.took_office.notify_waiters();
             self.inner.metrics.is_leader.set(1);
+            self.inner.metrics.elections_won.inc();
             tokio::spawn(self.clone().lead(term.clone()));
             tokio::select! {
                 _ = term.lost.cancelled() => tracing::warn!(replica = %me.id, at_ms = now_ms(), "lost leadership; stepping down"),
@@ -364,6 +371,8 @@ impl Replica {
             term.lost.cancel();
             self.inner.term.store(None);
             self.inner.metrics.is_leader.set(0);
+            self.inner.metrics.forget_cluster_view();
+            self.inner.seen_nodes.lock().expect("seen nodes").clear();
             self.inner.drivers.lock().expect("drivers").running.clear();
             // A follower pushes nothing: close every push stream.
             self.close_push_streams(Some(&HashMap::new()));
@@ -500,6 +509,25 @@ impl Replica {
         Ok(())
     }
 
+    /// Exports the nodes of `service` as this pass read them, and counts the
+    /// ones gone since the last pass.
+    fn export_nodes(&self, service: &str, nodes: &[NodeRecord]) {
+        let m = &self.inner.metrics;
+        let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
+        m.nodes.with_label_values(&[service, "healthy"]).set(healthy);
+        m.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);
+        let now: HashSet<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        for n in nodes {
+            m.node_version.with_label_values(&[service, &n.id]).set(n.version as i64);
+        }
+        let before = self.inner.seen_nodes.lock().expect("seen nodes").insert(service.to_owned(), now.clone());
+        for gone in before.iter().flatten().filter(|id| !now.contains(*id)) {
+            tracing::warn!(%service, node = %gone, "node registration expired: it stopped heartbeating");
+            m.nodes_lost.with_label_values(&[service]).inc();
+            let _ = m.node_version.remove_label_values(&[service, gone]);
+        }
+    }
+
     /// Closes the push streams of nodes not in `live` (node id → address;
     /// `None`: not known, close nothing) and updates `confroll_push_streams`.
     fn close_push_streams(&self, live: Option<&HashMap<String, String>>) {
@@ -519,9 +547,7 @@ impl Replica {
         service: &str,
         nodes: Vec<NodeRecord>,
     ) -> Result<(), StoreError> {
-        let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
-        self.inner.metrics.nodes.with_label_values(&[service, "healthy"]).set(healthy);
-        self.inner.metrics.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);
+        self.export_nodes(service, &nodes);
         // Set by `lead` before its first pass.
         let cluster =
             self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))?;
@@ -536,13 +562,19 @@ impl Replica {
         };
         // The rollout record first, then the pointers: a rollout finishes in
         // one transaction, so a finished record implies current pointers.
-        if let Some(rec) = self.rollout(service).await?
+        let latest = self.rollout(service).await?;
+        if let Some(rec) = &latest {
+            self.inner.metrics.set_rollout_state(service, &rec.state.as_str().to_lowercase());
+        }
+        if let Some(rec) = latest
             && !rec.state.is_terminal()
         {
             return self.resume(term, service, rec).await;
         }
+        self.inner.metrics.rollout_stage.with_label_values(&[service]).set(-1);
         let meta = self.meta(service).await?.map(|(m, _)| m).unwrap_or_default();
         self.inner.metrics.stable_version.with_label_values(&[service]).set(meta.stable_version as i64);
+        self.inner.metrics.desired_version.with_label_values(&[service]).set(meta.desired_version as i64);
         if meta.stable_version == 0 {
             return Ok(());
         }
@@ -634,6 +666,7 @@ impl Replica {
         };
         let (store, t) = (self.inner.store.clone(), term.clone());
         let leading = move || store.lease_holds(&t);
+        let push_error = |reason: &str| self.inner.metrics.push_errors.with_label_values(&[service, reason]).inc();
         match self.inner.agents.apply_while(node, address, req, timeout, &leading).await {
             // `unchanged`: the node already ran it, so no health phase ran.
             Ok(r) if r.applied && r.report.as_ref().is_some_and(|r| r.status == "unchanged") => {
@@ -641,9 +674,18 @@ impl Replica {
             }
             Ok(r) if r.applied => Ok(Applied::HealthChecked),
             Ok(r) => {
+                push_error("failed");
                 Err(r.report.map(|r| format!("{}: {}", r.status, r.error)).unwrap_or_else(|| "not applied".into()))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                match &e {
+                    AgentError::Unreachable(_) => push_error("unreachable"),
+                    AgentError::Refused(_) => push_error("refused"),
+                    // Not a push that failed: this replica stopped leading.
+                    AgentError::NotLeading => {}
+                }
+                Err(e.to_string())
+            }
         }
     }
 
@@ -1301,6 +1343,7 @@ impl Replica {
                         engine.touch(now_rfc3339());
                         let r = engine.record();
                         metrics.rollout_stage.with_label_values(&[&service]).set(r.stage as i64);
+                        metrics.set_rollout_state(&service, &r.state.as_str().to_lowercase());
                         issued += 1;
                         if r.stage != stage_seen {
                             (stage_seen, stage_record) = (r.stage, issued);
@@ -1599,6 +1642,7 @@ impl Replica {
         let m = &self.inner.metrics;
         let outcome = state.as_str().to_lowercase();
         m.rollouts_total.with_label_values(&[service, &outcome]).inc();
+        m.set_rollout_state(service, &outcome);
         m.rollout_duration.observe(took.as_secs_f64());
         m.rollout_stage.with_label_values(&[service]).set(-1);
         if let Ok(Some((meta, _))) = self.meta(service).await {

@@ -91,6 +91,10 @@ async fn the_api_is_discoverable_and_callable_through_reflection() {
     for want in ["confroll.v1.Coordinator", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
         assert!(names.iter().any(|n| n == want), "{want} not listed: {names:?}");
     }
+    // Only what this port serves: the NodeAgent API lives in the same proto
+    // package, but nodes serve it, not the coordinator.
+    assert!(!names.iter().any(|n| n == "confroll.v1.NodeAgent"), "NodeAgent listed: {names:?}");
+    assert_eq!(names.len(), 4, "{names:?}");
     // v1alpha answers too (older grpcurl).
     {
         use tonic_reflection::pb::v1alpha::{
@@ -339,7 +343,9 @@ async fn the_api_can_be_served_over_tls() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["leader_id"], "c1");
+    // The proto3 JSON mapping, as grpcurl prints it.
+    assert_eq!(v["leaderId"], "c1");
+    assert!(v.get("leader_id").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,7 +387,8 @@ async fn the_cli_submits_watches_and_reports() {
     let (code, out, _) = cli(&["-o", "json", "versions"]);
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["versions"][0]["version"], 2);
+    // uint64 as a string, per the proto3 JSON mapping (grpcurl prints the same).
+    assert_eq!(v["versions"][0]["version"], "2");
     assert_eq!(v["versions"][0]["state"], "ROLLED_OUT");
     let (_, out, _) = cli(&["diff", "1", "2"]);
     assert!(out.contains("cache.ttl"), "{out}");

@@ -58,10 +58,51 @@ async fn a_canary_rollout_reaches_five_nodes_stage_by_stage() {
     assert_eq!(states, vec![(2, "ROLLED_OUT"), (1, "ROLLED_OUT")]);
     let st = client.get_status(pb::GetStatusRequest::default()).await.unwrap().into_inner();
     assert_eq!((st.stable_version, st.desired_version), (2, 2));
-    let metrics = c1.metrics().await;
-    let leader_metrics = if st.leader_id == "c1" { c1.metrics().await } else { c2.metrics().await };
-    assert!(metrics.contains("confroll_coordinator_is_leader"), "{metrics}");
-    assert!(leader_metrics.contains("confroll_rollouts_total{outcome=\"succeeded\""), "{leader_metrics}");
+    let (leader, follower) = if st.leader_id == "c1" { (c1, c2) } else { (c2, c1) };
+    // Node versions come from heartbeats, read by the next reconcile pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut leader_metrics = leader.metrics().await;
+    while std::time::Instant::now() < deadline
+        && nodes.iter().any(|n| {
+            !leader_metrics.contains(&format!("node=\"{}\",replica=\"{}\",service=\"default\"}} 2", n.id, leader.id))
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        leader_metrics = leader.metrics().await;
+    }
+    assert!(leader_metrics.contains("confroll_rollouts_total{outcome=\"succeeded\",replica="), "{leader_metrics}");
+    // What the dashboard and the alerts read, from the leader: one series per
+    // rollout state, each node's version, the election it won.
+    let value = |text: &str, name: &str, labels: &[&str]| -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| labels.iter().all(|want| l.contains(want)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let svc = "service=\"default\"";
+    assert_eq!(value(&leader_metrics, "confroll_rollout_state", &[svc, "state=\"succeeded\""]), Some(1.0));
+    for state in ["running", "rolling_back", "rolled_back", "aborted"] {
+        let want = format!("state=\"{state}\"");
+        assert_eq!(value(&leader_metrics, "confroll_rollout_state", &[svc, &want]), Some(0.0), "{state}");
+    }
+    for n in nodes {
+        let node = format!("node=\"{}\"", n.id);
+        assert_eq!(
+            value(&leader_metrics, "confroll_node_version", &[svc, &node]),
+            Some(2.0),
+            "{}: {leader_metrics}",
+            n.id
+        );
+    }
+    assert_eq!(value(&leader_metrics, "confroll_stable_version", &[svc]), Some(2.0));
+    assert_eq!(value(&leader_metrics, "confroll_rollout_stage", &[svc]), Some(-1.0));
+    assert_eq!(value(&leader_metrics, "confroll_coordinator_elections_won_total", &[]), Some(1.0));
+    // The follower exports its own series only, never a stale cluster view.
+    let follower_metrics = follower.metrics().await;
+    assert_eq!(value(&follower_metrics, "confroll_coordinator_is_leader", &[]), Some(0.0));
+    for name in ["confroll_stable_version", "confroll_rollout_state", "confroll_node_version", "confroll_nodes"] {
+        assert_eq!(value(&follower_metrics, name, &[]), None, "{name} on the follower: {follower_metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -566,12 +566,13 @@ impl Config {
             let valid = !k.is_empty()
                 && !k.starts_with("__")
                 && k != "node"
+                && k != "service"
                 && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 bad(
                     &format!("metrics.labels.{k}"),
-                    "is not a valid Prometheus label name (or is reserved: `node`, `__*`)".into(),
+                    "is not a valid Prometheus label name (or is reserved: `node`, `service`, `__*`)".into(),
                 );
             }
             if val.len() > 256 {

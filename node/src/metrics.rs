@@ -14,14 +14,32 @@ use crate::config::MetricsConfig;
 
 /// A registry whose every series carries `name="value"`.
 pub fn labelled_registry(name: &str, value: &str) -> Registry {
-    let labels = [(name.to_owned(), value.to_owned())].into_iter().collect();
-    Registry::new_custom(None, Some(labels)).expect("valid registry label")
+    labels_registry(&[(name, value)])
+}
+
+/// A registry whose every series carries these labels.
+pub fn labels_registry(labels: &[(&str, &str)]) -> Registry {
+    let labels = labels.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+    Registry::new_custom(None, Some(labels)).expect("valid registry labels")
 }
 
 /// Registers `c` in `r` and hands it back (metric names are fixed and unique).
 pub fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
     r.register(Box::new(c.clone())).expect("metric names are unique");
     c
+}
+
+/// Sorts every series' labels by name: the registry's own labels come
+/// from a map, in no fixed order, and a stable order is easier to diff and
+/// grep.
+pub fn sort_labels(families: &mut [prometheus::proto::MetricFamily]) {
+    for family in families {
+        for metric in family.mut_metric() {
+            let mut pairs: Vec<LabelPair> = metric.get_label().to_vec();
+            pairs.sort_by(|a, b| a.name().cmp(b.name()));
+            metric.set_label(pairs);
+        }
+    }
 }
 
 const RELOAD_BUCKETS: &[f64] =
@@ -53,9 +71,10 @@ pub struct NodeMetrics {
 }
 
 impl NodeMetrics {
-    /// A registry whose series all carry `node="<id>"`.
-    pub fn new(node_id: &str) -> Arc<Self> {
-        let registry = labelled_registry("node", node_id);
+    /// A registry whose series all carry `node="<id>"` and
+    /// `service="<service>"` (dashboards and alerts select by service).
+    pub fn new(node_id: &str, service: &str) -> Arc<Self> {
+        let registry = labels_registry(&[("node", node_id), ("service", service)]);
         let hist = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(RELOAD_BUCKETS.to_vec());
         let m = Self {
             settings: ArcSwap::from_pointee(MetricsConfig::default()),
@@ -152,21 +171,19 @@ impl NodeMetrics {
             return None;
         }
         let mut families = self.registry.gather();
-        if !settings.labels.is_empty() {
-            for family in &mut families {
-                for metric in family.mut_metric() {
-                    let mut pairs: Vec<LabelPair> = metric.get_label().to_vec();
-                    for (k, v) in &settings.labels {
-                        let mut p = LabelPair::default();
-                        p.set_name(k.clone());
-                        p.set_value(v.clone());
-                        pairs.push(p);
-                    }
-                    pairs.sort_by(|a, b| a.name().cmp(b.name()));
-                    metric.set_label(pairs);
+        for family in &mut families {
+            for metric in family.mut_metric() {
+                let mut pairs: Vec<LabelPair> = metric.get_label().to_vec();
+                for (k, v) in &settings.labels {
+                    let mut p = LabelPair::default();
+                    p.set_name(k.clone());
+                    p.set_value(v.clone());
+                    pairs.push(p);
                 }
+                metric.set_label(pairs);
             }
         }
+        sort_labels(&mut families);
         let mut out = Vec::new();
         TextEncoder::new().encode(&families, &mut out).ok()?;
         String::from_utf8(out).ok()

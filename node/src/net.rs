@@ -52,7 +52,10 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// `builder` serving what every confroll gRPC port serves next to its own
 /// service: `grpc.health.v1` (reporting `S` as serving) and server
-/// reflection v1 and v1alpha over `descriptor_sets`.
+/// reflection v1 and v1alpha over `descriptor_sets`. Reflection lists only
+/// the services this port serves (`S`, health, reflection), not every
+/// service the descriptor sets define: `confroll.v1` holds both the
+/// Coordinator and the NodeAgent API, and each port serves one.
 pub async fn with_health_and_reflection<S: tonic::server::NamedService>(
     mut builder: tonic::transport::Server,
     descriptor_sets: &[&'static [u8]],
@@ -63,6 +66,11 @@ pub async fn with_health_and_reflection<S: tonic::server::NamedService>(
         descriptor_sets
             .iter()
             .fold(tonic_reflection::server::Builder::configure(), |b, s| b.register_encoded_file_descriptor_set(s))
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(S::NAME)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
     };
     let (v1, v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     Ok(builder.add_service(health).add_service(v1).add_service(v1alpha))

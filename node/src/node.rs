@@ -331,7 +331,7 @@ impl Node {
             (None, None, None) => return Err(StartError::NoConfig),
         };
         let config = Config::parse(&content)?;
-        let metrics = NodeMetrics::new(&opts.id);
+        let metrics = NodeMetrics::new(&opts.id, &opts.service);
         let (logger, dispatch) = Logger::new(&config.log, opts.log_target).map_err(StartError::Component)?;
         let components =
             Components::boot(&config, logger, metrics.clone(), opts.grace).map_err(StartError::Component)?;

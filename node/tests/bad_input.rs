@@ -124,7 +124,12 @@ async fn static_errors_are_refused_with_the_cause_and_change_nothing() {
     }
     // Every refusal was counted by cause.
     let text = s.node.metrics().render().unwrap();
-    assert!(text.contains("confroll_config_reload_errors_total{type=\"validate\",node=\"test-node\"} 12"), "{text}");
+    assert!(
+        text.contains(
+            "confroll_config_reload_errors_total{node=\"test-node\",service=\"default\",type=\"validate\"} 12"
+        ),
+        "{text}"
+    );
     assert!(text.contains("type=\"restart_only\""), "{text}");
 }
 
@@ -188,7 +193,9 @@ async fn an_unreachable_database_rolls_back() {
     assert_eq!(report.component("database").unwrap().status, "failed");
     let text = s.node.metrics().render().unwrap();
     assert!(
-        text.contains("confroll_config_reload_rollbacks_total{reason=\"component\",node=\"test-node\"} 1"),
+        text.contains(
+            "confroll_config_reload_rollbacks_total{node=\"test-node\",reason=\"component\",service=\"default\"} 1"
+        ),
         "{text}"
     );
 }

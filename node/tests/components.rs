@@ -81,13 +81,15 @@ async fn metrics_can_be_disabled_and_relabelled() {
     let s = Served::start(&cfg).await;
     let metrics = || async { reqwest::get(s.url("/metrics")).await.unwrap() };
     let body = metrics().await.text().await.unwrap();
-    assert!(body.contains("confroll_config_version{node=\"test-node\"} 1"), "{body}");
+    assert!(body.contains("confroll_config_version{node=\"test-node\",service=\"default\"} 1"), "{body}");
 
     cfg.labels = vec![("cluster".into(), "eu-1".into()), ("team".into(), "platform".into())];
     assert_eq!(s.node.apply(cfg.yaml()).await.status, ReloadStatus::Applied);
     let body = metrics().await.text().await.unwrap();
     assert!(
-        body.contains("confroll_config_version{cluster=\"eu-1\",node=\"test-node\",team=\"platform\"} 2"),
+        body.contains(
+            "confroll_config_version{cluster=\"eu-1\",node=\"test-node\",service=\"default\",team=\"platform\"} 2"
+        ),
         "{body}"
     );
 
@@ -154,7 +156,12 @@ async fn a_critical_health_failure_after_the_swap_rolls_everything_back() {
     assert_eq!(*s.node.logger().settings(), *log_before);
     assert!(Arc::ptr_eq(&redis_before, &s.node.redis().unwrap()));
     let text = s.node.metrics().render().unwrap();
-    assert!(text.contains("confroll_config_reload_rollbacks_total{reason=\"health\",node=\"test-node\"} 1"), "{text}");
+    assert!(
+        text.contains(
+            "confroll_config_reload_rollbacks_total{node=\"test-node\",reason=\"health\",service=\"default\"} 1"
+        ),
+        "{text}"
+    );
 
     // A pool resize while Redis is down fails to prepare: rolled back, and
     // the old pool is kept.

@@ -125,7 +125,7 @@ async fn pushes_are_fenced_and_survive_a_restart() {
     assert_eq!(s["highest_fencing_token"], 1000);
     assert_eq!(s["config"]["database"]["max_conns"], 6);
     let metrics = reqwest::get(p.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("confroll_config_version{node=\"n1\"} 42"), "{metrics}");
+    assert!(metrics.contains("confroll_config_version{node=\"n1\",service=\"default\"} 42"), "{metrics}");
 
     let mut agent = NodeAgentClient::connect(p.agent_url()).await.unwrap();
     cfg.max_conns = 7;
@@ -200,6 +200,40 @@ async fn a_lite_node_runs_without_database_or_redis_and_stops_on_sigterm() {
     assert!(exit.success(), "{exit:?}");
     let text = std::fs::read_to_string(log).unwrap();
     assert!(text.contains("\"message\":\"stopped\""), "JSON logs, clean stop expected:\n{text}");
+}
+
+/// `grpcurl -plaintext AGENT list` lists what the agent port serves, and
+/// not the Coordinator API that shares its proto package.
+#[tokio::test]
+async fn the_agent_reflection_lists_only_the_services_it_serves() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.json");
+    std::fs::write(&path, r#"{"profile": "lite"}"#).unwrap();
+    let p = NodeProcess::spawn(&path, &dir.path().join("state"), "refl-1", &[]);
+    let channel = tonic::transport::Endpoint::from_shared(p.agent_url()).unwrap().connect().await.unwrap();
+    let mut c = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    let want = [
+        "confroll.v1.NodeAgent",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    assert_eq!(names, want);
 }
 
 #[test]

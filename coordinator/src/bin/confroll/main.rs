@@ -298,22 +298,18 @@ async fn run() -> anyhow::Result<()> {
             let r = ctx.client.list_versions(req).await;
             let r = r.map_err(status_err)?.into_inner();
             ctx.print(&r, || {
-                println!(
-                    "{:>7}  {:<12}  {:<24}  {:<12}  {:<14}  MESSAGE",
-                    "VERSION", "STATE", "CREATED", "AUTHOR", "SHA256"
-                );
-                for v in &r.versions {
+                let rows = r.versions.iter().map(|v| {
                     let extra = if v.reason.is_empty() { String::new() } else { format!(" [{}]", v.reason) };
-                    println!(
-                        "{:>7}  {:<12}  {:<24}  {:<12}  {:<14}  {}{extra}",
-                        v.version,
-                        v.state,
-                        v.created_at,
-                        v.author,
-                        &v.sha256[..12.min(v.sha256.len())],
-                        v.message
-                    );
-                }
+                    vec![
+                        v.version.to_string(),
+                        v.state.clone(),
+                        v.created_at.clone(),
+                        v.author.clone(),
+                        v.sha256[..12.min(v.sha256.len())].to_owned(),
+                        format!("{}{extra}", v.message),
+                    ]
+                });
+                print!("{}", table(&["VERSION", "STATE", "CREATED", "AUTHOR", "SHA256", "MESSAGE"], &[0], rows));
             });
         }
         Cmd::Diff { from, to } => {
@@ -506,13 +502,73 @@ fn print_status(r: &pb::GetStatusResponse) {
             if ro.reason.is_empty() { String::new() } else { format!(": {}", ro.reason) }
         );
     }
-    println!("{:<16} {:<22} {:>7}  {:<7}  {:<24}  LAST SEEN", "NODE", "ADDRESS", "VERSION", "HEALTHY", "CLUSTER");
-    for n in &r.nodes {
+    let rows = r.nodes.iter().map(|n| {
         let cluster = match n.cluster_id.as_str() {
             "" => "-".to_owned(),
             c if c == r.cluster_id => "this".to_owned(),
             c => format!("{c} (adopt?)"),
         };
-        println!("{:<16} {:<22} {:>7}  {:<7}  {:<24}  {}", n.id, n.address, n.version, n.healthy, cluster, n.last_seen);
+        vec![
+            n.id.clone(),
+            n.address.clone(),
+            n.version.to_string(),
+            n.healthy.to_string(),
+            cluster,
+            n.last_seen.clone(),
+        ]
+    });
+    print!("{}", table(&["NODE", "ADDRESS", "VERSION", "HEALTHY", "CLUSTER", "LAST SEEN"], &[2], rows));
+}
+
+/// A table whose columns are as wide as their widest cell (header
+/// included), two spaces apart; the columns in `right` are right-aligned
+/// (numbers), the last one is never padded.
+fn table(headers: &[&str], right: &[usize], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(headers.iter().map(|h| h.to_string()).collect()).chain(rows).collect();
+    let mut widths = vec![0; headers.len()];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let last = row.len().saturating_sub(1);
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match (i, right.contains(&i)) {
+                (_, true) => format!("{c:>w$}", w = widths[i]),
+                (i, false) if i == last => c.clone(),
+                (_, false) => format!("{c:<w$}", w = widths[i]),
+            })
+            .collect();
+        out.push_str(&cells.join("  "));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn table_columns_are_as_wide_as_their_widest_cell() {
+        let rows = vec![
+            vec!["12".to_owned(), "STABLE".to_owned(), "2026-12-01T19:44:06.123456Z".to_owned(), "first".to_owned()],
+            vec!["7".to_owned(), "ROLLED_BACK".to_owned(), "x".to_owned(), "second".to_owned()],
+        ];
+        let t = table(&["VERSION", "STATE", "CREATED", "MESSAGE"], &[0], rows.into_iter());
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        // Every MESSAGE starts in the same column, past the widest CREATED.
+        let at: Vec<usize> =
+            ["MESSAGE", "first", "second"].iter().zip(&lines).map(|(w, l)| l.find(w).unwrap()).collect();
+        assert!(at.iter().all(|&a| a == at[0]), "{t}");
+        assert!(at[0] > lines[1].find("2026").unwrap() + "2026-12-01T19:44:06.123456Z".len(), "{t}");
+        // The number column is right-aligned under its header.
+        assert!(lines[2].starts_with("      7  "), "{t}");
+        assert!(!t.lines().any(|l| l.ends_with(' ')), "no trailing spaces: {t:?}");
     }
 }
