@@ -12,7 +12,8 @@
 //!    Redis dies; from the failed health check seen by the coordinator to all
 //!    100 nodes back on v1. Needs PostgreSQL and Redis (scripts/bench.sh).
 //! 4. Failover: three coordinator processes per store; the leader is
-//!    SIGKILLed; until a survivor accepts a write. Lease TTL 2 s.
+//!    SIGKILLed (or SIGTERMed: it resigns first); until a survivor accepts a
+//!    write. Lease TTL 2 s.
 //!
 //! Run: `bash scripts/bench.sh` (starts PostgreSQL, Redis; etcd is started
 //! here). Without `--bench` (cargo test --all-targets) it runs a smoke pass.
@@ -392,11 +393,13 @@ async fn main() -> anyhow::Result<()> {
         });
         let logs = dir.path().join(format!("failover-{}", b.name()));
         std::fs::create_dir_all(&logs)?;
-        let sample = match b {
-            Backend::Etcd => bench_failover(&etcd, &logs, iters).await?,
-            Backend::Raft => bench_failover(&Backing::raft(3), &logs, iters).await?,
-        };
-        failovers.push((b, sample));
+        for stop in [Stop::Kill, Stop::Term] {
+            let sample = match b {
+                Backend::Etcd => bench_failover(&etcd, &logs, iters, stop).await?,
+                Backend::Raft => bench_failover(&Backing::raft(3), &logs, iters, stop).await?,
+            };
+            failovers.push((b, stop, sample));
+        }
     }
 
     println!("\nconfroll rollout benchmark (milliseconds; the floors are etcd's, as the goal defines them)\n");
@@ -450,10 +453,15 @@ async fn main() -> anyhow::Result<()> {
             b.name()
         );
     }
-    for (b, (f50, f99, why)) in &failovers {
+    for (b, stop, (f50, f99, why)) in &failovers {
+        let goal = match stop {
+            Stop::Kill => "goal ≤ 3000 ms",
+            Stop::Term => "the leader resigns first",
+        };
         println!(
-            "{}: leader SIGKILL → a survivor accepts a write: p50 {f50:.0} ms, p99 {f99:.0} ms (lease TTL 2000 ms; goal ≤ 3000 ms; the slowest was last refused with: {why})",
-            b.name()
+            "{}: leader {} → a survivor accepts a write: p50 {f50:.0} ms, p99 {f99:.0} ms (lease TTL 2000 ms; {goal}; the slowest was last refused with: {why})",
+            b.name(),
+            stop.name()
         );
     }
     if smoke {
@@ -501,7 +509,30 @@ async fn bench_rollback(
     Ok((n, stats(samples)))
 }
 
-async fn bench_failover(store: &Backing, dir: &std::path::Path, iters: usize) -> anyhow::Result<(f64, f64, String)> {
+/// How the leader is stopped in the failover benchmark.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// SIGKILL: the lease has to run out.
+    Kill,
+    /// SIGTERM, as Kubernetes sends it: the leader resigns before it exits.
+    Term,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Kill => "SIGKILL",
+            Stop::Term => "SIGTERM",
+        }
+    }
+}
+
+async fn bench_failover(
+    store: &Backing,
+    dir: &std::path::Path,
+    iters: usize,
+    stop: Stop,
+) -> anyhow::Result<(f64, f64, String)> {
     let mut coords: Vec<Coord> = (1..=3).map(|i| Coord::start(store, &format!("c{i}"), dir, &[])).collect();
     let mut samples: Vec<f64> = Vec::new();
     // What the slowest sample was last told before a write was accepted.
@@ -516,8 +547,11 @@ async fn bench_failover(store: &Backing, dir: &std::path::Path, iters: usize) ->
         // The leader accepts writes before it is killed.
         let first = submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms");
         submit_until_accepted(&coords[idx].client().await, first).await;
-        coords[idx].kill9();
         let t0 = Instant::now();
+        match stop {
+            Stop::Kill => coords[idx].kill9(),
+            Stop::Term => coords[idx].sigterm(),
+        }
         let mut last_err = String::new();
         let survivors: Vec<String> =
             coords.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, c)| c.url()).collect();
@@ -538,6 +572,7 @@ async fn bench_failover(store: &Backing, dir: &std::path::Path, iters: usize) ->
         if ms >= slowest_ms {
             (slowest_ms, slowest_refusal) = (ms, last_err);
         }
+        anyhow::ensure!(coords[idx].wait_exit(Duration::from_secs(20)).is_some(), "the stopped leader did not exit");
         let (id, port, http_port) = (coords[idx].id.clone(), coords[idx].port, coords[idx].http_port);
         coords[idx] = Coord::start_on(store, &id, dir, &[], port, http_port);
         // Each sample starts from a whole cluster: the restarted replica has

@@ -337,6 +337,24 @@ impl Replica {
         Ok(self.inner.store.leader().await?)
     }
 
+    /// Readiness (`/readyz`): the leader's id when this replica knows a
+    /// leader and its store answers a linearizable read, each within a
+    /// second; else why not.
+    pub async fn readiness(&self) -> Result<String, String> {
+        const WITHIN: Duration = Duration::from_secs(1);
+        let leader = match tokio::time::timeout(WITHIN, self.inner.store.leader()).await {
+            Err(_) => return Err("the store did not say who leads within 1s".into()),
+            Ok(Err(e)) => return Err(format!("the store is unreachable: {e}")),
+            Ok(Ok(None)) => return Err("no leader is elected".into()),
+            Ok(Ok(Some(m))) => m.id,
+        };
+        match tokio::time::timeout(WITHIN, self.inner.store.get(keys::CLUSTER)).await {
+            Err(_) => Err("the store did not answer a read within 1s".into()),
+            Ok(Err(e)) => Err(format!("the store is unreachable: {e}")),
+            Ok(Ok(_)) => Ok(leader),
+        }
+    }
+
     /// Campaigns, leads, steps down and campaigns again until `shutdown`;
     /// on shutdown, resigns so another replica takes over at once.
     pub async fn run(self, shutdown: CancellationToken) {

@@ -19,7 +19,7 @@ use confroll_coordinator::{
     store::{
         Store,
         etcd::EtcdStore,
-        raft::{RaftOptions, RaftStore, parse_peers},
+        raft::{RaftOptions, RaftStore, parse_peers, raft_id},
     },
 };
 use tokio::net::TcpListener;
@@ -36,9 +36,10 @@ enum Backend {
 #[derive(Parser, Debug)]
 #[command(name = "confroll-coordinator", version, about = "confroll coordinator replica")]
 struct Cli {
-    /// Replica id (unique among replicas).
+    /// Replica id (unique among replicas); defaults to the host name (a
+    /// StatefulSet pod's name).
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// gRPC listen address (Coordinator API, reflection, health).
     #[arg(long)]
     listen: SocketAddr,
@@ -51,11 +52,18 @@ struct Cli {
     /// Store backend.
     #[arg(long, value_enum, default_value = "raft")]
     store: Backend,
-    /// raft: this replica's id in --raft-peers.
-    #[arg(long, default_value_t = 1)]
-    raft_id: u64,
+    /// raft: this replica's id in --raft-peers: a number, or `ordinal` (the
+    /// StatefulSet ordinal that ends --id, plus 1: confroll-0 is 1).
+    #[arg(long, default_value = "1")]
+    raft_id: String,
+    /// raft: where the raft port listens (default: this replica's own
+    /// --raft-peers address, which must then be one of its addresses).
+    #[arg(long)]
+    raft_listen: Option<SocketAddr>,
     /// raft: every replica as ID=HOST:PORT (its raft port), comma-separated;
     /// naming only this replica runs a single-replica group (development).
+    /// HOST may be a DNS name (a pod's stable name), resolved again at every
+    /// connection, so a peer that comes back with a new IP is found.
     #[arg(long)]
     raft_peers: Option<String>,
     /// raft: where the log, vote and snapshots live (kept across restarts).
@@ -124,7 +132,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?;
     if cli.log_format == "json" {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
@@ -134,6 +142,11 @@ async fn main() -> anyhow::Result<()> {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .init();
     }
+    let id = match cli.id.take() {
+        Some(id) => id,
+        None => hostname().context("no --id, and the host name cannot be read")?,
+    };
+    anyhow::ensure!(!id.is_empty(), "--id must not be empty");
     let files = CredentialFiles {
         operator: cli.operator_tokens.clone(),
         node: cli.node_tokens.clone(),
@@ -166,13 +179,18 @@ async fn main() -> anyhow::Result<()> {
                 parse_peers(cli.raft_peers.as_deref().context("--store raft needs --raft-peers ID=HOST:PORT,…")?)
                     .map_err(|e| anyhow::anyhow!("--raft-peers: {e}"))?;
             let data_dir = cli.data_dir.clone().context("--store raft needs --data-dir")?;
-            let addr = peers
-                .get(&cli.raft_id)
-                .with_context(|| format!("--raft-peers does not name --raft-id {}", cli.raft_id))?;
-            let l = TcpListener::bind(addr).await.with_context(|| format!("bind the raft port {addr}"))?;
-            tracing::info!(raft_id = cli.raft_id, %addr, data_dir = %data_dir.display(), "raft port listening");
+            let raft_id = raft_id(&cli.raft_id, &id).map_err(|e| anyhow::anyhow!("--raft-id: {e}"))?;
+            let own = peers.get(&raft_id).with_context(|| format!("--raft-peers does not name raft id {raft_id}"))?;
+            let l = match cli.raft_listen {
+                Some(a) => {
+                    TcpListener::bind(a).await.with_context(|| format!("bind the raft port --raft-listen {a}"))?
+                }
+                None => TcpListener::bind(own).await.with_context(|| format!("bind the raft port {own}"))?,
+            };
+            let addr = l.local_addr()?;
+            tracing::info!(raft_id, %addr, advertised = %own, data_dir = %data_dir.display(), "raft port listening");
             let opts = RaftOptions {
-                id: cli.raft_id,
+                id: raft_id,
                 peers,
                 data_dir,
                 lease_ttl: cli.lease_ttl,
@@ -184,7 +202,17 @@ async fn main() -> anyhow::Result<()> {
             Arc::new(EtcdStore::connect(&cli.etcd_endpoints, cli.lease_ttl).await.context("connect to etcd")?)
         }
     };
-    let mut opts = ReplicaOptions::new(cli.id.clone(), cli.advertise.clone().unwrap_or_else(|| cli.listen.to_string()));
+    let advertise = match &cli.advertise {
+        Some(a) => a.clone(),
+        None if cli.listen.ip().is_unspecified() => {
+            anyhow::bail!(
+                "--listen {} is every interface: give --advertise HOST:PORT, the address other replicas and clients dial",
+                cli.listen
+            )
+        }
+        None => cli.listen.to_string(),
+    };
+    let mut opts = ReplicaOptions::new(id.clone(), advertise);
     opts.registration_ttl = cli.registration_ttl;
     opts.push_key = push_key;
     opts.agent_ca = agent_ca;
@@ -211,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let grpc = TcpListener::bind(cli.listen).await.with_context(|| format!("bind {}", cli.listen))?;
-    tracing::info!(id = %cli.id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
+    tracing::info!(id = %id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
     let mut tasks = tokio::task::JoinSet::new();
     {
         let (c, s) = (credentials.clone(), shutdown.clone());
@@ -249,4 +277,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The host name (a Kubernetes pod's name).
+fn hostname() -> anyhow::Result<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").context("read /proc/sys/kernel/hostname")?;
+    Ok(h.trim().to_owned())
 }

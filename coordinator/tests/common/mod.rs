@@ -205,13 +205,18 @@ impl Coord {
 
     /// Starts (or restarts, on the same ports and data dir) replica `id`.
     pub fn start_on(store: &Backing, id: &str, dir: &Path, extra: &[&str], port: u16, http_port: u16) -> Coord {
+        Self::start_with(&store.args(id), id, dir, extra, port, http_port)
+    }
+
+    /// Starts replica `id` with the store flags `store_args`.
+    pub fn start_with(store_args: &[String], id: &str, dir: &Path, extra: &[&str], port: u16, http_port: u16) -> Coord {
         let log = dir.join(format!("{id}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = spawn_listening(
             Command::new(coordinator_bin())
                 .args(["--id", id, "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-                .args(store.args(id))
+                .args(store_args)
                 .args(["--lease-ttl", "2s"])
                 .args(["--default-bake", "200ms", "--default-health-interval", "100ms", "--registration-ttl", "3s"])
                 .args(default_arg(extra, "--push-key", "--no-push-key", &push_keys().0))
@@ -240,6 +245,30 @@ impl Coord {
     /// SIGKILL: no resignation, the lease has to expire.
     pub fn kill9(&mut self) {
         self.proc.take();
+    }
+
+    /// SIGTERM, as Kubernetes sends it: the replica resigns and exits. Does
+    /// not wait; [`Coord::wait_exit`] does.
+    pub fn sigterm(&self) {
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    /// Waits (up to `within`) for the process to exit; its status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let guard = self.proc.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = guard.0.try_wait() {
+                self.proc.take();
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {

@@ -131,6 +131,28 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
     Ok(out)
 }
 
+/// This replica's raft id from `--raft-id`: a number, or `ordinal`: the
+/// StatefulSet ordinal that ends the replica id (`confroll-2`), plus 1 (raft
+/// ids start at 1), so every pod of a StatefulSet can run the same
+/// arguments.
+pub fn raft_id(spec: &str, replica_id: &str) -> Result<NodeId, String> {
+    if spec != "ordinal" {
+        return match spec.parse::<NodeId>() {
+            Ok(0) => Err("raft ids start at 1".into()),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("`{spec}`: expected a positive integer or `ordinal`")),
+        };
+    }
+    replica_id
+        .rsplit_once('-')
+        .and_then(|(name, n)| (!name.is_empty() && n.chars().all(|c| c.is_ascii_digit())).then_some(n))
+        .and_then(|n| n.parse::<NodeId>().ok())
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| {
+            format!("`ordinal` needs a replica id that ends in -N (a StatefulSet pod name such as confroll-0), not `{replica_id}`")
+        })
+}
+
 /// Commits `cmd` on this replica if it leads, stamped with its clock.
 async fn write_local(raft: &OpenRaft, cmd: Command) -> Result<Reply, ProposeError> {
     match raft.client_write(Proposal { at_ms: now_ms(), cmd }).await {
@@ -649,6 +671,18 @@ impl Store for RaftStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_raft_id_is_a_number_or_the_statefulset_ordinal_plus_one() {
+        assert_eq!(raft_id("3", "anything"), Ok(3));
+        assert_eq!(raft_id("ordinal", "confroll-coordinator-0"), Ok(1));
+        assert_eq!(raft_id("ordinal", "c-12"), Ok(13));
+        assert!(raft_id("0", "c-1").unwrap_err().contains("start at 1"));
+        assert!(raft_id("one", "c-1").unwrap_err().contains("`ordinal`"));
+        for bad in ["c1", "c-", "-1", "c-x1", "c-99999999999999999999"] {
+            assert!(raft_id("ordinal", bad).unwrap_err().contains("ends in -N"), "{bad}");
+        }
+    }
 
     #[test]
     fn peers_parse_and_bad_ones_are_named() {

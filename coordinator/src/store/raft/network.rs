@@ -45,12 +45,19 @@ pub(crate) fn decode<T: DeserializeOwned>(f: &Frame) -> Result<T, Status> {
 /// Largest raft frame (a snapshot travels in one).
 const MAX_FRAME: usize = 64 << 20;
 
-/// A lazily connected client to one peer's raft port.
+/// A lazily connected client to one peer's raft port. `addr` may be a DNS
+/// name (a StatefulSet pod's stable name): it is resolved again at every
+/// new connection, and HTTP/2 keep-alives close a connection whose peer
+/// went away without a word (a pod deleted with its IP), so the next call
+/// reconnects to wherever the name points now.
 pub(crate) fn client(addr: &str) -> Result<RaftClient<Channel>, String> {
     let ch = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad raft peer address `{addr}`: {e}"))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .connect_lazy();
     Ok(RaftClient::new(ch).max_decoding_message_size(MAX_FRAME).max_encoding_message_size(MAX_FRAME))
 }
