@@ -205,6 +205,10 @@ pub struct RaftStore {
     /// means its core is stuck (a stalled disk) and its metrics are old.
     metrics_seen_ms: Arc<std::sync::atomic::AtomicU64>,
     epoch: Instant,
+    /// When this replica last took office: a leader refuses to vote for a
+    /// successor until its own vote is TTL/2 old, so a hand-over waits that
+    /// long after it (see [`RaftStore::hand_over`]).
+    led_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for RaftStore {
@@ -286,6 +290,7 @@ impl RaftStore {
             peers: opts.peers,
             lease_ttl: opts.lease_ttl,
             metrics_seen_ms: Default::default(),
+            led_at: Default::default(),
             epoch: Instant::now(),
         });
         let (seen, epoch, mut m) = (store.metrics_seen_ms.clone(), store.epoch, store.raft.metrics());
@@ -353,6 +358,62 @@ impl RaftStore {
             Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Err(ProposeError::TimedOut(s.message().into())),
             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Err(ProposeError::Unsupported(s.message().into())),
             Ok(Err(s)) => Err(ProposeError::Failed(s.message().into())),
+        }
+    }
+
+    /// Hands raft leadership to the most up-to-date follower, best effort:
+    /// asks it to start an election now. openraft 0.9 has no leader
+    /// transfer, and a follower refuses to vote while it still trusts the
+    /// leader's lease (it heard a heartbeat less than TTL/2 ago), so without
+    /// this the successor is elected TTL/2..TTL after this process goes
+    /// quiet. This leader itself grants the vote (its own vote was last
+    /// renewed when it was elected, so its lease check has long passed
+    /// unless it has led for less than TTL/2), which with the candidate's
+    /// own makes a quorum of three. A candidate whose log is behind is
+    /// refused by raft's own rules, so the pick is the follower with the
+    /// highest matched log index.
+    async fn hand_over(&self) {
+        let candidate = {
+            let m = self.raft.metrics().borrow().clone();
+            if m.current_leader != Some(self.id) {
+                return;
+            }
+            m.replication
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != self.id)
+                .max_by_key(|(_, matched)| matched.map(|l| l.index))
+                .map(|(id, _)| *id)
+        };
+        let Some(to) = candidate else { return };
+        // Its own vote must be older than the leader lease (TTL/2) for this
+        // leader to grant the successor's: a replica that just took office
+        // waits the rest (at most TTL/2, still sooner than the lease).
+        let led_at = *self.led_at.lock().expect("led_at");
+        if let Some(wait) =
+            led_at.and_then(|t| (self.lease_ttl / 2 + Duration::from_millis(20)).checked_sub(t.elapsed()))
+        {
+            tokio::time::sleep(wait).await;
+        }
+        let within = self.attempt_timeout();
+        match self.ask::<(), ()>(to, &(), within, |mut c, r| Box::pin(async move { c.elect(r).await })).await {
+            Ok(()) => {
+                // Stay up until this replica voted for it (the process exits
+                // right after `resign`, and a vote it cannot answer is lost).
+                let mut m = self.raft.metrics();
+                let id = self.id;
+                let moved = m.wait_for(|x| x.current_leader.is_some_and(|l| l != id));
+                match tokio::time::timeout(self.lease_ttl / 2, moved).await {
+                    Ok(Ok(_)) => tracing::info!(to, "resigned: raft leadership handed over"),
+                    _ => tracing::warn!(
+                        to,
+                        "resigned: asked raft node {to} to run for leader, but it was not elected in time"
+                    ),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(to, error = %e, "resigned, but could not hand raft leadership over; it moves once the lease runs out")
+            }
         }
     }
 
@@ -548,6 +609,7 @@ impl Store for RaftStore {
             let lead = Command::Lead { member: me.clone(), node: self.id };
             match write_local(&self.raft, lead).await {
                 Ok(Reply::Led { token }) => {
+                    *self.led_at.lock().expect("led_at") = Some(Instant::now());
                     let lost = CancellationToken::new();
                     tokio::spawn(self.monitor(token, raft_term, lost.clone()));
                     tracing::info!(token, raft_term, "leading (raft)");
@@ -572,7 +634,9 @@ impl Store for RaftStore {
     async fn resign(&self, term: &Term) -> Result<(), StoreError> {
         let r = write_local(&self.raft, Command::Resign { term_token: term.token }).await;
         term.lost.cancel();
-        r.map(|_| ()).map_err(|e| StoreError::Unavailable(e.to_string()))
+        r.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.hand_over().await;
+        Ok(())
     }
 
     async fn leader(&self) -> Result<Option<Member>, StoreError> {

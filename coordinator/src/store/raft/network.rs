@@ -5,6 +5,7 @@
 //!   openraft ─▶ Conn::append_entries ─Frame─▶ RaftServiceImpl ─▶ openraft
 //!   RaftStore::propose (follower) ────Frame─▶ RaftServiceImpl::propose ─▶ client_write on the leader
 //!   RaftStore::read_barrier (follower) ─Frame─▶ RaftServiceImpl::read_index ─▶ get_read_log_id on the leader
+//!   RaftStore::resign (leader) ─────────Frame─▶ RaftServiceImpl::elect ─▶ trigger().elect() on a follower
 //! ```
 //!
 //! Frames carry postcard-encoded openraft types (and our proposals and
@@ -175,6 +176,12 @@ impl RaftRpc for RaftServiceImpl {
 
     async fn read_index(&self, _req: Request<Frame>) -> Result<Response<Frame>, Status> {
         let out: Result<Option<u64>, ProposeError> = super::read_index_local(&self.raft).await;
+        Ok(Response::new(encode(&out)?))
+    }
+
+    async fn elect(&self, _req: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let out: Result<(), ProposeError> =
+            self.raft.trigger().elect().await.map_err(|e| ProposeError::Failed(e.to_string()));
         Ok(Response::new(encode(&out)?))
     }
 }
