@@ -499,6 +499,17 @@ impl Cluster {
         }
     }
 
+    /// SIGTERMs process `i` of `role` (a rolling update, a drained machine:
+    /// it may shut down cleanly; a coordinator resigns first), SIGKILLed if
+    /// still running after `grace`.
+    pub fn terminate(&mut self, role: Role, i: usize, grace: Duration) {
+        let Ok(name) = self.proc_mut(role, i).map(|p| p.name.clone()) else { return };
+        self.event(format!("terminate {name}"));
+        if let Ok(p) = self.proc_mut(role, i) {
+            p.stop(grace);
+        }
+    }
+
     /// Starts process `i` of `role` again (after a kill: the same command,
     /// data dir and address; a running one is killed first) and waits until
     /// it listens.

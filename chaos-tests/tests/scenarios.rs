@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use confroll_chaos::{
-    cluster::{Cluster, Options, Store, lite},
+    cluster::{Cluster, Options, Role, Store, lite},
     scenario::{self, Readers, Verdict},
 };
 
@@ -65,6 +65,7 @@ fn main() {
         ("abort_while_a_push_is_on_its_way", both(), body!(abort_while_a_push_is_on_its_way)),
         ("leader_woken_after_its_lease_pushes_nothing", both(), body!(leader_woken_after_its_lease_pushes_nothing)),
         ("promotion_lost_with_its_leader", vec![Store::Etcd, Store::Raft], body!(promotion_lost_with_its_leader)),
+        ("coordinators_rolled_one_by_one", both(), body!(coordinators_rolled_one_by_one)),
     ];
     let mut trials = Vec::new();
     for (k, (name, stores, f)) in all.into_iter().enumerate() {
@@ -445,4 +446,23 @@ async fn promotion_lost_with_its_leader(store: Store) -> anyhow::Result<Verdict>
     let done = cl.wait_done(STAGE_WAIT).await?;
     anyhow::ensure!(done.state == "ROLLED_BACK" && done.stage == 1, "the cut missed the promotion: {done:?}");
     scenario::finish(cl, "promotion_lost_with_its_leader", readers).await
+}
+
+/// A Kubernetes rolling update of the coordinators during a rollout: each
+/// replica in turn, highest ordinal first, is SIGTERMed (it resigns and, on
+/// raft, hands leadership to a follower before it exits), then started
+/// again on its data dir; the next goes once a leader is known again. The
+/// rollout must finish, and every invariant hold.
+async fn coordinators_rolled_one_by_one(store: Store) -> anyhow::Result<Verdict> {
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    cl.submit_acked(0, &lite(32), "2s").await?;
+    cl.wait_stage(0, 1, STAGE_WAIT).await?;
+    for i in (0..cl.coords.len()).rev() {
+        cl.terminate(Role::Coordinator, i, Duration::from_secs(10));
+        cl.restart_coord(i).await?;
+        cl.leader(STAGE_WAIT).await?;
+    }
+    let done = cl.wait_done(STAGE_WAIT).await?;
+    anyhow::ensure!(done.state == "SUCCEEDED", "the rollout did not survive the rolling update: {done:?}");
+    scenario::finish(cl, "coordinators_rolled_one_by_one", readers).await
 }

@@ -185,7 +185,7 @@ async fn inject(cl: &mut Cluster, rng: &mut StdRng) -> anyhow::Result<()> {
     let lname = cl.coords[leader].name.clone();
     let node = rng.random_range(0..cl.nodes.len());
     let nname = cl.nodes[node].name.clone();
-    let kinds = if cl.etcd.is_empty() { 10 } else { 11 };
+    let kinds = if cl.etcd.is_empty() { 11 } else { 12 };
     match rng.random_range(0..kinds) {
         0 => {
             cl.kill_coord(leader);
@@ -247,6 +247,13 @@ async fn inject(cl: &mut Cluster, rng: &mut StdRng) -> anyhow::Result<()> {
             for i in others {
                 cl.restart_coord(i).await?;
             }
+        }
+        10 => {
+            // A rolling update's step: the leader is SIGTERMed (it resigns
+            // and, on raft, hands leadership over), then started again.
+            cl.terminate(confroll_chaos::cluster::Role::Coordinator, leader, Duration::from_secs(10));
+            tokio::time::sleep(hold / 2).await;
+            cl.restart_coord(leader).await?;
         }
         _ => {
             let e = cl.etcd_leader().await.unwrap_or(0);
