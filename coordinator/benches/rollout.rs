@@ -228,7 +228,7 @@ async fn coordinators(
 ) -> anyhow::Result<(Replica, std::net::SocketAddr)> {
     let ttl = Duration::from_secs(2);
     let stores: Vec<Arc<dyn Store>> = match backend {
-        Backend::Etcd => vec![Arc::new(EtcdStore::connect(&[etcd.to_owned()], ttl).await?)],
+        Backend::Etcd => vec![Arc::new(EtcdStore::connect(&[etcd.to_owned()], ttl, &Default::default()).await?)],
         Backend::Raft => {
             let mut listeners = Vec::new();
             for _ in 0..3 {

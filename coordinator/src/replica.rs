@@ -114,6 +114,7 @@ impl From<StoreError> for ApiError {
                 ApiError::NotLeader(None)
             }
             StoreError::Corrupt { .. } => ApiError::Unavailable(e.to_string()),
+            StoreError::Refused(_) => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -5,6 +5,7 @@
 //!     --store raft --raft-id 1 --raft-peers 1=127.0.0.1:7201,2=…,3=… --data-dir /var/lib/confroll/c1
 //! confroll-coordinator --id c1 --listen 127.0.0.1:7001 --http-listen 127.0.0.1:7101 \
 //!     --store etcd --etcd-endpoints http://127.0.0.1:2379 [--lease-ttl 5s]
+//!     [--etcd-ca ca.pem [--etcd-cert c.pem --etcd-key c.key] --etcd-user U --etcd-password-file F]
 //!     [--push-key push.key] [--operator-tokens F --node-tokens F --reader-tokens F]
 //! ```
 
@@ -18,7 +19,7 @@ use confroll_coordinator::{
     replica::{Replica, ReplicaOptions},
     store::{
         Store,
-        etcd::EtcdStore,
+        etcd::{ClientIdentity, EtcdSecurity, EtcdStore, EtcdUser, Password},
         raft::{RaftOptions, RaftStore, parse_peers, raft_id},
     },
 };
@@ -72,9 +73,30 @@ struct Cli {
     /// raft: snapshot the state machine and compact the log every N entries.
     #[arg(long, default_value_t = 1000)]
     raft_snapshot_every: u64,
-    /// etcd endpoints, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    /// etcd endpoints, comma-separated [default: http://127.0.0.1:2379, or
+    /// https://127.0.0.1:2379 with --etcd-ca].
+    #[arg(long, value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
+    /// etcd: PEM CA that signed etcd's server certificate. Turns TLS on:
+    /// endpoints must be https:// (no system roots are trusted).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd: PEM client certificate for etcd's --client-cert-auth (needs
+    /// --etcd-key and --etcd-ca). With etcd's auth on and no --etcd-user,
+    /// etcd takes its CN as the user.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// etcd: PEM private key of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd: RBAC user (etcd's `auth enable`); its role needs readwrite on
+    /// the key prefix /confroll/. Needs --etcd-password-file.
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// etcd: file holding --etcd-user's password (trailing newlines are
+    /// ignored). The password is never logged.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// Leader lease TTL (etcd raises values under ~2s).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
@@ -173,6 +195,8 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let shutdown = CancellationToken::new();
+    // etcd: to stop when it refuses this replica for good.
+    let mut etcd = None;
     let store: Arc<dyn Store> = match cli.store {
         Backend::Raft => {
             let peers =
@@ -199,7 +223,10 @@ async fn main() -> anyhow::Result<()> {
             RaftStore::start(opts, l, shutdown.clone()).await.context("start the raft store")?
         }
         Backend::Etcd => {
-            Arc::new(EtcdStore::connect(&cli.etcd_endpoints, cli.lease_ttl).await.context("connect to etcd")?)
+            let (endpoints, security) = etcd_options(&cli)?;
+            let store = EtcdStore::connect(&endpoints, cli.lease_ttl, &security).await.context("connect to etcd")?;
+            etcd = Some(store.clone());
+            Arc::new(store)
         }
     };
     let advertise = match &cli.advertise {
@@ -241,6 +268,10 @@ async fn main() -> anyhow::Result<()> {
     let grpc = TcpListener::bind(cli.listen).await.with_context(|| format!("bind {}", cli.listen))?;
     tracing::info!(id = %id, addr = %cli.listen, store = ?cli.store, "coordinator gRPC listening");
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(etcd) = etcd {
+        // Wrong credentials or permissions: retrying cannot help.
+        tasks.spawn(async move { Err(anyhow::anyhow!("etcd refused this replica: {}", etcd.refused().await)) });
+    }
     {
         let (c, s) = (credentials.clone(), shutdown.clone());
         tasks.spawn(async move { c.keep_reloaded(Duration::from_secs(2), s).await.context("credential reload") });
@@ -283,4 +314,55 @@ async fn main() -> anyhow::Result<()> {
 fn hostname() -> anyhow::Result<String> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").context("read /proc/sys/kernel/hostname")?;
     Ok(h.trim().to_owned())
+}
+
+/// The etcd endpoints and security options of the flags; the error names
+/// the flag (and file) at fault.
+fn etcd_options(cli: &Cli) -> anyhow::Result<(Vec<String>, EtcdSecurity)> {
+    let read_pem = |flag: &str, path: &PathBuf, label: &str| -> anyhow::Result<Vec<u8>> {
+        let pem = std::fs::read(path).with_context(|| format!("{flag} {}: cannot read it", path.display()))?;
+        let text = String::from_utf8_lossy(&pem);
+        anyhow::ensure!(
+            text.lines().any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----"))),
+            "{flag} {}: no PEM {} in it",
+            path.display(),
+            label.to_lowercase()
+        );
+        Ok(pem)
+    };
+    let ca_pem = cli.etcd_ca.as_ref().map(|p| read_pem("--etcd-ca", p, "CERTIFICATE")).transpose()?;
+    let identity = match (&cli.etcd_cert, &cli.etcd_key) {
+        (Some(c), Some(k)) => Some(ClientIdentity {
+            cert_pem: read_pem("--etcd-cert", c, "CERTIFICATE")?,
+            key_pem: read_pem("--etcd-key", k, "PRIVATE KEY")?,
+        }),
+        (None, None) => None,
+        // clap's `requires` already refuses these.
+        _ => anyhow::bail!("--etcd-cert and --etcd-key go together"),
+    };
+    let user = match (&cli.etcd_user, &cli.etcd_password_file) {
+        (Some(name), Some(file)) => {
+            anyhow::ensure!(!name.trim().is_empty(), "--etcd-user must not be empty");
+            let password = Password::from_file(file).map_err(|e| anyhow::anyhow!("--etcd-password-file: {e}"))?;
+            Some(EtcdUser { name: name.clone(), password })
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
+    };
+    let security = EtcdSecurity { ca_pem, identity, user };
+    let endpoints = if cli.etcd_endpoints.is_empty() {
+        let scheme = if security.ca_pem.is_some() { "https" } else { "http" };
+        vec![format!("{scheme}://127.0.0.1:2379")]
+    } else {
+        cli.etcd_endpoints.clone()
+    };
+    security.check(&endpoints).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        endpoints = %endpoints.join(","),
+        tls = security.ca_pem.is_some(),
+        client_certificate = security.identity.is_some(),
+        user = security.user.as_ref().map(|u| u.name.as_str()),
+        "etcd store"
+    );
+    Ok((endpoints, security))
 }

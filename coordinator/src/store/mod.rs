@@ -182,6 +182,11 @@ pub enum StoreError {
     /// leads (or no longer holds the lock). Stop acting.
     #[error("fenced out: {0}")]
     FencedOut(String),
+    /// The store refused this replica for good: its credentials, its
+    /// certificate or its permissions (or the connection options contradict
+    /// each other). Retrying cannot help; the message says what to fix.
+    #[error("store refused access: {0}")]
+    Refused(String),
     /// Stored data is not what this version of confroll wrote.
     #[error("corrupt store data at {key}: {message}")]
     Corrupt {

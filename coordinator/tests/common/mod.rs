@@ -50,27 +50,54 @@ pub struct Etcd {
     pub dir: tempfile::TempDir,
 }
 
+/// The PEM files of an etcd that serves TLS and checks client certificates.
+pub struct EtcdTls {
+    /// CA that signed the server certificate and the clients' certificates.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 impl Etcd {
     pub fn start() -> Etcd {
+        Self::start_with(None, &[])
+    }
+
+    /// An etcd serving `https://` with `tls`'s certificate and
+    /// `--client-cert-auth` against `tls.ca`, plus `extra` etcd flags. Its
+    /// log is `etcd.log` in its dir.
+    pub fn start_tls(tls: &EtcdTls, extra: &[&str]) -> Etcd {
+        Self::start_with(Some(tls), extra)
+    }
+
+    fn start_with(tls: Option<&EtcdTls>, extra: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
-        let p = spawn_listening(
-            Command::new("etcd")
-                .args(["--name", "t", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                .args(["--initial-cluster", &format!("t=http://127.0.0.1:{peer}")])
-                .args(["--log-level", "error"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-            lo(client),
-            "etcd",
-            None,
-        );
-        Etcd { endpoint: format!("http://127.0.0.1:{client}"), _proc: p, dir }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &format!("{scheme}://127.0.0.1:{client}")])
+            .args(["--advertise-client-urls", &format!("{scheme}://127.0.0.1:{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("t=http://127.0.0.1:{peer}")])
+            .args(["--log-level", "error"]);
+        let log = dir.path().join("etcd.log");
+        match tls {
+            Some(t) => {
+                cmd.arg("--cert-file").arg(&t.cert).arg("--key-file").arg(&t.key);
+                cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+                let out = std::fs::File::create(&log).unwrap();
+                cmd.stdout(out.try_clone().unwrap()).stderr(out);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        cmd.args(extra);
+        let p = spawn_listening(&mut cmd, lo(client), "etcd", tls.map(|_| log.as_path()));
+        Etcd { endpoint: format!("{scheme}://127.0.0.1:{client}"), _proc: p, dir }
     }
 }
 
@@ -87,6 +114,14 @@ impl Backing {
         match std::env::var("CONFROLL_TEST_STORE").as_deref() {
             Ok("raft") => "raft",
             _ => "etcd",
+        }
+    }
+
+    /// `etcd` or `raft`: what `store` is.
+    pub fn kind_of(store: &Backing) -> &'static str {
+        match store {
+            Backing::Etcd(_) => "etcd",
+            Backing::Raft { .. } => "raft",
         }
     }
 
@@ -322,6 +357,47 @@ impl NodeProc {
             Some(&log),
         );
         NodeProc { id: id.into(), http_port, agent_port, log, http: reqwest::Client::new(), proc: Some(child) }
+    }
+
+    /// [`NodeProc::start_urls`] on the given ports, appending to the node's
+    /// log: a node started again where it ran before (same ports, same
+    /// state dir), e.g. after [`NodeProc::kill9`].
+    pub fn start_urls_on(
+        id: &str,
+        config: &Path,
+        dir: &Path,
+        urls: &[String],
+        extra: &[&str],
+        http_port: u16,
+        agent_port: u16,
+    ) -> NodeProc {
+        let log = dir.join(format!("{id}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = spawn_listening(
+            Command::new(node_bin())
+                .arg("--config")
+                .arg(config)
+                .args(["--listen", &format!("127.0.0.1:{http_port}")])
+                .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
+                .arg("--state-dir")
+                .arg(dir.join(format!("{id}.state")))
+                .args(["--id", id, "--no-watch"])
+                .args(if urls.is_empty() { vec![] } else { vec!["--coordinator".to_owned(), urls.join(",")] })
+                .args(default_arg(extra, "--trust-keys", "--insecure-unsigned-pushes", &push_keys().1))
+                .args(extra)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out),
+            lo(http_port),
+            "node",
+            Some(&log),
+        );
+        NodeProc { id: id.into(), http_port, agent_port, log, http: reqwest::Client::new(), proc: Some(child) }
+    }
+
+    /// The text of its `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.http_port);
+        self.http.get(url).send().await.unwrap().text().await.unwrap()
     }
 
     pub async fn status(&self) -> serde_json::Value {
