@@ -487,11 +487,33 @@ impl Replica {
 
     /// Resumes a rollout left unfinished by an earlier leader (or by a driver
     /// of this one that stopped). Skips it while the old lock still lives.
+    ///
+    /// The record was read before the lock was taken, and a pass can
+    /// outlive its term (a read that waited for a quorum): the record is
+    /// read again under the lock and resumed only if it is still the same
+    /// unfinished rollout and this term still leads. Otherwise a pass of a
+    /// deposed term could pick up a rollout its own driver had just finished
+    /// (found by the randomised mode on raft: the finish committed while the
+    /// pass waited, the lock it released was taken again, and a driver of
+    /// the lost term started from the stale record).
     async fn resume(&self, term: &Term, service: &str, rec: RolloutRecord) -> Result<(), StoreError> {
+        if term.lost.is_cancelled() {
+            return Ok(());
+        }
         match self.inner.store.try_lock(term, service, rec.id.as_bytes()).await? {
             LockAttempt::Acquired(lock) => {
-                tracing::info!(%service, rollout = %rec.id, version = rec.version, state = rec.state.as_str(), stage = rec.stage, at_ms = now_ms(), "resuming rollout of the previous leader");
-                self.spawn_driver(term.clone(), lock, rec, None);
+                let current = match self.rollout(service).await {
+                    Ok(Some(r)) if r.id == rec.id && !r.state.is_terminal() && !term.lost.is_cancelled() => r,
+                    other => {
+                        tracing::info!(%service, rollout = %rec.id, "not resuming: the rollout ended, or this replica stopped leading, since it was read");
+                        if let Err(e) = self.inner.store.unlock(&lock).await {
+                            tracing::debug!(%service, error = %e, "unlock after a resume given up");
+                        }
+                        return other.map(|_| ());
+                    }
+                };
+                tracing::info!(%service, rollout = %current.id, version = current.version, state = current.state.as_str(), stage = current.stage, at_ms = now_ms(), "resuming rollout of the previous leader");
+                self.spawn_driver(term.clone(), lock, current, None);
             }
             // The previous leader's lock lives until its lease expires; the
             // next reconcile pass tries again.
