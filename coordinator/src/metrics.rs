@@ -154,6 +154,20 @@ impl CoordinatorMetrics {
         }
     }
 
+    /// Creates every counter series of `service` at 0 (outcomes, push
+    /// error reasons, lost nodes): a labelled counter that first appears at
+    /// 1 shows no `increase()` or `rate()`, so a dashboard and an alert
+    /// would miss a service's first rollback or push error.
+    pub fn init_service(&self, service: &str) {
+        for outcome in ["succeeded", "rolled_back", "aborted"] {
+            self.rollouts_total.with_label_values(&[service, outcome]);
+        }
+        for reason in ["unreachable", "refused", "failed"] {
+            self.push_errors.with_label_values(&[service, reason]);
+        }
+        self.nodes_lost.with_label_values(&[service]);
+    }
+
     /// Drops the leader-only series (the cluster's view per service): called
     /// when this replica stops leading.
     pub fn forget_cluster_view(&self) {

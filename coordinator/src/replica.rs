@@ -554,6 +554,7 @@ impl Replica {
     /// ones gone since the last pass.
     fn export_nodes(&self, service: &str, nodes: &[NodeRecord]) {
         let m = &self.inner.metrics;
+        m.init_service(service);
         let healthy = nodes.iter().filter(|n| n.healthy).count() as i64;
         m.nodes.with_label_values(&[service, "healthy"]).set(healthy);
         m.nodes.with_label_values(&[service, "unhealthy"]).set(nodes.len() as i64 - healthy);

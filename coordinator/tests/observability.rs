@@ -364,22 +364,14 @@ fn dashboard_targets() -> (Vec<Target>, Vec<String>) {
     (out, variables)
 }
 
-/// Panel targets (title, refId, the series concerned) that show data in
-/// this run but cannot show its event as a non-zero value: the counter is
-/// labelled, so a replica or node exports the series only from its first
-/// event on, with the value 1, and `rate()`/`increase()` need two samples of
-/// a series to see a change: the first event of each label set (after every
-/// process start) is invisible to them. The alert rules cover this case
-/// (the "new series" branches of alerts.yml); these panels would need the
-/// binaries to export the known label sets at 0 from the start. Every other
-/// target must show a non-zero value at some point of the run.
-const FIRST_EVENT_BLIND: [(&str, &str, &str); 5] = [
-    ("Rollouts by outcome", "A", "outcome=\"rolled_back\": the canary's refusal is the first rollback"),
-    ("Nodes by health", "B", "confroll_nodes_lost_total: n3's expiry is the leader's first"),
-    ("Push errors by reason", "A", "reason=\"failed\": the canary's failed push is the first push error"),
-    ("Node reload errors", "A", "type=\"health\": n1's first reload error"),
-    ("Node reload errors", "B", "reason=\"health\": n1's first reload rollback"),
-];
+/// Panel targets (title, refId, why) allowed to show data but no non-zero
+/// value in this run. None: a labelled counter that first appeared with the
+/// value 1 was invisible to `rate()`/`increase()`, so the binaries now
+/// export every known label set at 0 from the start (a service's outcomes,
+/// push error reasons and lost nodes once its leader sees it; a node's
+/// reload statuses, error types and rollback reasons at boot), and every
+/// target must show its event.
+const FIRST_EVENT_BLIND: [(&str, &str, &str); 0] = [];
 
 /// A python3 that has matplotlib: the one on PATH, else Debian's (the
 /// package `python3-matplotlib` installs into /usr/bin/python3's path).

@@ -141,6 +141,18 @@ impl NodeMetrics {
             ),
             registry,
         };
+        // Every series a dashboard or an alert reads exists at 0 from the
+        // start: a labelled counter that first appears at 1 shows no
+        // `increase()`, so the first failed reload would go unseen.
+        for status in ["applied", "degraded", "unchanged", "rejected", "rolled_back"] {
+            m.reload_total.with_label_values(&[status]);
+        }
+        for kind in ["load", "validate", "diff", "apply", "reload", "health", "component"] {
+            m.errors_total.with_label_values(&[kind]);
+        }
+        for reason in ["component", "health"] {
+            m.rollbacks_total.with_label_values(&[reason]);
+        }
         Arc::new(m)
     }
 
