@@ -1768,3 +1768,93 @@ impl From<AgentError> for ApiError {
         ApiError::Unavailable(e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::raft::{RaftOptions, RaftStore};
+
+    /// A single replica on a real (single-member) raft store on loopback,
+    /// leading; stops with the returned token.
+    async fn leading_replica(dir: &std::path::Path) -> (Replica, Arc<Term>, CancellationToken) {
+        let stop = CancellationToken::new();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peers = [(1, l.local_addr().unwrap().to_string())].into_iter().collect();
+        let opts = RaftOptions {
+            id: 1,
+            peers,
+            data_dir: dir.to_owned(),
+            lease_ttl: Duration::from_secs(2),
+            snapshot_every: 1000,
+        };
+        let store = RaftStore::start(opts, l, stop.clone()).await.unwrap();
+        let replica = Replica::new(ReplicaOptions::new("c1", "127.0.0.1:1"), store);
+        tokio::spawn(replica.clone().run(stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(t) = replica.term() {
+                return (replica, t, stop);
+            }
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Bug 6 of docs/chaos.md: a reconcile pass holds a record read before
+    /// the rollout finished (a read that waited for a quorum); the finish
+    /// released the lock, so the pass can take it. It must not start a
+    /// driver from the stale record: `resume` reads the record again under
+    /// the lock, finds the rollout finished, and gives the lock back.
+    #[tokio::test]
+    async fn a_stale_record_of_a_finished_rollout_is_not_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (replica, term, stop) = leading_replica(dir.path()).await;
+        let submit = Submit {
+            service: "default".into(),
+            content: "profile: lite\ncache: {ttl: 30s}\n".into(),
+            author: "test".into(),
+            message: "v1".into(),
+            dry_run: false,
+            policy: None,
+            role: "anonymous".into(),
+            credential: String::new(),
+        };
+        replica.submit(submit).await.unwrap();
+        // No node is registered: the rollout ends at once.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let finished = loop {
+            match replica.rollout("default").await.unwrap() {
+                Some(r) if r.state.is_terminal() => break r,
+                _ => assert!(Instant::now() < deadline, "the rollout did not end"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(finished.state, RolloutState::Succeeded);
+        let started_before = replica.inner.drivers.lock().unwrap().started.get("default").copied();
+
+        // What the pass read before the finish committed.
+        let mut stale = finished.clone();
+        stale.state = RolloutState::Running;
+        replica.resume(&term, "default", stale).await.unwrap();
+
+        let d = replica.inner.drivers.lock().unwrap();
+        assert_eq!(d.started.get("default").copied(), started_before, "a driver started from the stale record");
+        assert!(!d.running.contains_key("default"));
+        drop(d);
+        let now = replica.rollout("default").await.unwrap().unwrap();
+        assert_eq!((now.state, now.updated_at.clone()), (RolloutState::Succeeded, finished.updated_at.clone()));
+        // The lock was given back: the next rollout can take it.
+        match replica.inner.store.try_lock(&term, "default", b"next").await.unwrap() {
+            LockAttempt::Acquired(lock) => replica.inner.store.unlock(&lock).await.unwrap(),
+            LockAttempt::Held(h) => panic!("the lock is still held: {h:?}"),
+        }
+
+        // And a lost term resumes nothing, even a rollout that is unfinished.
+        term.lost.cancel();
+        let mut unfinished = finished;
+        unfinished.state = RolloutState::Running;
+        replica.resume(&term, "default", unfinished).await.unwrap();
+        assert_eq!(replica.inner.drivers.lock().unwrap().started.get("default").copied(), started_before);
+        stop.cancel();
+    }
+}
