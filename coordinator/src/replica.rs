@@ -1837,10 +1837,11 @@ mod tests {
         stale.state = RolloutState::Running;
         replica.resume(&term, "default", stale).await.unwrap();
 
-        let d = replica.inner.drivers.lock().unwrap();
-        assert_eq!(d.started.get("default").copied(), started_before, "a driver started from the stale record");
-        assert!(!d.running.contains_key("default"));
-        drop(d);
+        {
+            let d = replica.inner.drivers.lock().unwrap();
+            assert_eq!(d.started.get("default").copied(), started_before, "a driver started from the stale record");
+            assert!(!d.running.contains_key("default"));
+        }
         let now = replica.rollout("default").await.unwrap().unwrap();
         assert_eq!((now.state, now.updated_at.clone()), (RolloutState::Succeeded, finished.updated_at.clone()));
         // The lock was given back: the next rollout can take it.
