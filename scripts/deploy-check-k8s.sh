@@ -63,21 +63,6 @@ echo "kubernetes-validate: $("$VENV/bin/kubernetes-validate" --version), validat
 TMP=$(mktemp -d /tmp/confroll-k8s-check.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 
-FAILED=0
-# check DESCRIPTION COMMAND...: runs COMMAND; prints "ok DESCRIPTION", or
-# "FAIL DESCRIPTION" and COMMAND's output.
-check() {
-  local what="$1" out note
-  shift
-  if out=$("$@" 2>&1); then
-    note=$(sed -n 's/^note: //p' <<<"$out" | head -1)
-    echo "ok    $what${note:+ ($note)}"
-  else
-    echo "FAIL  $what"
-    printf '%s\n' "$out" | sed 's/^/      /'
-    FAILED=1
-  fi
-}
 
 # --- rendering ---------------------------------------------------------------
 

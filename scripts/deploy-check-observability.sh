@@ -25,22 +25,6 @@ command -v python3 >/dev/null 2>&1 || apt_install python3
 TMP=$(mktemp -d /tmp/confroll-obs-check.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 
-FAILED=0
-# check DESCRIPTION COMMAND...: runs COMMAND; prints "ok DESCRIPTION", or
-# "FAIL DESCRIPTION" and COMMAND's output.
-check() {
-  local what="$1" out note
-  shift
-  if out=$("$@" 2>&1); then
-    # A check may qualify its success with a line "note: ...".
-    note=$(sed -n 's/^note: //p' <<<"$out" | head -1)
-    echo "ok    $what${note:+ ($note)}"
-  else
-    echo "FAIL  $what"
-    printf '%s\n' "$out" | sed 's/^/      /'
-    FAILED=1
-  fi
-}
 
 # The Kubernetes config. Debian's promtool is built without Kubernetes
 # service discovery ("field kubernetes_sd_configs not found"): then check a

@@ -209,3 +209,20 @@ ensure_kubectl() {
   KUBECTL="$VENV/bin/kubectl"
   usable_kubectl "$KUBECTL" || { echo "$KUBECTL has no kustomize v4+" >&2; return 1; }
 }
+
+# check DESCRIPTION COMMAND...: runs COMMAND; prints "ok DESCRIPTION" (with
+# the first "note: ..." line COMMAND printed, if any), or "FAIL DESCRIPTION"
+# and COMMAND's output, and sets FAILED=1. The deploy checks use it.
+FAILED=0
+check() {
+  local what="$1" out note
+  shift
+  if out=$("$@" 2>&1); then
+    note=$(sed -n 's/^note: //p' <<<"$out" | head -1)
+    echo "ok    $what${note:+ ($note)}"
+  else
+    echo "FAIL  $what"
+    printf '%s\n' "$out" | sed 's/^/      /'
+    FAILED=1
+  fi
+}

@@ -335,28 +335,8 @@ impl NodeProc {
     }
 
     pub fn start_urls(id: &str, config: &Path, dir: &Path, urls: &[String], extra: &[&str]) -> NodeProc {
-        let (http_port, agent_port) = (free_port(), free_port());
-        let log = dir.join(format!("{id}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = spawn_listening(
-            Command::new(node_bin())
-                .arg("--config")
-                .arg(config)
-                .args(["--listen", &format!("127.0.0.1:{http_port}")])
-                .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
-                .arg("--state-dir")
-                .arg(dir.join(format!("{id}.state")))
-                .args(["--id", id, "--no-watch"])
-                .args(if urls.is_empty() { vec![] } else { vec!["--coordinator".to_owned(), urls.join(",")] })
-                .args(default_arg(extra, "--trust-keys", "--insecure-unsigned-pushes", &push_keys().1))
-                .args(extra)
-                .stdout(out.try_clone().unwrap())
-                .stderr(out),
-            lo(http_port),
-            "node",
-            Some(&log),
-        );
-        NodeProc { id: id.into(), http_port, agent_port, log, http: reqwest::Client::new(), proc: Some(child) }
+        let log = std::fs::File::create(dir.join(format!("{id}.log"))).unwrap();
+        Self::spawn(id, config, dir, urls, extra, (free_port(), free_port()), log)
     }
 
     /// [`NodeProc::start_urls`] on the given ports, appending to the node's
@@ -371,8 +351,21 @@ impl NodeProc {
         http_port: u16,
         agent_port: u16,
     ) -> NodeProc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{id}.log"))).unwrap();
+        Self::spawn(id, config, dir, urls, extra, (http_port, agent_port), log)
+    }
+
+    /// Starts node `id` on `(http, agent)` ports, writing its output to `out`.
+    fn spawn(
+        id: &str,
+        config: &Path,
+        dir: &Path,
+        urls: &[String],
+        extra: &[&str],
+        (http_port, agent_port): (u16, u16),
+        out: std::fs::File,
+    ) -> NodeProc {
         let log = dir.join(format!("{id}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = spawn_listening(
             Command::new(node_bin())
                 .arg("--config")
