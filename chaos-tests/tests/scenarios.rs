@@ -66,6 +66,7 @@ fn main() {
         ("leader_woken_after_its_lease_pushes_nothing", both(), body!(leader_woken_after_its_lease_pushes_nothing)),
         ("promotion_lost_with_its_leader", vec![Store::Etcd, Store::Raft], body!(promotion_lost_with_its_leader)),
         ("coordinators_rolled_one_by_one", both(), body!(coordinators_rolled_one_by_one)),
+        ("push_held_back_past_its_lease", both(), body!(push_held_back_past_its_lease)),
     ];
     let mut trials = Vec::new();
     for (k, (name, stores, f)) in all.into_iter().enumerate() {
@@ -465,4 +466,51 @@ async fn coordinators_rolled_one_by_one(store: Store) -> anyhow::Result<Verdict>
     let done = cl.wait_done(STAGE_WAIT).await?;
     anyhow::ensure!(done.state == "SUCCEEDED", "the rollout did not survive the rolling update: {done:?}");
     scenario::finish(cl, "coordinators_rolled_one_by_one", readers).await
+}
+
+/// A push held back by the network past its leader's lease (finding 7 of
+/// docs/chaos.md). Every coordinator's links to the nodes get a 5 s one-way
+/// delay; a version is submitted and, once the leader's first push has
+/// left, the leader is SIGSTOPped. A successor is elected about a lease TTL
+/// later, well before the held-back push reaches its node: the node must
+/// refuse it as late (a push expires with the lease it left under), not
+/// apply it after the new term began. The links heal once it arrived.
+async fn push_held_back_past_its_lease(store: Store) -> anyhow::Result<Verdict> {
+    const HOLD: Duration = Duration::from_secs(5);
+    let (mut cl, readers) = started(Options::new(store)).await?;
+    let old = cl.leader(STAGE_WAIT).await?;
+    let name = cl.coords[old].name.clone();
+    let coords: Vec<String> = cl.coords.iter().map(|c| c.name.clone()).collect();
+    let nodes: Vec<String> = cl.nodes.iter().map(|n| n.name.clone()).collect();
+    for c in &coords {
+        for n in &nodes {
+            cl.delay(c, n, HOLD).await?;
+        }
+    }
+    cl.submit_acked(0, &lite(32), "0s").await?;
+    // The canary push leaves within milliseconds of the submit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cl.pause_coord(old)?;
+    let paused_ms = confroll_chaos::history::now_ms();
+    cl.wait_new_leader(&name, STAGE_WAIT).await?;
+    // The held-back push arrives about HOLD after it left.
+    let arrived = std::time::Duration::from_millis(paused_ms + HOLD.as_millis() as u64 + 1500);
+    let wait = arrived.saturating_sub(std::time::Duration::from_millis(confroll_chaos::history::now_ms()));
+    tokio::time::sleep(wait).await;
+    cl.heal()?;
+    cl.resume_coord(old)?;
+    cl.healed();
+    cl.wait_done(STAGE_WAIT).await?;
+    let verdict = scenario::finish(cl, "push_held_back_past_its_lease", readers).await?;
+    if verdict.violations.is_empty() {
+        // The fault hit: the held-back push did reach a node, and was refused.
+        let late = verdict.records.journal.iter().any(|e| {
+            e.trigger == "push"
+                && e.outcome == "refused"
+                && e.detail.contains("push expired")
+                && e.received_ms > paused_ms
+        });
+        anyhow::ensure!(late, "no held-back push reached a node after the pause: the fault missed");
+    }
+    Ok(verdict)
 }

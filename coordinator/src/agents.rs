@@ -53,6 +53,43 @@ pub enum AgentError {
     /// deposed while it waited). Fatal for this push.
     #[error("not sent: this replica's leadership is no longer confirmed")]
     NotLeading,
+    /// The push reached the node after its signed deadline, every time it
+    /// was sent until the apply timeout: the link is slower (one way) than
+    /// what is left of the lease when a push leaves, or the clocks of
+    /// coordinator and node disagree by about that much.
+    #[error("node refused a late push: {0}")]
+    Expired(String),
+}
+
+/// What to wait before sending a push again (times the transport failures
+/// so far).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Waits until `lease` surely holds (up to `deadline`) and returns the
+/// deadline to sign into a push leaving now, in wall-clock ms: the lease's
+/// end, or `deadline` when that comes first. The wall clock is read before
+/// the monotonic one, so a freeze between the two only moves the result
+/// earlier.
+async fn lease_end(
+    lease: &(dyn Fn() -> Option<std::time::Instant> + Send + Sync),
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<u64, AgentError> {
+    loop {
+        let wall_ms = crate::store::now_ms();
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(no_answer(timeout));
+        }
+        let until = lease().ok_or(AgentError::NotLeading)?;
+        let left = until.saturating_duration_since(now.into_std()).min(deadline - now);
+        if !left.is_zero() {
+            return Ok(wall_ms + left.as_millis() as u64);
+        }
+        // In doubt (a freeze just ended, a renewal is late): wait for the
+        // store to renew the lease or to find it lost.
+        tokio::time::sleep_until(deadline.min(now + Duration::from_millis(10))).await;
+    }
 }
 
 /// An open `ApplyStream` to one node.
@@ -197,69 +234,89 @@ impl Agents {
         req: pb::ApplyRequest,
         timeout: Duration,
     ) -> Result<pb::ApplyResponse, AgentError> {
-        self.apply_while(node, address, req, timeout, &|| true).await
+        let forever = std::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        self.apply_while(node, address, req, timeout, &move || Some(forever)).await
     }
 
-    /// [`Agents::apply`], sent only if `leading()` still says so once the
-    /// node's turn has come (the wait for it can be long): a leader's pushes
-    /// never leave after its lease is in doubt.
+    /// [`Agents::apply`] under a leader's lease. `lease()` says until when
+    /// the caller's lease surely holds (in the past: in doubt right now;
+    /// `None`: lost for good).
+    ///
+    /// Right before each attempt leaves (once the node's turn has come,
+    /// which can take long, and again before each retry) the lease must
+    /// hold, or the push waits until it does (up to its deadline). Each
+    /// attempt is signed to expire at the lease's end (or at the deadline,
+    /// when that comes first), and the node refuses it after that: a push
+    /// held back by the network, or by a freeze of this process, cannot land
+    /// after a successor was elected. A push that arrived too late (a link
+    /// slower than what is left of the lease) is signed anew and sent again
+    /// while the lease holds and time is left.
     pub async fn apply_while(
         &self,
         node: &str,
         address: &str,
         mut req: pb::ApplyRequest,
         timeout: Duration,
-        leading: &(dyn Fn() -> bool + Send + Sync),
+        lease: &(dyn Fn() -> Option<std::time::Instant> + Send + Sync),
     ) -> Result<pb::ApplyResponse, AgentError> {
         let slot = self.slot(node);
         let mut slot = slot.lock().await;
-        if !leading() {
-            return Err(AgentError::NotLeading);
-        }
         let deadline = Instant::now() + timeout;
         if req.sequence == 0 {
             req.sequence = self.next_sequence();
         }
         req.node_id = node.to_owned();
-        // The node refuses it after `deadline` (when this call gives up), so a
-        // push still on its way when we stop waiting can never land later,
-        // after another rollout has begun.
-        match &self.key {
-            Some(k) => k.sign_apply_within(&mut req, timeout),
-            None => {
-                req.issued_at_ms = crate::store::now_ms();
-                req.expires_at_ms = req.issued_at_ms + timeout.as_millis() as u64;
-            }
-        }
-        if self.unary.lock().expect("agents lock").contains(address) {
-            return self.apply_unary(address, req, deadline, timeout).await;
-        }
-        let mut attempt = 0;
+        let mut failures = 0;
+        // The node's last "too late" answer: what this push ends with if time
+        // runs out while it is sent again.
+        let mut late = None;
         loop {
-            attempt += 1;
-            // The session leaves the slot for the exchange and goes back only
-            // once its answer is read: if this future is dropped midway (or
-            // times out), an answer still owed on that stream can never be
-            // read as the answer to a later push.
-            let session = slot.take().filter(|s| s.address == address);
-            // The copy serves a retry or the unary fallback.
-            match tokio::time::timeout_at(deadline, self.exchange(session, address, req.clone())).await {
-                Ok(Ok((session, answer))) => {
-                    *slot = Some(session);
-                    return Ok(answer);
+            let expires_at_ms = match lease_end(lease, deadline, timeout).await {
+                Err(AgentError::Unreachable(_)) if late.is_some() => return Err(late.expect("checked")),
+                r => r?,
+            };
+            match &self.key {
+                Some(k) => k.sign_apply_until(&mut req, expires_at_ms),
+                None => {
+                    req.issued_at_ms = crate::store::now_ms();
+                    req.expires_at_ms = expires_at_ms;
                 }
-                Ok(Err(StreamError::Unsupported)) => {
+            }
+            // The copy serves a retry or the unary fallback.
+            let answer = if self.unary.lock().expect("agents lock").contains(address) {
+                self.apply_unary(address, req.clone(), deadline, timeout).await.map_err(StreamError::Agent)
+            } else {
+                // The session leaves the slot for the exchange and goes back
+                // only once its answer is read: if this future is dropped
+                // midway (or times out), an answer still owed on that stream
+                // can never be read as the answer to a later push.
+                let session = slot.take().filter(|s| s.address == address);
+                match tokio::time::timeout_at(deadline, self.exchange(session, address, req.clone())).await {
+                    Ok(Ok((session, answer))) => {
+                        *slot = Some(session);
+                        Ok(answer)
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => return Err(late.unwrap_or_else(|| no_answer(timeout))),
+                }
+            };
+            match answer {
+                Ok(answer) => return Ok(answer),
+                Err(StreamError::Unsupported) => {
                     tracing::info!(%address, "node has no ApplyStream (an older node): pushing with unary Apply");
                     self.unary.lock().expect("agents lock").insert(address.to_owned());
-                    return self.apply_unary(address, req, deadline, timeout).await;
                 }
-                Ok(Err(StreamError::Agent(AgentError::Unreachable(e)))) if attempt < ATTEMPTS => {
-                    tracing::debug!(%address, attempt, error = %e, "push failed on the transport; retrying on a new stream");
-                    let pause = Duration::from_millis(20 * u64::from(attempt));
-                    tokio::time::sleep_until(deadline.min(Instant::now() + pause)).await;
+                Err(StreamError::Agent(AgentError::Expired(e))) => {
+                    tracing::info!(%address, error = %e, "push arrived after its deadline (a slow link): signing it anew");
+                    late = Some(AgentError::Expired(e));
+                    tokio::time::sleep_until(deadline.min(Instant::now() + RETRY_PAUSE)).await;
                 }
-                Ok(Err(StreamError::Agent(e))) => return Err(e),
-                Err(_) => return Err(no_answer(timeout)),
+                Err(StreamError::Agent(AgentError::Unreachable(e))) if failures + 1 < ATTEMPTS => {
+                    failures += 1;
+                    tracing::debug!(%address, failures, error = %e, "push failed on the transport; retrying on a new stream");
+                    tokio::time::sleep_until(deadline.min(Instant::now() + RETRY_PAUSE * failures)).await;
+                }
+                Err(StreamError::Agent(e)) => return Err(e),
             }
         }
     }
@@ -379,6 +436,8 @@ impl Agents {
 fn from_status(s: tonic::Status) -> AgentError {
     let what = format!("{:?}: {}", s.code(), s.message());
     match s.code() {
+        // `PushError::Expired` on the node.
+        Code::FailedPrecondition if s.message().starts_with("push expired") => AgentError::Expired(what),
         Code::FailedPrecondition
         | Code::Aborted
         | Code::InvalidArgument

@@ -162,7 +162,7 @@ impl CoordinatorMetrics {
         for outcome in ["succeeded", "rolled_back", "aborted"] {
             self.rollouts_total.with_label_values(&[service, outcome]);
         }
-        for reason in ["unreachable", "refused", "failed"] {
+        for reason in ["unreachable", "refused", "expired", "failed"] {
             self.push_errors.with_label_values(&[service, reason]);
         }
         self.nodes_lost.with_label_values(&[service]);

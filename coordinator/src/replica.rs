@@ -707,9 +707,12 @@ impl Replica {
             expires_at_ms: 0,
         };
         let (store, t) = (self.inner.store.clone(), term.clone());
-        let leading = move || store.lease_holds(&t);
+        // `None` only once the term is lost for good; a lease in doubt right
+        // now (a late renewal) is waited out.
+        let lease =
+            move || (!t.lost.is_cancelled()).then(|| store.lease_until(&t).unwrap_or_else(std::time::Instant::now));
         let push_error = |reason: &str| self.inner.metrics.push_errors.with_label_values(&[service, reason]).inc();
-        match self.inner.agents.apply_while(node, address, req, timeout, &leading).await {
+        match self.inner.agents.apply_while(node, address, req, timeout, &lease).await {
             // `unchanged`: the node already ran it, so no health phase ran.
             Ok(r) if r.applied && r.report.as_ref().is_some_and(|r| r.status == "unchanged") => {
                 Ok(Applied::AlreadyRunning)
@@ -723,6 +726,7 @@ impl Replica {
                 match &e {
                     AgentError::Unreachable(_) => push_error("unreachable"),
                     AgentError::Refused(_) => push_error("refused"),
+                    AgentError::Expired(_) => push_error("expired"),
                     // Not a push that failed: this replica stopped leading.
                     AgentError::NotLeading => {}
                 }

@@ -250,3 +250,79 @@ async fn streams_of_nodes_that_left_are_closed_and_reopen_if_they_return() {
     assert_eq!(agents.retain(&std::collections::HashMap::new()), 2);
     assert_eq!(agents.open_streams(), 0);
 }
+
+/// A one-way slow link on loopback: a proxy to `target` that holds every
+/// chunk from the client for `delay` before passing it on (answers pass at
+/// once). Serves until the test's runtime ends.
+async fn slow_link(target: &str, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let target = target.to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else { return };
+                let ((mut cr, mut cw), (mut sr, mut sw)) = (client.into_split(), server.into_split());
+                let up = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        tokio::time::sleep(delay).await;
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = async move { tokio::io::copy(&mut sr, &mut cw).await };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+/// How many pushes node `n` refused as late.
+fn refused_late(n: &Node) -> u64 {
+    n.metrics().errors_total.with_label_values(&["expired"]).get() as u64
+}
+
+/// A push is signed to expire when the pusher's lease ends (finding 7 of
+/// docs/chaos.md: a push held back by the network must not land after a
+/// successor was elected). Over a link slower than what is left of the
+/// lease, the node refuses every attempt as late and applies nothing; with
+/// a lease that outlasts the link the same push lands; a lost lease sends
+/// nothing; a lease in doubt is waited out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_expires_with_the_lease_it_left_under() {
+    let (n, addr, _stop, _server) = served("n7").await;
+    let slow = slow_link(&addr, Duration::from_millis(300)).await;
+    let agents = agents();
+
+    let e = agents.apply_while("n7", &slow, push(2, 2, 10), T, &|| None).await.unwrap_err();
+    assert!(matches!(e, AgentError::NotLeading), "{e:?}");
+    assert_eq!(refused_late(&n), 0, "a push without a lease must not leave");
+
+    // Renewed all the time, but only ever 100 ms ahead: shorter than the link.
+    let short = || Some(std::time::Instant::now() + Duration::from_millis(100));
+    let e = agents.apply_while("n7", &slow, push(2, 2, 10), Duration::from_secs(3), &short).await.unwrap_err();
+    assert!(matches!(&e, AgentError::Expired(m) if m.contains("push expired")), "{e:?}");
+    assert!(refused_late(&n) >= 2, "signed anew and sent again: {} late", refused_late(&n));
+    assert_eq!(n.config().version, 1, "a late push must not be applied");
+
+    let long = || Some(std::time::Instant::now() + Duration::from_secs(5));
+    let r = agents.apply_while("n7", &slow, push(2, 2, 10), T, &long).await.unwrap();
+    assert!(r.applied && n.config().version == 2, "{r:?}");
+
+    // In doubt for 300 ms (a renewal is late), then confirmed: sent then.
+    let confirmed_at = std::time::Instant::now() + Duration::from_millis(300);
+    let doubt = move || {
+        let now = std::time::Instant::now();
+        Some(if now < confirmed_at { now } else { now + Duration::from_secs(5) })
+    };
+    let started = std::time::Instant::now();
+    let r = agents.apply_while("n7", &addr, push(3, 3, 10), T, &doubt).await.unwrap();
+    assert!(r.applied && n.config().version == 3, "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "sent while the lease was in doubt");
+}

@@ -182,8 +182,15 @@ impl PushKey {
     /// Signs a push that the node must refuse if it arrives more than
     /// `valid_for` from now (the caller's give-up time).
     pub fn sign_apply_within(&self, r: &mut pb::ApplyRequest, valid_for: Duration) {
+        self.sign_apply_until(r, now_ms() + valid_for.as_millis() as u64);
+    }
+
+    /// Signs a push that the node must refuse if it arrives after
+    /// `expires_at_ms` (wall clock, ms since the Unix epoch), stamping it
+    /// with the current time.
+    pub fn sign_apply_until(&self, r: &mut pb::ApplyRequest, expires_at_ms: u64) {
         r.issued_at_ms = now_ms();
-        r.expires_at_ms = r.issued_at_ms + valid_for.as_millis() as u64;
+        r.expires_at_ms = expires_at_ms;
         r.signature = Some(self.sign(&apply_bytes(r)));
     }
 

@@ -744,10 +744,10 @@ impl Store for EtcdStore {
         }
     }
 
-    fn lease_holds(&self, term: &Term) -> bool {
+    fn lease_until(&self, term: &Term) -> Option<Instant> {
         match &term.handle {
-            TermHandle::Etcd { holds_until, .. } => !term.lost.is_cancelled() && holds_until.holds(),
-            TermHandle::Raft => false,
+            TermHandle::Etcd { holds_until, .. } if !term.lost.is_cancelled() => Some(holds_until.until()),
+            _ => None,
         }
     }
 

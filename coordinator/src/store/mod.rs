@@ -86,9 +86,9 @@ impl LeaseDeadline {
         self.until_ms.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the lease holds now.
-    pub(crate) fn holds(&self) -> bool {
-        (self.epoch.elapsed().as_millis() as u64) < self.until_ms.load(std::sync::atomic::Ordering::Relaxed)
+    /// Until when the lease surely holds (in the past once it lapsed).
+    pub(crate) fn until(&self) -> std::time::Instant {
+        self.epoch + Duration::from_millis(self.until_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -216,6 +216,18 @@ pub trait Store: Send + Sync + 'static {
     /// Gives leadership up at once (SIGTERM: immediate handover).
     async fn resign(&self, term: &Term) -> Result<(), StoreError>;
 
+    /// Until when `term`'s lease surely holds, by this replica's own
+    /// monotonic clock (which keeps counting while the process is frozen):
+    /// the last renewal the store acknowledged plus the part of the TTL
+    /// after which this replica steps down, so no successor can be elected
+    /// before it (etcd: TTL/2, raft: TTL/4 after the last quorum ack; a
+    /// successor needs the whole TTL, raft TTL/2). `None` when the term is
+    /// lost or its lease is not confirmed right now. A push is signed to
+    /// expire then at the latest (see `Agents::apply_while`), so a push held
+    /// back by the network or by a freeze cannot land after a successor was
+    /// elected.
+    fn lease_until(&self, term: &Term) -> Option<std::time::Instant>;
+
     /// Whether `term`'s lease is known to hold *now*, by this replica's own
     /// clock: not lost, and renewed recently enough that no successor can
     /// have been elected. `Term::lost` fires when a background task notices
@@ -224,7 +236,7 @@ pub trait Store: Send + Sync + 'static {
     /// moment between waking up and noticing. Check it right before acting
     /// outside the store (a push), where no fence protects the act.
     fn lease_holds(&self, term: &Term) -> bool {
-        !term.lost.is_cancelled()
+        self.lease_until(term).is_some_and(|t| std::time::Instant::now() < t)
     }
 
     /// The current leader, if any.

@@ -456,14 +456,22 @@ impl RaftStore {
     /// this read before openraft's stamp task runs, sees pre-pause metrics;
     /// writes stay fenced regardless.
     fn leader_lease_holds(&self) -> bool {
+        self.leader_lease_until().is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Until when [`RaftStore::leader_lease_holds`] holds: TTL/4 after the
+    /// last quorum ack (`None`: not a leader that applied its own term).
+    fn leader_lease_until(&self) -> Option<Instant> {
         let rx = self.raft.metrics();
         let m = rx.borrow();
         let seen = self.metrics_seen_ms.load(std::sync::atomic::Ordering::Relaxed);
-        let age = (self.epoch.elapsed().as_millis() as u64).saturating_sub(seen);
-        m.state == ServerState::Leader
+        let now = Instant::now();
+        let age = (now.saturating_duration_since(self.epoch).as_millis() as u64).saturating_sub(seen);
+        let leads = m.state == ServerState::Leader
             && m.current_leader == Some(self.id)
-            && m.millis_since_quorum_ack.is_some_and(|ms| ms + age < self.ack_window_ms())
-            && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+            && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term);
+        let acked_ms_ago = m.millis_since_quorum_ack.filter(|_| leads)? + age;
+        (now + Duration::from_millis(self.ack_window_ms())).checked_sub(Duration::from_millis(acked_ms_ago))
     }
 
     /// Waits before the next attempt after `e` from `asked` (the leader
@@ -624,11 +632,11 @@ impl Store for RaftStore {
         }
     }
 
-    fn lease_holds(&self, term: &Term) -> bool {
-        !term.lost.is_cancelled()
+    fn lease_until(&self, term: &Term) -> Option<Instant> {
+        let ours = !term.lost.is_cancelled()
             && matches!(term.handle, TermHandle::Raft)
-            && self.leader_lease_holds()
-            && self.shared.state.read().expect("state").sm.term_token() == Some(term.token)
+            && self.shared.state.read().expect("state").sm.term_token() == Some(term.token);
+        self.leader_lease_until().filter(|_| ours)
     }
 
     async fn resign(&self, term: &Term) -> Result<(), StoreError> {
