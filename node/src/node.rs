@@ -168,10 +168,12 @@ pub enum PushError {
         /// Highest sequence taken.
         latest: u64,
     },
-    /// The push arrived after its deadline: its pusher gave up on it and may
-    /// have moved on (another rollout). Fatal for this push only.
+    /// The push arrived after its deadline: its pusher's lease may have
+    /// ended since (a successor may be pushing), or it gave up on the push
+    /// and moved on (another rollout). Fatal for this attempt; the pusher
+    /// signs it anew while it still leads.
     #[error(
-        "push expired: it arrived at {received_ms} ms, after its deadline {expires_at_ms} ms (its coordinator gave up on it; a clock skew between coordinator and node also shows this way)"
+        "push expired: it arrived at {received_ms} ms, after its deadline {expires_at_ms} ms (its coordinator's lease or wait had ended: a slow link; a clock skew between coordinator and node also shows this way)"
     )]
     Expired {
         /// When it arrived.

@@ -19,14 +19,13 @@
 //!    of any token greater than `t`, even by a node that never heard of the
 //!    new term. What makes it hold: a leader stops pushing as soon as it
 //!    cannot renew its lease for half the TTL (raft: a quarter), while a
-//!    successor can only be elected once the whole TTL has run out; and a
-//!    push carries a signed deadline (when its leader gives up on it) that
-//!    the node enforces, so a push cannot linger in the network for longer.
-//!    The window left is a leader frozen (SIGSTOP, a VM pause) between its
-//!    last lease check and the write of a push, for longer than the lease:
-//!    the push then arrives within its deadline but after the new election.
-//!    This rule is there to catch it (see docs/security.md, "Not covered
-//!    yet").
+//!    successor can only be elected once the whole TTL (raft: half) has run
+//!    out; and a push carries a signed deadline, the end of the lease it
+//!    left under, that the node enforces, so a push held back by the
+//!    network or by a freeze of its leader cannot arrive later (bug 7 of
+//!    docs/chaos.md was this rule firing while the deadline was the apply
+//!    timeout). Clocks are shared here; across hosts it also needs their
+//!    skew to stay under that margin.
 //!
 //! Trusts: the nodes' journals (what was accepted, when it was received,
 //! under which token) and the coordinators' `Elected` log lines (when each
