@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! chaos --store raft --duration 30m [--seed N] [--run-length 90s]
+//! chaos --check /tmp/confroll-chaos/<kept run>   # the checkers again, on its records
 //! ```
 //!
 //! The time is cut into runs: each starts a fresh cluster, drives client
@@ -21,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use clap::Parser;
 use confroll_chaos::{
     cluster::{Cluster, Options, Store, lite},
@@ -44,6 +46,11 @@ struct Cli {
     /// Seed (random when not given; printed either way).
     #[arg(long)]
     seed: Option<u64>,
+    /// Re-run every checker over the `records.json` of a kept run directory
+    /// (after a checker changed) instead of running faults; prints the
+    /// violations and exits 1 if there are any.
+    #[arg(long, value_name = "DIR")]
+    check: Option<std::path::PathBuf>,
     /// Hidden: build a network with two hosts running `sleep`, print
     /// "ready", and wait (the cleanup tests interrupt this).
     #[arg(long, hide = true)]
@@ -71,6 +78,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if cli.hold {
         return hold().await;
+    }
+    if let Some(dir) = &cli.check {
+        let file = dir.join("records.json");
+        let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+        let records: confroll_chaos::records::Records =
+            serde_json::from_slice(&bytes).with_context(|| format!("parse {}", file.display()))?;
+        let violations = confroll_chaos::check::all(&records);
+        for v in &violations {
+            tracing::error!(checker = %v.checker, at_ms = v.at_ms, "{}", v.message);
+        }
+        tracing::info!(dir = %dir.display(), violations = violations.len(), "checked again");
+        std::process::exit(i32::from(!violations.is_empty()));
     }
     if let Err(why) = netns::available() {
         anyhow::bail!("chaos needs network namespaces: {why}");

@@ -12,7 +12,12 @@
 //!    event (forever when it never finished, or when it was resumed again
 //!    after its last `finished`). Two rollout ids of one service whose
 //!    intervals overlap are a violation. Intervals are half-open: a rollout
-//!    may start in the very millisecond the previous one finished.
+//!    may start in the very millisecond the previous one finished. A
+//!    rollout with no `finished` event at all whose end a status read saw
+//!    (a terminal state) ended by the time that read answered: its leader
+//!    was killed between the store's commit of the outcome and the log
+//!    line. (A rollout resumed after a `finished` stays open whatever the
+//!    reads say: that is a deposed term acting on a stale record.)
 //! 2. From the nodes' journals: a push of rollout `R` that a node applied
 //!    after a later rollout `R2` of the same service had started means a
 //!    stale rollout still touched a node. Pushes without a rollout id are
@@ -25,7 +30,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::records::{Records, Violation};
+use crate::records::{OpResult, OpValue, Records, Violation};
 
 /// This checker's name.
 pub(super) const NAME: &str = "one_rollout";
@@ -80,14 +85,33 @@ fn intervals(r: &Records) -> BTreeMap<&str, Interval<'_>> {
             _ => {}
         }
     }
+    let seen_ended = ended_by_reads(r);
     seen.into_iter()
         .filter_map(|(id, s)| {
             let start = s.first_start?;
             // Resumed after its last `finished` and never finished again: open.
-            let end = s.last_finish.filter(|&f| s.last_start.is_none_or(|l| f >= l));
+            let end = match s.last_finish {
+                Some(f) => Some(f).filter(|&f| s.last_start.is_none_or(|l| f >= l)),
+                None => seen_ended.get(id).copied().filter(|&t| t >= start),
+            };
             Some((id, Interval { service: s.service, start, end }))
         })
         .collect()
+}
+
+/// For each rollout id a status read showed in a terminal state, when the
+/// earliest such read answered (the outcome was committed by then).
+fn ended_by_reads(r: &Records) -> BTreeMap<&str, u64> {
+    let mut out: BTreeMap<&str, u64> = BTreeMap::new();
+    for op in &r.ops {
+        let OpResult::Ok { value: OpValue::Status(read) } = &op.result else { continue };
+        let Some(ro) = &read.rollout else { continue };
+        if matches!(ro.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED") {
+            let t = out.entry(ro.id.as_str()).or_insert(op.complete_ms);
+            *t = (*t).min(op.complete_ms);
+        }
+    }
+    out
 }
 
 /// Overlapping rollouts of one service, and pushes of superseded rollouts
@@ -199,6 +223,38 @@ mod tests {
         let vs = check(&r);
         assert_eq!(vs.len(), 1, "{vs:?}");
         assert!(vs[0].message.contains("r1") && vs[0].message.contains("r2"));
+    }
+
+    #[test]
+    fn a_rollout_whose_leader_died_before_logging_its_end_ended_when_a_read_saw_it() {
+        // d2 starts; its leader commits ABORTED and is killed before the log
+        // line; a read sees ABORTED at 450 (answered at 460); d3 starts at 500.
+        let mut r = sequential();
+        r.rollouts.push(rollout_ev(300, "db", "d0", 6, "started", ""));
+        r.rollouts.push(rollout_ev(310, "db", "d0", 6, "finished", "SUCCEEDED"));
+        r.rollouts.retain(|e| e.rollout_id != "d1");
+        r.rollouts.push(rollout_ev(400, "db", "d2", 8, "started", ""));
+        r.rollouts.push(rollout_ev(500, "db", "d3", 9, "started", ""));
+        let seen =
+            |at, state| op(7, at, at + 10, status("db"), status_ok(6, Some(rollout_read("d2", 8, state, 1, &["n1"]))));
+        r.ops.push(seen(420, "ROLLING_BACK"));
+        r.ops.push(seen(450, "ABORTED"));
+        assert!(check(&r).is_empty(), "{:?}", check(&r));
+
+        // Seen ended only after d3 started: they overlapped.
+        r.ops.retain(|o| o.invoke_ms != 450);
+        r.ops.push(seen(495, "ABORTED"));
+        let vs = check(&r);
+        assert_eq!(vs.len(), 1, "{vs:?}");
+        assert!(vs[0].message.contains("d2 (400..505 ms)") && vs[0].message.contains("d3"), "{vs:?}");
+    }
+
+    #[test]
+    fn a_read_of_the_old_outcome_does_not_close_a_rollout_resumed_after_it_finished() {
+        let mut r = sequential();
+        r.rollouts.push(rollout_ev(650, "web", "r1", 2, "resumed", ""));
+        r.ops.push(op(7, 660, 670, status("web"), status_ok(2, Some(rollout_read("r1", 2, "SUCCEEDED", 1, &["n1"])))));
+        assert_eq!(check(&r).len(), 1, "still open");
     }
 
     #[test]
