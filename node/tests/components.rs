@@ -10,27 +10,35 @@ use common::{Cfg, RedisServer, Served, dead_port};
 use confroll_node::ReloadStatus;
 
 /// A small OpenAI-style endpoint: `/v1/models`, and `/v1/chat/completions`
-/// that answers after `delay` with the model it was asked for.
-async fn llm_endpoint(delay: Duration) -> String {
+/// that answers with the model it was asked for. Each chat call is announced
+/// on the returned receiver as it arrives, then held until the returned gate
+/// is opened (`send(true)`); the gate stays open after that.
+async fn llm_endpoint() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>, tokio::sync::watch::Sender<bool>) {
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
     let app = Router::new().route("/v1/models", get(|| async { Json(serde_json::json!({"data": []})) })).route(
         "/v1/chat/completions",
-        post(move |Json(body): Json<serde_json::Value>| async move {
-            tokio::time::sleep(delay).await;
-            Json(serde_json::json!({
-                "model": body["model"],
-                "choices": [{"message": {"role": "assistant", "content": format!("echo: {}", body["messages"][0]["content"])}}]
-            }))
+        post(move |Json(body): Json<serde_json::Value>| {
+            let (arrived_tx, mut gate_rx) = (arrived_tx.clone(), gate_rx.clone());
+            async move {
+                let _ = arrived_tx.send(());
+                gate_rx.wait_for(|open| *open).await.expect("gate sender kept by the test");
+                Json(serde_json::json!({
+                    "model": body["model"],
+                    "choices": [{"message": {"role": "assistant", "content": format!("echo: {}", body["messages"][0]["content"])}}]
+                }))
+            }
         }),
     );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
-    format!("http://{addr}/v1")
+    (format!("http://{addr}/v1"), arrived, gate)
 }
 
 #[tokio::test]
 async fn llm_calls_in_flight_finish_on_the_old_client() {
-    let endpoint = llm_endpoint(Duration::from_millis(400)).await;
+    let (endpoint, mut arrived, gate) = llm_endpoint().await;
     let mut cfg = Cfg::standard();
     cfg.llm = Some((endpoint.clone(), "model-a".into()));
     let s = Served::start(&cfg).await;
@@ -41,13 +49,17 @@ async fn llm_calls_in_flight_finish_on_the_old_client() {
     let in_flight = tokio::spawn(async move {
         reqwest::Client::new().post(url).json(&serde_json::json!({"prompt": "hi"})).send().await.unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // … the model changes while it runs …
+    tokio::time::timeout(Duration::from_secs(10), arrived.recv())
+        .await
+        .expect("timed out after 10s waiting for the first chat call to reach the LLM endpoint")
+        .expect("LLM endpoint gone");
+    // … the model changes while it is held at the endpoint …
     cfg.llm = Some((endpoint, "model-b".into()));
     let report = s.node.apply(cfg.yaml()).await;
     assert_eq!(report.status, ReloadStatus::Applied, "{report:?}");
     assert_eq!(report.components.iter().map(|c| c.component).collect::<Vec<_>>(), ["llm"]);
-    // … and it still completes, on model-a.
+    // … and, let go, it still completes, on model-a.
+    gate.send(true).unwrap();
     let r = in_flight.await.unwrap();
     assert_eq!(r.status(), 200);
     let reply: serde_json::Value = r.json().await.unwrap();

@@ -31,6 +31,7 @@ async fn sighup_reloads_from_the_file() {
     assert_eq!(status(&p).await["version"], 1);
     cfg.max_conns = 9;
     std::fs::write(&path, cfg.yaml()).unwrap();
+    // Deliberate sleep: no reload may happen in this window (nothing to wait for).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(status(&p).await["version"], 1, "reloaded without a trigger (--no-watch)");
     p.signal("HUP");
@@ -62,6 +63,7 @@ async fn the_file_watch_reloads_on_change_and_ignores_unchanged_writes() {
     let tmp = dir.path().join("c.yaml.tmp");
     std::fs::write(&tmp, cfg.yaml()).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
+    // Deliberate sleep: the 100 ms debounce passes and no reload may follow (nothing to wait for).
     tokio::time::sleep(Duration::from_millis(600)).await;
     let s = status(&p).await;
     assert_eq!(s["version"], 2);

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -31,9 +31,11 @@ async fn a_hundred_reloads_under_load_drop_no_request() {
     let base = Cfg::standard();
     let s = Served::start(&base).await;
     let stop = Arc::new(AtomicBool::new(false));
+    // Clients that have had a first answer, and the highest version served.
+    let (going, latest) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        let (url, stop) = (s.url("/work"), stop.clone());
+        let (url, stop, going, latest) = (s.url("/work"), stop.clone(), going.clone(), latest.clone());
         clients.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut samples = Vec::new();
@@ -48,13 +50,22 @@ async fn a_hundred_reloads_under_load_drop_no_request() {
                     Ok(r) => Err(format!("HTTP {}: {}", r.status(), r.text().await.unwrap_or_default())),
                     Err(e) => Err(format!("transport: {e}")),
                 };
+                if let Ok(v) = outcome {
+                    latest.fetch_max(v, Ordering::Relaxed);
+                }
+                if samples.is_empty() {
+                    going.fetch_add(1, Ordering::Relaxed);
+                }
                 samples.push(Sample { start, end: Instant::now(), outcome });
             }
             samples
         }));
     }
     // Let the clients get going on version 1.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    common::eventually(Duration::from_secs(10), "every client's first /work answer", || async {
+        (going.load(Ordering::Relaxed) == CLIENTS).then_some(())
+    })
+    .await;
 
     // version -> (reload started, reload returned)
     let mut windows: BTreeMap<u64, (Instant, Instant)> = BTreeMap::new();
@@ -71,9 +82,14 @@ async fn a_hundred_reloads_under_load_drop_no_request() {
         assert_eq!(report.status, ReloadStatus::Applied, "reload {i}: {report:?}");
         assert_eq!(report.components.len(), 1, "reload {i} touched more than the changed component: {report:?}");
         windows.insert(report.to_version, (t0, t1));
+        // Deliberate sleep: load pacing, so the clients get to see each version.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Keep the load on until the last version has been served.
+    common::eventually(Duration::from_secs(10), "a /work answer on the last version", || async {
+        (latest.load(Ordering::Relaxed) == RELOADS + 1).then_some(())
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
 
     let mut samples = Vec::new();
