@@ -114,16 +114,16 @@ pub struct Agents {
     key: Option<PushKey>,
     /// PEM CA that signed the certificates of agents served over TLS.
     ca: Option<Vec<u8>>,
-    channels: std::sync::Mutex<HashMap<String, Channel>>,
+    channels: parking_lot::Mutex<HashMap<String, Channel>>,
     /// One slot per node id: its push stream, behind the lock that makes
     /// pushes to the node go one at a time, in order.
-    sessions: std::sync::Mutex<HashMap<String, Arc<Mutex<Option<Session>>>>>,
+    sessions: parking_lot::Mutex<HashMap<String, Arc<Mutex<Option<Session>>>>>,
     /// The last push sequence handed out (see [`Agents::next_sequence`]).
     sequence: AtomicU64,
     /// Node addresses that answered `UNIMPLEMENTED` to `ApplyStream` (an
     /// older node): they get unary `Apply` calls, so coordinators can be
     /// upgraded before their nodes.
-    unary: std::sync::Mutex<HashSet<String>>,
+    unary: parking_lot::Mutex<HashSet<String>>,
 }
 
 /// Why one exchange on a push stream failed.
@@ -159,7 +159,7 @@ impl Agents {
     }
 
     fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, AgentError> {
-        let mut map = self.channels.lock().expect("agents lock");
+        let mut map = self.channels.lock();
         if let Some(c) = map.get(address) {
             return Ok(NodeAgentClient::new(c.clone()));
         }
@@ -180,7 +180,7 @@ impl Agents {
     }
 
     fn slot(&self, node: &str) -> Arc<Mutex<Option<Session>>> {
-        let mut map = self.sessions.lock().expect("agents lock");
+        let mut map = self.sessions.lock();
         match map.get(node) {
             Some(s) => s.clone(),
             None => map.entry(node.to_owned()).or_default().clone(),
@@ -196,7 +196,7 @@ impl Agents {
     /// push streams were closed.
     pub fn retain(&self, live: &HashMap<String, String>) -> usize {
         let mut gone = Vec::new();
-        self.sessions.lock().expect("agents lock").retain(|id, slot| {
+        self.sessions.lock().retain(|id, slot| {
             let keep = live.contains_key(id);
             if !keep {
                 gone.push(slot.clone());
@@ -204,14 +204,14 @@ impl Agents {
             keep
         });
         let addresses: HashSet<&str> = live.values().map(String::as_str).collect();
-        self.channels.lock().expect("agents lock").retain(|a, _| addresses.contains(a.as_str()));
-        self.unary.lock().expect("agents lock").retain(|a| addresses.contains(a.as_str()));
+        self.channels.lock().retain(|a, _| addresses.contains(a.as_str()));
+        self.unary.lock().retain(|a| addresses.contains(a.as_str()));
         gone.iter().filter(|slot| is_open(slot)).count()
     }
 
     /// How many nodes have a push stream open (or a push in flight).
     pub fn open_streams(&self) -> usize {
-        let map = self.sessions.lock().expect("agents lock");
+        let map = self.sessions.lock();
         map.values().filter(|slot| is_open(slot)).count()
     }
 
@@ -283,7 +283,7 @@ impl Agents {
                 }
             }
             // The copy serves a retry or the unary fallback.
-            let answer = if self.unary.lock().expect("agents lock").contains(address) {
+            let answer = if self.unary.lock().contains(address) {
                 self.apply_unary(address, req.clone(), deadline, timeout).await.map_err(StreamError::Agent)
             } else {
                 // The session leaves the slot for the exchange and goes back
@@ -304,7 +304,7 @@ impl Agents {
                 Ok(answer) => return Ok(answer),
                 Err(StreamError::Unsupported) => {
                     tracing::info!(%address, "node has no ApplyStream (an older node): pushing with unary Apply");
-                    self.unary.lock().expect("agents lock").insert(address.to_owned());
+                    self.unary.lock().insert(address.to_owned());
                 }
                 Err(StreamError::Agent(AgentError::Expired(e))) => {
                     tracing::info!(%address, error = %e, "push arrived after its deadline (a slow link): signing it anew");

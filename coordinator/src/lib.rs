@@ -6,11 +6,14 @@
 //! ```text
 //!  store/        the Store trait (election, fenced txn, lock, watch, registrations)
 //!    etcd.rs     … on etcd
-//!    raft/       … on the replicas' own openraft group (raft_sm.rs: its state machine)
+//!    raft/       … on the replicas' own openraft group (state_machine.rs: its pure state machine)
+//!    memory.rs   … in memory, for in-process tests (the same state machine, no raft)
 //!  model.rs      what is stored where: versions, meta, rollout record, registrations
 //!  engine.rs     the rollout state machine (pure: events in, actions out)
-//!  replica.rs    a replica: leadership loop, submit/rollback/abort, rollout driver,
-//!                reconciliation; every decisive write fenced by term and lock
+//!  replica/      a replica, one concern per file (see its module doc): mod.rs the
+//!                leadership loop, api.rs submit/rollback/abort, driver.rs the rollout
+//!                driver, push.rs one push, reconcile.rs, membership.rs, records.rs;
+//!                every decisive write fenced by term and lock
 //!  agents.rs     NodeAgent clients (one push stream per node, ordered pushes)
 //!  service.rs    confroll.v1.Coordinator over gRPC: roles, redaction, forwarding to the leader
 //!  auth.rs       operator / node / reader credentials (constant-time, reloadable)

@@ -112,6 +112,8 @@ pub fn to_status(e: ApiError) -> Status {
         ApiError::NotLeader(Some(l)) => with_leader_hint(Status::unavailable("not the leader"), &l),
         ApiError::NotLeader(None) => Status::unavailable("not the leader, and no leader is known"),
         ApiError::Unavailable(m) => Status::unavailable(m),
+        ApiError::DataLoss(m) => Status::data_loss(m),
+        ApiError::Internal(m) => Status::internal(m),
     }
 }
 

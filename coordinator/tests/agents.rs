@@ -285,7 +285,7 @@ async fn slow_link(target: &str, delay: Duration) -> String {
 
 /// How many pushes node `n` refused as late.
 fn refused_late(n: &Node) -> u64 {
-    n.metrics().errors_total.with_label_values(&["expired"]).get() as u64
+    n.metrics().errors_total.with_label_values(&["expired"]).get()
 }
 
 /// A push is signed to expire when the pusher's lease ends (finding 7 of

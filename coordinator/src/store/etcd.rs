@@ -684,7 +684,7 @@ impl EtcdStore {
 fn etcd_term(term: &Term) -> Result<(&[u8], i64), StoreError> {
     match &term.handle {
         TermHandle::Etcd { key, lease, .. } => Ok((key, *lease)),
-        TermHandle::Raft => Err(StoreError::FencedOut("a term of another backend".into())),
+        TermHandle::Raft | TermHandle::Memory { .. } => Err(StoreError::FencedOut("a term of another backend".into())),
     }
 }
 

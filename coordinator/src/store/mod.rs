@@ -17,8 +17,8 @@
 //!   (keep-alives failing for half the TTL), so a leader stops acting early.
 
 pub mod etcd;
+pub mod memory;
 pub mod raft;
-pub mod raft_sm;
 
 use std::{pin::Pin, time::Duration};
 
@@ -77,7 +77,9 @@ pub(crate) struct LeaseDeadline {
 
 impl LeaseDeadline {
     pub(crate) fn new() -> Self {
-        Self { epoch: std::time::Instant::now(), until_ms: 0.into() }
+        // tokio's clock: the same as std's, except under `tokio::time::pause`
+        // (the in-memory store's tests), where leases follow the paused clock.
+        Self { epoch: tokio::time::Instant::now().into_std(), until_ms: 0.into() }
     }
 
     /// The lease holds until `t`.
@@ -106,6 +108,11 @@ pub(crate) enum TermHandle {
     },
     /// raft: the token (the `Lead` entry's index) says it all.
     Raft,
+    /// The in-memory store ([`memory`]): until when the lease surely holds.
+    Memory {
+        /// See [`LeaseDeadline`].
+        holds_until: std::sync::Arc<LeaseDeadline>,
+    },
 }
 
 /// A held lock (on the leader's lease).
@@ -187,6 +194,11 @@ pub enum StoreError {
     /// each other). Retrying cannot help; the message says what to fix.
     #[error("store refused access: {0}")]
     Refused(String),
+    /// This replica's store options are wrong (a flag names no peer, an
+    /// invalid raft setting, a data dir that cannot be created). Fatal: fix
+    /// the flags and restart.
+    #[error("store misconfigured: {0}")]
+    Misconfigured(String),
     /// Stored data is not what this version of confroll wrote.
     #[error("corrupt store data at {key}: {message}")]
     Corrupt {
@@ -236,7 +248,8 @@ pub trait Store: Send + Sync + 'static {
     /// moment between waking up and noticing. Check it right before acting
     /// outside the store (a push), where no fence protects the act.
     fn lease_holds(&self, term: &Term) -> bool {
-        self.lease_until(term).is_some_and(|t| std::time::Instant::now() < t)
+        // tokio's clock is std's, except under `tokio::time::pause`.
+        self.lease_until(term).is_some_and(|t| tokio::time::Instant::now().into_std() < t)
     }
 
     /// The current leader, if any.

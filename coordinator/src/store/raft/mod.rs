@@ -36,6 +36,7 @@
 mod log_store;
 mod network;
 mod sm_store;
+pub mod state_machine;
 
 use std::{
     collections::BTreeMap,
@@ -56,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Cond, Entry as KvEntry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent,
     WatchStream, now_ms,
-    raft_sm::{Command, FenceSpec, Proposal, Reply},
+    raft::state_machine::{Command, FenceSpec, Proposal, Reply},
 };
 
 pub(crate) type NodeId = u64;
@@ -208,7 +209,7 @@ pub struct RaftStore {
     /// When this replica last took office: a leader refuses to vote for a
     /// successor until its own vote is TTL/2 old, so a hand-over waits that
     /// long after it (see [`RaftStore::hand_over`]).
-    led_at: std::sync::Mutex<Option<Instant>>,
+    led_at: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for RaftStore {
@@ -228,13 +229,15 @@ impl RaftStore {
     ) -> Result<Arc<Self>, StoreError> {
         let fatal = |m: String| StoreError::Corrupt { key: opts.data_dir.display().to_string(), message: m };
         if !opts.peers.contains_key(&opts.id) {
-            return Err(fatal(format!("--raft-peers does not name this replica's --raft-id {}", opts.id)));
+            let m = format!("--raft-peers does not name this replica's --raft-id {}", opts.id);
+            return Err(StoreError::Misconfigured(m));
         }
-        std::fs::create_dir_all(&opts.data_dir).map_err(|e| fatal(format!("cannot create the data dir: {e}")))?;
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+            StoreError::Misconfigured(format!("cannot create the data dir {}: {e}", opts.data_dir.display()))
+        })?;
         let log = log_store::LogStore::open(&opts.data_dir).map_err(fatal)?;
         let sm = sm_store::SmStore::open(&opts.data_dir).map_err(fatal)?;
-        let pristine =
-            log.is_pristine().map_err(fatal)? && sm.shared.state.read().expect("state").last_applied.is_none();
+        let pristine = log.is_pristine().map_err(fatal)? && sm.shared.state.read().last_applied.is_none();
         let ttl = opts.lease_ttl.as_millis().max(300) as u64;
         let config = Config {
             cluster_name: "confroll".into(),
@@ -252,7 +255,9 @@ impl RaftStore {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| fatal(format!("raft config: {e}")))?;
+        .map_err(|e| {
+            StoreError::Misconfigured(format!("raft config (check --lease-ttl and --raft-snapshot-every): {e}"))
+        })?;
         let shared = sm.shared.clone();
         let raft = OpenRaft::new(opts.id, Arc::new(config), network::Network, log, sm)
             .await
@@ -317,7 +322,7 @@ impl RaftStore {
                 _ = tokio::time::sleep(every) => {}
             }
             let due = {
-                let st = self.shared.state.read().expect("state");
+                let st = self.shared.state.read();
                 st.sm.leader.is_some() && st.sm.leader_node == self.id && st.sm.has_expired(now_ms())
             };
             if due
@@ -389,7 +394,7 @@ impl RaftStore {
         // Its own vote must be older than the leader lease (TTL/2) for this
         // leader to grant the successor's: a replica that just took office
         // waits the rest (at most TTL/2, still sooner than the lease).
-        let led_at = *self.led_at.lock().expect("led_at");
+        let led_at = *self.led_at.lock();
         if let Some(wait) =
             led_at.and_then(|t| (self.lease_ttl / 2 + Duration::from_millis(20)).checked_sub(t.elapsed()))
         {
@@ -570,7 +575,7 @@ impl RaftStore {
             loop {
                 let why = {
                     let x = m.borrow_and_update();
-                    let st = shared.state.read().expect("state");
+                    let st = shared.state.read();
                     if x.current_leader != Some(id) || x.state != ServerState::Leader {
                         Some("raft leadership moved".to_owned())
                     } else if x.current_term != raft_term {
@@ -617,7 +622,7 @@ impl Store for RaftStore {
             let lead = Command::Lead { member: me.clone(), node: self.id };
             match write_local(&self.raft, lead).await {
                 Ok(Reply::Led { token }) => {
-                    *self.led_at.lock().expect("led_at") = Some(Instant::now());
+                    *self.led_at.lock() = Some(Instant::now());
                     let lost = CancellationToken::new();
                     tokio::spawn(self.monitor(token, raft_term, lost.clone()));
                     tracing::info!(token, raft_term, "leading (raft)");
@@ -635,7 +640,7 @@ impl Store for RaftStore {
     fn lease_until(&self, term: &Term) -> Option<Instant> {
         let ours = !term.lost.is_cancelled()
             && matches!(term.handle, TermHandle::Raft)
-            && self.shared.state.read().expect("state").sm.term_token() == Some(term.token);
+            && self.shared.state.read().sm.term_token() == Some(term.token);
         self.leader_lease_until().filter(|_| ours)
     }
 
@@ -649,7 +654,7 @@ impl Store for RaftStore {
 
     async fn leader(&self) -> Result<Option<Member>, StoreError> {
         let raft_leader = self.current_leader();
-        let st = self.shared.state.read().expect("state");
+        let st = self.shared.state.read();
         Ok(match &st.sm.leader {
             Some((m, _)) if raft_leader == Some(st.sm.leader_node) => Some(m.clone()),
             _ => None,
@@ -658,12 +663,12 @@ impl Store for RaftStore {
 
     async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
         self.read_barrier().await?;
-        Ok(self.shared.state.read().expect("state").sm.kv.get(key).cloned())
+        Ok(self.shared.state.read().sm.kv.get(key).cloned())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, KvEntry)>, StoreError> {
         self.read_barrier().await?;
-        let st = self.shared.state.read().expect("state");
+        let st = self.shared.state.read();
         Ok(st
             .sm
             .kv
@@ -675,7 +680,7 @@ impl Store for RaftStore {
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.read_barrier().await?;
-        let st = self.shared.state.read().expect("state");
+        let st = self.shared.state.read();
         Ok(st.sm.kv.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect())
     }
 

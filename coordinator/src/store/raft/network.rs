@@ -33,7 +33,7 @@ use tonic::{
 };
 
 use super::{Node, NodeId, OpenRaft, ProposeError, TypeConfig};
-use crate::store::raft_sm::{Command, Reply};
+use crate::store::raft::state_machine::{Command, Reply};
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Frame, Status> {
     postcard::to_allocvec(v).map(|data| Frame { data }).map_err(|e| Status::internal(format!("encode: {e}")))

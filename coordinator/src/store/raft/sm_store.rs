@@ -1,5 +1,5 @@
 //! openraft's state machine side: applies committed entries to the
-//! deterministic [`StateMachine`](crate::store::raft_sm::StateMachine), fans
+//! deterministic [`StateMachine`](super::state_machine::StateMachine), fans
 //! their watch events out, and snapshots it into the data dir.
 //!
 //! ```text
@@ -14,7 +14,7 @@
 use std::{
     io::{Cursor, Write},
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use openraft::{
@@ -28,7 +28,7 @@ use tokio::sync::broadcast;
 use super::{Entry, Node, NodeId, TypeConfig};
 use crate::store::{
     WatchEvent,
-    raft_sm::{Reply, StateMachine},
+    raft::state_machine::{Reply, StateMachine},
 };
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -43,7 +43,7 @@ pub(crate) struct Applied {
 
 /// What readers share with the state machine.
 pub(crate) struct Shared {
-    pub(crate) state: RwLock<Applied>,
+    pub(crate) state: parking_lot::RwLock<Applied>,
     /// Every applied change, in order; a lagging watcher gets `Reset`.
     /// Shared, so a watcher copies only the events its prefix keeps.
     pub(crate) events: broadcast::Sender<Arc<WatchEvent>>,
@@ -67,8 +67,10 @@ impl SmStore {
     /// Opens the state machine at the last snapshot in `dir`, if any.
     pub(crate) fn open(dir: &Path) -> Result<Self, String> {
         let (events, _) = broadcast::channel(4096);
-        let me =
-            Self { shared: Arc::new(Shared { state: RwLock::new(Applied::default()), events }), dir: dir.to_owned() };
+        let me = Self {
+            shared: Arc::new(Shared { state: parking_lot::RwLock::new(Applied::default()), events }),
+            dir: dir.to_owned(),
+        };
         if let Some(s) = me.read_snapshot().map_err(|e| e.to_string())? {
             me.load(&s).map_err(|e| e.to_string())?;
         }
@@ -110,7 +112,7 @@ impl SmStore {
 
     fn load(&self, s: &StoredSnapshot) -> Result<(), AnyError> {
         let sm: StateMachine = postcard::from_bytes(&s.data).map_err(AnyError::error)?;
-        let mut st = self.shared.state.write().expect("state lock");
+        let mut st = self.shared.state.write();
         *st = Applied { sm, last_applied: s.meta.last_log_id, membership: s.meta.last_membership.clone() };
         Ok(())
     }
@@ -119,7 +121,7 @@ impl SmStore {
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let (data, last, membership) = {
-            let st = self.shared.state.read().expect("state lock");
+            let st = self.shared.state.read();
             let data =
                 postcard::to_allocvec(&st.sm).map_err(|e| StorageIOError::read_state_machine(AnyError::error(e)))?;
             (data, st.last_applied, st.membership.clone())
@@ -138,7 +140,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
-        let st = self.shared.state.read().expect("state lock");
+        let st = self.shared.state.read();
         Ok((st.last_applied, st.membership.clone()))
     }
 
@@ -150,7 +152,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         let mut replies = Vec::new();
         let mut events = Vec::new();
         {
-            let mut st = self.shared.state.write().expect("state lock");
+            let mut st = self.shared.state.write();
             for e in entries {
                 st.last_applied = Some(e.log_id);
                 match e.payload {

@@ -1,5 +1,5 @@
-//! The replicated state machine of the coming embedded raft store (issue 4):
-//! everything the [`Store`](super::Store) trait needs, as a deterministic
+//! The replicated state machine of the embedded raft store:
+//! everything the [`Store`](crate::store::Store) trait needs, as a deterministic
 //! function of the committed log.
 //!
 //! ```text
@@ -17,15 +17,15 @@
 //!   the entry that granted it. A fenced transaction applies only if both
 //!   still match, so a deposed leader's late proposal changes nothing.
 //!
-//! [`super::raft`] runs it under openraft: log and snapshots in the data dir,
-//! a tonic peer network, and the [`Store`](super::Store) implementation.
+//! [`super`] (the raft store) runs it under openraft: log and snapshots in the data dir,
+//! a tonic peer network, and the [`Store`](crate::store::Store) implementation.
 //! This module is their deterministic core and is unit-tested on its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cond, Entry, Member, Op, Revision, WatchEvent};
+use crate::store::{Cond, Entry, Member, Op, Revision, WatchEvent};
 
 /// A lease: keys attached to it vanish when it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
