@@ -227,13 +227,18 @@ impl Coordinator for CoordinatorServiceImpl {
         self.authorize(&req, Need::Read)?;
         let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
         let r = &self.replica;
-        let leader = r.leader().await?;
         let meta = r.meta(&service).await?.map(|m| m.0).unwrap_or_default();
         let default_policy = Some((&r.service_policy(&meta)).into());
         let rollout = r.rollout(&service).await?;
         let mut nodes = r.nodes(&service).await?;
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         let cluster = r.cluster().await?;
+        // The leader last, once the reads above went through the store (on
+        // raft: this replica learned the leader and applied everything it
+        // committed, its `Lead` entry too). Asked first, a replica that just
+        // restarted names no leader yet, or its own old term, beside a stable
+        // version it then reads from the current one.
+        let leader = r.leader().await?;
         Ok(Response::new(pb::GetStatusResponse {
             service,
             leader_id: leader.as_ref().map(|l| l.id.clone()).unwrap_or_default(),

@@ -121,3 +121,46 @@ async fn every_replica_reads_a_write_the_moment_it_is_acknowledged() {
         assert_eq!(done.state, "SUCCEEDED", "{done:?}");
     }
 }
+
+/// A leader SIGKILLed and restarted after its successor rolled out another
+/// version: from the moment it serves again, every status it gives with a
+/// stable version names the leader that version came from (asked before
+/// its reads, it named no leader while it caught up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_reports_no_stable_version_without_its_leader() {
+    let _serial = serial().await;
+    let mut cl = Cluster::start_with(Backing::raft(3), 3, 1, &lite(30), &[]).await;
+    cl.rolled_out(&lite(31)).await;
+    let old = leader_of(&cl.coords[0]).await;
+    let victim = cl.coords.iter().position(|c| c.id == old).unwrap();
+    let survivor = cl.coords[(victim + 1) % 3].client().await;
+    let (port, http_port) = (cl.coords[victim].port, cl.coords[victim].http_port);
+    cl.coords[victim].kill9();
+    submit_until_accepted(&survivor, submit_req(&lite(32), "0s")).await;
+    let new = status_until(&survivor, Duration::from_secs(30), "v2 stable under the successor", |s| {
+        (s.stable_version == 2 && !s.leader_id.is_empty()).then_some(s.leader_id)
+    })
+    .await;
+    assert_ne!(new, old);
+
+    cl.coords[victim] = Coord::start_on(&cl.store, &old, cl.dir.path(), &[], port, http_port);
+    let restarted = cl.coords[victim].client().await;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let (answers, with_stable) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let done = eventually(Duration::from_secs(20), "the restarted replica to name the leader", || {
+        let (mut c, answers, with_stable, new) = (restarted.clone(), &answers, &with_stable, &new);
+        async move {
+            let s = c.get_status(pb::GetStatusRequest::default()).await.ok()?.into_inner();
+            answers.fetch_add(1, Relaxed);
+            if s.stable_version > 0 {
+                with_stable.fetch_add(1, Relaxed);
+                assert!(!s.leader_id.is_empty(), "stable v{} reported without a leader", s.stable_version);
+            }
+            (s.leader_id == *new).then_some(s.stable_version)
+        }
+    })
+    .await;
+    let (answers, with_stable) = (answers.into_inner(), with_stable.into_inner());
+    assert_eq!(done, 2, "the restarted replica reads the successor's stable version");
+    assert!(with_stable >= 1 && answers >= with_stable, "{answers} answers, {with_stable} with a stable version");
+}
