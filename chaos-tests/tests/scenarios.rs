@@ -331,7 +331,11 @@ async fn rollback_while_leadership_moves(store: Store) -> anyhow::Result<Verdict
 /// to the second stage are still on a slow link; the next rollout starts;
 /// the old pushes land after it. Here the links from the leader to the
 /// second stage's nodes take 1.5 s each way and those pushes give up after
-/// 1 s; the canary's link is fast (the submit's dry run goes there).
+/// 1 s; the canary's link is fast (the submit's dry run goes there). Once
+/// the abort is accepted the links drop to 200 ms (what is already on its
+/// way keeps its 1.5 s): the next rollout's pushes must get through, while
+/// a link slower than the lease (TTL 2 s) carries no push at all, since a
+/// push expires with the lease it left under (bug 7).
 async fn abort_while_a_push_is_on_its_way(store: Store) -> anyhow::Result<Verdict> {
     use confroll_chaos::records::OpResult;
     use confroll_proto::v1::RolloutPolicy;
@@ -354,13 +358,16 @@ async fn abort_while_a_push_is_on_its_way(store: Store) -> anyhow::Result<Verdic
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = cl.abort(0, l).await;
     anyhow::ensure!(matches!(r, OpResult::Ok { .. }), "abort refused: {r:?}");
+    for n in &order[1..3] {
+        cl.delay(&leader, n, Duration::from_millis(200)).await?;
+    }
     let patient = RolloutPolicy { bake: Some("0s".into()), apply_timeout: Some("8s".into()), ..Default::default() };
     while !matches!(cl.submit_with(0, l, &lite(33), patient.clone()).await, OpResult::Ok { .. }) {
         anyhow::ensure!(std::time::Instant::now() < deadline, "the next submit was never accepted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = cl.wait_done(STAGE_WAIT).await?;
-    anyhow::ensure!(done.state == "SUCCEEDED", "the next rollout must succeed on slow links: {done:?}");
+    anyhow::ensure!(done.state == "SUCCEEDED", "the next rollout must succeed over the 200 ms links: {done:?}");
     cl.heal()?;
     scenario::finish(cl, "abort_while_a_push_is_on_its_way", readers).await
 }
