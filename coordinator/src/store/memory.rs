@@ -227,19 +227,15 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
-        let st = self.state()?;
-        let under = st.sm.kv.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix));
-        Ok(under.map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(self.state()?.sm.list(prefix))
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let st = self.state()?;
-        Ok(st.sm.kv.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect())
+        Ok(self.state()?.sm.list_keys(prefix))
     }
 
     async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
-        let fence =
-            fence.map(|f| FenceSpec { term_token: f.term.token, lock: f.lock.map(|l| (l.name.clone(), l.token)) });
+        let fence = fence.as_ref().map(FenceSpec::of);
         let mut st = self.state()?;
         match self.cluster.apply(&mut st, Command::Txn { fence, conds, ops }) {
             Reply::Txn(ok) => Ok(ok),
@@ -250,24 +246,7 @@ impl Store for MemoryStore {
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
         drop(self.state()?);
-        let rx = self.cluster.inner.events.subscribe();
-        let s = futures::stream::unfold((rx, prefix.to_owned()), |(mut rx, prefix)| async move {
-            loop {
-                let ev = match rx.recv().await {
-                    Ok(ev) => ev,
-                    Err(broadcast::error::RecvError::Lagged(_)) => Arc::new(WatchEvent::Reset),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                };
-                let keep = match &*ev {
-                    WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key.starts_with(&prefix),
-                    WatchEvent::Reset => true,
-                };
-                if keep {
-                    return Some((Ok((*ev).clone()), (rx, prefix)));
-                }
-            }
-        });
-        Ok(Box::pin(s))
+        Ok(super::broadcast_watch(self.cluster.inner.events.subscribe(), prefix))
     }
 
     async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {

@@ -179,6 +179,33 @@ pub enum WatchEvent {
 /// A watch's event stream.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, StoreError>> + Send>>;
 
+/// A [`WatchStream`] of the events under `prefix` from a store's own event
+/// broadcast (the raft and in-memory stores): a watcher that fell behind
+/// gets [`WatchEvent::Reset`] and re-reads; the stream ends with the store.
+pub(crate) fn broadcast_watch(
+    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<WatchEvent>>,
+    prefix: &str,
+) -> WatchStream {
+    use tokio::sync::broadcast::error::RecvError;
+    let s = futures::stream::unfold((rx, prefix.to_owned()), |(mut rx, prefix)| async move {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(RecvError::Lagged(_)) => std::sync::Arc::new(WatchEvent::Reset),
+                Err(RecvError::Closed) => return None,
+            };
+            let keep = match &*ev {
+                WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key.starts_with(&prefix),
+                WatchEvent::Reset => true,
+            };
+            if keep {
+                return Some((Ok((*ev).clone()), (rx, prefix)));
+            }
+        }
+    });
+    Box::pin(s)
+}
+
 /// Store failures. `Unavailable` is retryable; the others are not.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

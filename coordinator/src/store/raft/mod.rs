@@ -51,12 +51,11 @@ use openraft::{
     error::{CheckIsLeaderError, ClientWriteError, RaftError},
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Cond, Entry as KvEntry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent,
-    WatchStream, now_ms,
+    Cond, Entry as KvEntry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchStream,
+    now_ms,
     raft::state_machine::{Command, FenceSpec, Proposal, Reply},
 };
 
@@ -668,25 +667,16 @@ impl Store for RaftStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, KvEntry)>, StoreError> {
         self.read_barrier().await?;
-        let st = self.shared.state.read();
-        Ok(st
-            .sm
-            .kv
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(self.shared.state.read().sm.list(prefix))
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.read_barrier().await?;
-        let st = self.shared.state.read();
-        Ok(st.sm.kv.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect())
+        Ok(self.shared.state.read().sm.list_keys(prefix))
     }
 
     async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
-        let fence =
-            fence.map(|f| FenceSpec { term_token: f.term.token, lock: f.lock.map(|l| (l.name.clone(), l.token)) });
+        let fence = fence.as_ref().map(FenceSpec::of);
         match self.propose(Command::Txn { fence, conds, ops }).await? {
             Reply::Txn(ok) => Ok(ok),
             r => Err(unexpected("Txn", r)),
@@ -694,25 +684,7 @@ impl Store for RaftStore {
     }
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
-        let rx = self.shared.events.subscribe();
-        let prefix = prefix.to_owned();
-        let s = futures::stream::unfold((rx, prefix), |(mut rx, prefix)| async move {
-            loop {
-                let ev = match rx.recv().await {
-                    Ok(ev) => ev,
-                    Err(RecvError::Lagged(_)) => Arc::new(WatchEvent::Reset),
-                    Err(RecvError::Closed) => return None,
-                };
-                let keep = match &*ev {
-                    WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key.starts_with(&prefix),
-                    WatchEvent::Reset => true,
-                };
-                if keep {
-                    return Some((Ok((*ev).clone()), (rx, prefix)));
-                }
-            }
-        });
-        Ok(Box::pin(s))
+        Ok(super::broadcast_watch(self.shared.events.subscribe(), prefix))
     }
 
     async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {

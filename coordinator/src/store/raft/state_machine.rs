@@ -58,6 +58,13 @@ pub struct FenceSpec {
     pub lock: Option<(String, u64)>,
 }
 
+impl FenceSpec {
+    /// What `fence` requires, as a command carries it.
+    pub fn of(fence: &crate::store::Fence<'_>) -> Self {
+        FenceSpec { term_token: fence.term.token, lock: fence.lock.map(|l| (l.name.clone(), l.token)) }
+    }
+}
+
 /// A replicated command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -286,6 +293,17 @@ impl StateMachine {
     /// Whether some lease has expired by `now_ms` (an `Expire` would act).
     pub fn has_expired(&self, now_ms: u64) -> bool {
         self.leases.values().any(|l| l.expires_at_ms <= now_ms)
+    }
+
+    /// Every key under `prefix` with its entry, in key order.
+    pub fn list(&self, prefix: &str) -> Vec<(String, Entry)> {
+        let under = self.kv.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix));
+        under.map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The keys under `prefix`, in key order.
+    pub fn list_keys(&self, prefix: &str) -> Vec<String> {
+        self.kv.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect()
     }
 
     /// Token of the current term.
