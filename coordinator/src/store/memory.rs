@@ -37,7 +37,10 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Cond, Entry, Fence, LeaseDeadline, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchEvent,
     WatchStream,
-    raft::state_machine::{Command, FenceSpec, Proposal, Reply, StateMachine},
+    raft::{
+        state_machine::{Command, FenceSpec, Proposal, Reply, StateMachine},
+        unexpected,
+    },
 };
 
 /// The shared state of every [`MemoryStore`] client: what a store cluster
@@ -169,10 +172,6 @@ impl MemoryStore {
     }
 }
 
-fn unexpected(what: &str, r: Reply) -> StoreError {
-    StoreError::Unavailable(format!("unexpected reply to {what}: {r:?}"))
-}
-
 #[async_trait::async_trait]
 impl Store for MemoryStore {
     async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
@@ -239,7 +238,6 @@ impl Store for MemoryStore {
         let mut st = self.state()?;
         match self.cluster.apply(&mut st, Command::Txn { fence, conds, ops }) {
             Reply::Txn(ok) => Ok(ok),
-            Reply::FencedOut => Err(StoreError::FencedOut("the term or the lock is gone".into())),
             r => Err(unexpected("Txn", r)),
         }
     }
@@ -255,7 +253,6 @@ impl Store for MemoryStore {
         match self.cluster.apply(&mut st, cmd) {
             Reply::Locked { token } => Ok(LockAttempt::Acquired(Lock { name: name.to_owned(), token })),
             Reply::Held(h) => Ok(LockAttempt::Held(h)),
-            Reply::FencedOut => Err(StoreError::FencedOut("the term is gone".into())),
             r => Err(unexpected("TryLock", r)),
         }
     }

@@ -182,7 +182,7 @@ async fn read_index_local(raft: &OpenRaft) -> Result<Option<u64>, ProposeError> 
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 /// What a reply that does not answer `cmd` means: the fence failed, or a bug.
-fn unexpected(cmd: &str, r: Reply) -> StoreError {
+pub(crate) fn unexpected(cmd: &str, r: Reply) -> StoreError {
     match r {
         Reply::FencedOut => StoreError::FencedOut("the term or the lock is gone".into()),
         r => StoreError::Unavailable(format!("unexpected reply to {cmd}: {r:?}")),
