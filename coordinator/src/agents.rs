@@ -124,7 +124,13 @@ pub struct Agents {
     /// older node): they get unary `Apply` calls, so coordinators can be
     /// upgraded before their nodes.
     unary: parking_lot::Mutex<HashSet<String>>,
+    /// Where channels come from instead of the network: in-process tests
+    /// serve nodes over in-memory streams (`None`: dial the address).
+    dialer: Option<Dialer>,
 }
+
+/// Makes the channel to a node address (in-process tests).
+pub(crate) type Dialer = Arc<dyn Fn(&str) -> Channel + Send + Sync>;
 
 /// Why one exchange on a push stream failed.
 enum StreamError {
@@ -158,10 +164,21 @@ impl Agents {
         Self { key, ca, ..Default::default() }
     }
 
+    /// [`Agents::new`] whose channels come from `dialer`, not the network.
+    #[cfg(test)]
+    pub(crate) fn with_dialer(key: Option<PushKey>, dialer: Dialer) -> Self {
+        Self { key, dialer: Some(dialer), ..Default::default() }
+    }
+
     fn client(&self, address: &str) -> Result<NodeAgentClient<Channel>, AgentError> {
         let mut map = self.channels.lock();
         if let Some(c) = map.get(address) {
             return Ok(NodeAgentClient::new(c.clone()));
+        }
+        if let Some(dial) = &self.dialer {
+            let ch = dial(address);
+            map.insert(address.to_owned(), ch.clone());
+            return Ok(NodeAgentClient::new(ch));
         }
         // `https://` agents over TLS, verified by the agent CA.
         let ep = confroll_node::net::endpoint(&confroll_node::net::with_scheme(address), self.ca.as_deref())

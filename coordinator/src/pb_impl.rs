@@ -1,10 +1,13 @@
-//! Domain → `confroll.v1` conversions (the only module that knows both).
+//! Domain ⇄ `confroll.v1` conversions (the only module that knows both):
+//! the replica's API takes and returns domain types, `service.rs` converts
+//! at the gRPC edge with these.
 
 use confroll_proto::v1 as pb;
 
 use crate::{
     engine::RolloutRecord,
-    model::{NodeRecord, Policy, VersionRecord},
+    model::{NodeRecord, Policy, PolicyOverrides, StageSize, VersionRecord},
+    replica::{ApiError, Check},
 };
 
 impl From<&Policy> for pb::RolloutPolicy {
@@ -85,4 +88,41 @@ pub fn summary(r: &RolloutRecord) -> String {
         "ROLLED_BACK" => format!("v{} rolled back to v{}: {}", r.version, r.from_version, r.reason),
         _ => format!("v{} aborted, back on v{}: {}", r.version, r.from_version, r.reason),
     }
+}
+
+impl From<Check> for pb::Check {
+    fn from(c: Check) -> Self {
+        pb::Check { name: c.name, ok: c.ok, detail: c.detail }
+    }
+}
+
+/// Parses a wire policy into overrides (unset fields stay unset; durations
+/// are humantime strings such as `30s`).
+pub fn overrides(p: Option<&pb::RolloutPolicy>) -> Result<PolicyOverrides, ApiError> {
+    let Some(p) = p else { return Ok(PolicyOverrides::default()) };
+    let dur = |name: &str, s: &Option<String>| -> Result<Option<u64>, ApiError> {
+        match s.as_deref().filter(|s| !s.is_empty()) {
+            None => Ok(None),
+            Some(s) => humantime::parse_duration(s)
+                .map(|d| Some(d.as_millis() as u64))
+                .map_err(|e| ApiError::InvalidArgument(format!("policy.{name} `{s}`: {e}"))),
+        }
+    };
+    let stages = if p.stages.is_empty() {
+        None
+    } else {
+        Some(
+            p.stages
+                .iter()
+                .map(|s| s.parse::<StageSize>().map_err(|e| ApiError::InvalidArgument(format!("policy.stages: {e}"))))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    };
+    Ok(PolicyOverrides {
+        stages,
+        bake_ms: dur("bake", &p.bake)?,
+        health_interval_ms: dur("health_interval", &p.health_interval)?,
+        failure_threshold: p.failure_threshold,
+        apply_timeout_ms: dur("apply_timeout", &p.apply_timeout)?,
+    })
 }

@@ -188,13 +188,14 @@ impl Coordinator for CoordinatorServiceImpl {
         req: Request<pb::SubmitConfigRequest>,
     ) -> Result<Response<pb::SubmitConfigResponse>, Status> {
         let dry_run = req.get_ref().dry_run;
+        let policy = crate::pb_impl::overrides(req.get_ref().policy.as_ref())?;
         let submit = |r: pb::SubmitConfigRequest, caller: &Caller| Submit {
             service: r.service,
             content: r.content,
             author: r.author,
             message: r.message,
             dry_run: r.dry_run,
-            policy: r.policy,
+            policy,
             role: caller.role_name().to_owned(),
             credential: caller.fingerprint.clone(),
         };
@@ -202,7 +203,7 @@ impl Coordinator for CoordinatorServiceImpl {
             version: o.version,
             rollout_id: o.rollout_id,
             diff: o.diff.iter().map(Into::into).collect(),
-            checks: o.checks,
+            checks: o.checks.into_iter().map(Into::into).collect(),
             sha256: o.sha256,
             dry_run,
             base_version: o.base_version,
@@ -354,8 +355,9 @@ impl Coordinator for CoordinatorServiceImpl {
             req,
             _caller,
             |r| async {
+                let o = crate::pb_impl::overrides(r.policy.as_ref())?;
                 self.replica
-                    .set_policy(&r.service, r.policy.as_ref())
+                    .set_policy(&r.service, o)
                     .await
                     .map(|p| pb::SetServicePolicyResponse { effective: Some((&p).into()) })
             },

@@ -15,7 +15,6 @@ use confroll_node::{
     limits::check_size,
     node::sha256_hex,
 };
-use confroll_proto::v1 as pb;
 use rand::Rng;
 
 use super::{
@@ -24,7 +23,7 @@ use super::{
     records::{decode, encode, meta_cond},
 };
 use crate::{
-    engine::{Action, Engine, RolloutKind, RolloutRecord, RolloutState, canary_order, stage_targets},
+    engine::{Action, Engine, RolloutKind, RolloutRecord, RolloutState, Start, canary_order, stage_targets},
     model::{
         ClusterRecord, NodeRecord, Policy, PolicyOverrides, ServiceMeta, VersionRecord, VersionState, keys,
         now_rfc3339, service_name,
@@ -42,11 +41,22 @@ pub struct SubmitOutcome {
     /// Changes against the stable version.
     pub diff: Vec<FieldChange>,
     /// Checks run.
-    pub checks: Vec<pb::Check>,
+    pub checks: Vec<Check>,
     /// SHA-256 of the content.
     pub sha256: String,
     /// Stable version diffed against.
     pub base_version: u64,
+}
+
+/// One check a submit ran, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked (`parse`, `schema`, `diff`, `node:<id>`, …).
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What it found.
+    pub detail: String,
 }
 
 /// A submit, as the replica sees it.
@@ -62,8 +72,8 @@ pub struct Submit {
     pub message: String,
     /// Only check and diff.
     pub dry_run: bool,
-    /// Policy overrides.
-    pub policy: Option<pb::RolloutPolicy>,
+    /// Policy overrides of this submit (unset fields are inherited).
+    pub policy: PolicyOverrides,
     /// Role of the submitter's credential (`anonymous` without credentials).
     pub role: String,
     /// Fingerprint of the submitter's credential.
@@ -106,6 +116,7 @@ impl NewRollout<'_> {
             updated_at: now,
             applied: 0,
             rollback_started_ms: 0,
+            aborted: false,
         }
     }
 }
@@ -115,34 +126,8 @@ impl Replica {
         self.term().ok_or(ApiError::NotLeader(None))
     }
 
-    /// Parses a wire policy into overrides (unset fields stay unset).
-    pub fn overrides(p: Option<&pb::RolloutPolicy>) -> Result<PolicyOverrides, ApiError> {
-        let Some(p) = p else { return Ok(PolicyOverrides::default()) };
-        let dur = |name: &str, s: &Option<String>| -> Result<Option<u64>, ApiError> {
-            match s.as_deref().filter(|s| !s.is_empty()) {
-                None => Ok(None),
-                Some(s) => humantime::parse_duration(s)
-                    .map(|d| Some(d.as_millis() as u64))
-                    .map_err(|e| ApiError::InvalidArgument(format!("policy.{name} `{s}`: {e}"))),
-            }
-        };
-        let stages = if p.stages.is_empty() {
-            None
-        } else {
-            Some(
-                p.stages
-                    .iter()
-                    .map(|s| s.parse().map_err(|e: String| ApiError::InvalidArgument(format!("policy.stages: {e}"))))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
-        };
-        let o = PolicyOverrides {
-            stages,
-            bake_ms: dur("bake", &p.bake)?,
-            health_interval_ms: dur("health_interval", &p.health_interval)?,
-            failure_threshold: p.failure_threshold,
-            apply_timeout_ms: dur("apply_timeout", &p.apply_timeout)?,
-        };
+    /// Refuses overrides no rollout could run with.
+    fn check_overrides(o: &PolicyOverrides) -> Result<(), ApiError> {
         if o.failure_threshold == Some(0) {
             return Err(ApiError::InvalidArgument("policy.failure_threshold must be at least 1".into()));
         }
@@ -151,7 +136,7 @@ impl Replica {
                 "policy.apply_timeout and policy.health_interval must be > 0".into(),
             ));
         }
-        Ok(o)
+        Ok(())
     }
 
     /// The policy a service's submits get by default.
@@ -161,9 +146,9 @@ impl Replica {
     }
 
     /// Sets the service's default policy; returns the effective defaults.
-    pub async fn set_policy(&self, service: &str, p: Option<&pb::RolloutPolicy>) -> Result<Policy, ApiError> {
+    pub async fn set_policy(&self, service: &str, o: PolicyOverrides) -> Result<Policy, ApiError> {
         let service = service_name(service).map_err(ApiError::InvalidArgument)?;
-        let o = Self::overrides(p)?;
+        Self::check_overrides(&o)?;
         let term = self.leading()?;
         for _ in 0..10 {
             let (meta, rev) = match self.meta(&service).await? {
@@ -184,10 +169,11 @@ impl Replica {
     /// its rollout. Checks run on any replica; the write needs the leader.
     pub async fn submit(&self, req: Submit) -> Result<SubmitOutcome, ApiError> {
         let service = service_name(&req.service).map_err(ApiError::InvalidArgument)?;
-        let submit_overrides = Self::overrides(req.policy.as_ref())?;
+        Self::check_overrides(&req.policy)?;
+        let submit_overrides = req.policy.clone();
         check_size(req.content.len()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let mut checks = Vec::new();
-        let check = |name: &str, ok: bool, detail: String| pb::Check { name: name.into(), ok, detail };
+        let check = |name: &str, ok: bool, detail: String| Check { name: name.into(), ok, detail };
         // 1. parse (types, unknown keys, business rules)
         let config = Config::parse(req.content.as_bytes())
             .map_err(|e| ApiError::InvalidArgument(format!("parse check failed: {e}")))?;
@@ -293,36 +279,33 @@ impl Replica {
         // Start the engine here, so that its first record (which nodes may
         // get the version) goes out with the version itself and the driver
         // can push at once, with no read and no write in between.
-        let mut engine = Engine::new(rec.clone());
-        let mut actions = engine.start(now_ms());
-        let prepared = if engine.record().state == RolloutState::Running
-            && actions.first() == Some(&Action::Persist)
-            && (rec.from_version == 0) == base.is_none()
-        {
-            actions.remove(0);
-            engine.touch(now_rfc3339());
-            Some(Prepared {
-                durable: engine.record().touched.clone(),
-                new: record.clone(),
-                old: base.map(Arc::new),
-                addresses: nodes.iter().map(|n| (n.id.clone(), n.address.clone())).collect(),
-                engine,
-                actions,
-            })
-        } else {
-            None
+        let mut engine = Engine::new(rec);
+        let actions = engine.start(super::engine_now(), Start::New);
+        // A new rollout begins with its first record (generation 1).
+        let first = match actions.first() {
+            Some(Action::Persist(p)) => p.record.clone(),
+            _ => Arc::new(engine.record().clone()),
         };
-        let first = prepared.as_ref().map_or(&rec, |p| p.engine.record());
+        // Without the version to revert to (unreadable just now), the driver
+        // reads what it needs and resumes from the first record.
+        let prepared = ((first.from_version == 0) == base.is_none()).then(|| Prepared {
+            new: record.clone(),
+            old: base.map(Arc::new),
+            addresses: nodes.iter().map(|n| (n.id.clone(), n.address.clone())).collect(),
+            engine,
+            actions,
+            written: 1,
+        });
         let new_meta = ServiceMeta { latest_version: version, desired_version: version, ..meta };
         let ops = vec![
             Op::Put(keys::meta(&service), encode(&new_meta)),
             Op::Put(keys::version(&service, version), encode(&*record)),
-            Op::Put(keys::rollout(&service), encode(first)),
+            Op::Put(keys::rollout(&service), encode(&*first)),
         ];
         self.commit_start(&term, &lock, &service, &rollout_id, meta_cond(&service, meta_rev), ops).await?;
-        tracing::info!(%service, version, rollout = %rollout_id, nodes = rec.order.len(), at_ms = now_ms(), "version stored; rollout starting");
+        tracing::info!(%service, version, rollout = %rollout_id, nodes = first.order.len(), at_ms = now_ms(), "version stored; rollout starting");
         self.inner.metrics.desired_version.with_label_values(&[&service]).set(version as i64);
-        self.spawn_driver((*term).clone(), lock, rec, prepared);
+        self.spawn_driver((*term).clone(), lock, (*first).clone(), prepared);
         out.version = version;
         out.rollout_id = rollout_id;
         Ok(out)
@@ -534,7 +517,7 @@ impl Replica {
     pub async fn abort(&self, service: &str, reason: &str) -> Result<String, ApiError> {
         let service = service_name(service).map_err(ApiError::InvalidArgument)?;
         self.leading()?;
-        let drivers = self.inner.drivers.lock().expect("drivers");
+        let drivers = self.inner.drivers.lock();
         let h = drivers
             .running
             .get(&service)

@@ -1,13 +1,14 @@
 //! The rollout driver: one task per running rollout (a [`Driver`]) that
 //! carries out what the pure `Engine` decides: pushes and reverts (each in a
 //! task of its own, ordered by sequence), health checks, and the rollout
-//! record, written in the background in order (a push waits for a write
-//! only when no written record lists its node or its stage). The outcome is
-//! recorded by `finish`, in one transaction with the stable version and the
-//! lock release, once every push still on its way has answered.
+//! record, written in the background in order. Each push names the record
+//! generation it waits for (the engine decides which); the driver only
+//! waits. The outcome is recorded by `finish`, in one transaction with the
+//! stable version and the lock release, once every push still on its way
+//! has answered.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -15,13 +16,13 @@ use std::{
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Replica,
-    push::Push,
+    Replica, engine_now,
+    push::{Push, PushError},
     records::{decode, encode},
 };
 use crate::{
-    engine::{Action, Engine, Input, RolloutKind, RolloutRecord, RolloutState},
-    model::{NodeRecord, VersionRecord, VersionState, keys, now_rfc3339},
+    engine::{Action, Engine, Input, NodeFailure, RolloutKind, RolloutRecord, RolloutState, Start},
+    model::{NodeRecord, VersionRecord, VersionState, keys},
     store::{Cond, Fence, Lock, Op, StoreError, Term, now_ms},
 };
 
@@ -35,22 +36,25 @@ pub(super) struct Prepared {
     pub(super) old: Option<Arc<VersionRecord>>,
     /// Node id → NodeAgent address; a node missing here is read on demand.
     pub(super) addresses: HashMap<String, String>,
-    /// `touched` of the record as last written: nodes that may be pushed
-    /// without waiting for a write.
-    pub(super) durable: BTreeSet<String>,
+    /// Record generation already durable: 1 when the submitter wrote the
+    /// first record with the version, 0 when resumed from the store.
+    pub(super) written: u64,
 }
 
 /// What the background writer of a rollout record has made durable.
 #[derive(Debug, Clone, Default)]
 struct Durable {
-    /// Generation of the last record written (0: the one the driver started
-    /// from). Every record the driver writes while pushing lists every node
-    /// of the rollout (see `Engine`), so once one is written any node may be
-    /// pushed.
+    /// Generation of the last record written (see `engine::Persist`).
     generation: u64,
     /// Set when a write failed for good (leadership or lock lost): stop.
     failed: Option<String>,
 }
+
+/// A rollout record could not be written for good (leadership or lock
+/// lost): the driver stops, the next leader resumes.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the rollout record: {0}")]
+struct WriteFailed(String);
 
 /// A record handed to the background writer, with its generation.
 type Issued = (u64, Arc<RolloutRecord>);
@@ -106,9 +110,6 @@ struct Driver {
     old: Option<Arc<VersionRecord>>,
     /// Node id → NodeAgent address; a node missing here is read on demand.
     addresses: HashMap<String, String>,
-    /// `touched` of the record as last written when the driver started:
-    /// nodes that may be pushed without waiting for a write.
-    durable: BTreeSet<String>,
     /// Push, revert and health results, for the engine.
     inputs: mpsc::UnboundedSender<Input>,
     /// Records for the background writer; `None` once it was told to stop.
@@ -125,7 +126,7 @@ impl Replica {
         let (tx, rx) = mpsc::unbounded_channel();
         let service = rec.service.clone();
         {
-            let mut d = self.inner.drivers.lock().expect("drivers");
+            let mut d = self.inner.drivers.lock();
             d.running.insert(service.clone(), DriverHandle { rollout_id: rec.id.clone(), abort: tx });
             *d.started.entry(service.clone()).or_default() += 1;
         }
@@ -133,7 +134,7 @@ impl Replica {
         tokio::spawn(async move {
             let id = rec.id.clone();
             Driver::drive(me.clone(), term, lock, rec, prepared, rx).await;
-            let mut d = me.inner.drivers.lock().expect("drivers");
+            let mut d = me.inner.drivers.lock();
             if d.running.get(&service).is_some_and(|h| h.rollout_id == id) {
                 d.running.remove(&service);
             }
@@ -142,9 +143,15 @@ impl Replica {
 
     /// Starts the task that writes a rollout's records (fenced by its lock),
     /// in order, skipping to the latest when several wait.
-    fn spawn_writer(&self, term: &Term, lock: &Lock) -> (watch::Sender<Option<Issued>>, watch::Receiver<Durable>) {
+    /// `written`: the generation already durable.
+    fn spawn_writer(
+        &self,
+        term: &Term,
+        lock: &Lock,
+        written: u64,
+    ) -> (watch::Sender<Option<Issued>>, watch::Receiver<Durable>) {
         let (records, mut pending) = watch::channel::<Option<Issued>>(None);
-        let (done, written) = watch::channel(Durable::default());
+        let (done, written) = watch::channel(Durable { generation: written, failed: None });
         let (me, term, lock) = (self.clone(), term.clone(), lock.clone());
         tokio::spawn(async move {
             while pending.changed().await.is_ok() {
@@ -185,10 +192,9 @@ impl Replica {
             Ok(nodes) => nodes.into_iter().map(|n| (n.id, n.address)).collect(),
             Err(_) => HashMap::new(),
         };
-        let durable = rec.touched.clone();
         let mut engine = Engine::new(rec);
-        let actions = engine.start(now_ms());
-        Some(Prepared { engine, actions, new, old, addresses, durable })
+        let actions = engine.start(engine_now(), Start::Resumed);
+        Some(Prepared { engine, actions, new, old, addresses, written: 0 })
     }
 
     /// The versions of rollout `rec`: the one it rolls out, and the one it
@@ -232,9 +238,8 @@ impl Driver {
             },
         };
         // Records are written in the background, in order, latest wins; a
-        // push waits for a write only when its node is not yet listed in a
-        // written record (the engine lists every node in the first one).
-        let (records, written) = replica.spawn_writer(&term, &lock);
+        // push waits for the one the engine names.
+        let (records, written) = replica.spawn_writer(&term, &lock, p.written);
         let driver = Driver {
             replica,
             term,
@@ -245,7 +250,6 @@ impl Driver {
             new: p.new,
             old: p.old,
             addresses: p.addresses,
-            durable: p.durable,
             inputs: tx,
             records: Some(records),
             written,
@@ -264,53 +268,33 @@ impl Driver {
     ) {
         let service = self.service.clone();
         let mut wake: Option<u64> = None;
-        let mut issued = 0u64;
         // Pushes and reverts still running: the rollout is recorded as
         // finished (and the lock released) only once each has answered or
         // given up, so none of them can land after the next rollout starts.
         let mut in_flight: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-        // The record that first said the current stage (0: the first stage,
-        // durable with the version). A stage's nodes are pushed only once it
-        // is written: a leader that dies right after a promotion must not
-        // leave nodes on the version beyond the stage its successor resumes
-        // (and may fail) at.
-        let (mut stage_seen, mut stage_record) = (self.engine.record().stage, 0u64);
         loop {
             for action in std::mem::take(&mut actions) {
                 match action {
-                    // The final record is written by `finish`, atomically
-                    // with the stable version and the lock release.
-                    Action::Persist if self.engine.record().state.is_terminal() => {}
-                    Action::Persist => {
+                    Action::Persist(p) => {
                         let metrics = &self.replica.inner.metrics;
-                        self.engine.touch(now_rfc3339());
-                        let r = self.engine.record();
-                        metrics.rollout_stage.with_label_values(&[&service]).set(r.stage as i64);
-                        metrics.set_rollout_state(&service, &r.state.as_str().to_lowercase());
-                        issued += 1;
-                        if r.stage != stage_seen {
-                            (stage_seen, stage_record) = (r.stage, issued);
-                        }
-                        if let Some(records) = &self.records {
-                            let _ = records.send(Some((issued, Arc::new(r.clone()))));
+                        metrics.rollout_stage.with_label_values(&[&service]).set(p.record.stage as i64);
+                        metrics.set_rollout_state(&service, &p.record.state.as_str().to_lowercase());
+                        // Generation 1 of a submitted rollout went out with its version.
+                        let written = self.written.borrow().generation;
+                        if let Some(records) = &self.records
+                            && p.generation > written
+                        {
+                            let _ = records.send(Some((p.generation, p.record)));
                         }
                     }
-                    Action::Push(node) | Action::Revert(node) if self.term.lost.is_cancelled() => {
+                    Action::Push { node, .. } | Action::Revert { node, .. } if self.term.lost.is_cancelled() => {
                         tracing::warn!(%service, %node, "leadership lost; not pushing");
                         return;
                     }
-                    Action::Push(node) => {
-                        // Wait for a write only when no written record lists
-                        // the node or says its stage; stop at once when a
-                        // write failed for good (nothing pushed from then on
-                        // could be persisted).
-                        let (must_wait, upto) = {
-                            let d = self.written.borrow();
-                            let listed = d.generation > 0 || self.durable.contains(&node);
-                            let staged = d.generation >= stage_record;
-                            (d.failed.is_some() || !listed || !staged, if listed { stage_record } else { issued })
-                        };
-                        if must_wait && let Err(e) = self.written_up_to(upto.max(1).min(issued)).await {
+                    Action::Push { node, after } => {
+                        // Stops at once when a write failed for good: nothing
+                        // pushed from then on could be persisted.
+                        if let Err(e) = self.written_up_to(after).await {
                             tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
                             return;
                         }
@@ -318,9 +302,8 @@ impl Driver {
                         in_flight.retain(|h| !h.is_finished());
                         in_flight.push(self.spawn_push(&node, addr, self.new.clone(), true));
                     }
-                    Action::Revert(node) => {
-                        // The ROLLING_BACK record is written before any revert.
-                        if let Err(e) = self.written_up_to(issued).await {
+                    Action::Revert { node, after } => {
+                        if let Err(e) = self.written_up_to(after).await {
                             tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
                             return;
                         }
@@ -331,9 +314,8 @@ impl Driver {
                                 in_flight.push(self.spawn_push(&node, addr, old.clone(), false));
                             }
                             None => {
-                                let _ = self
-                                    .inputs
-                                    .send(Input::Reverted { node, result: Err("no previous version".into()) });
+                                let result = Err(NodeFailure("no previous version".into()));
+                                let _ = self.inputs.send(Input::Reverted { node, result });
                             }
                         }
                     }
@@ -344,17 +326,18 @@ impl Driver {
                                 (self.replica.clone(), self.inputs.clone(), self.engine.record().policy.apply_timeout);
                             tokio::spawn(async move {
                                 let result = match addr {
-                                    None => Err("node is no longer registered".to_owned()),
+                                    None => Err(PushError::Unregistered.into()),
                                     Some(a) => match agents.inner.agents.health(&a, timeout).await {
                                         Ok(h) if h.healthy => Ok(()),
-                                        Ok(h) => Err(h
-                                            .components
-                                            .iter()
-                                            .filter(|c| !c.healthy)
-                                            .map(|c| format!("{}: {}", c.component, c.error))
-                                            .collect::<Vec<_>>()
-                                            .join("; ")),
-                                        Err(e) => Err(e.to_string()),
+                                        Ok(h) => Err(NodeFailure(
+                                            h.components
+                                                .iter()
+                                                .filter(|c| !c.healthy)
+                                                .map(|c| format!("{}: {}", c.component, c.error))
+                                                .collect::<Vec<_>>()
+                                                .join("; "),
+                                        )),
+                                        Err(e) => Err(NodeFailure(e.to_string())),
                                     },
                                 };
                                 let _ = tx.send(Input::Health { node, result });
@@ -362,10 +345,10 @@ impl Driver {
                         }
                     }
                     Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
-                    Action::Finished(state) => {
+                    Action::Finished { state, after } => {
                         // Every earlier record lands first; then the writer
                         // stops and `finish` writes the last one.
-                        if let Err(e) = self.written_up_to(issued).await {
+                        if let Err(e) = self.written_up_to(after).await {
                             tracing::warn!(%service, error = %e, "stopping rollout driver: cannot persist");
                             return;
                         }
@@ -380,7 +363,6 @@ impl Driver {
                                 }
                             }
                         }
-                        self.engine.touch(now_rfc3339());
                         self.finish(state, self.started.elapsed()).await;
                         return;
                     }
@@ -388,7 +370,7 @@ impl Driver {
             }
             let sleep = async {
                 match wake {
-                    Some(t) => tokio::time::sleep(Duration::from_millis(t.saturating_sub(now_ms()))).await,
+                    Some(t) => tokio::time::sleep(Duration::from_millis(t.saturating_sub(engine_now()))).await,
                     None => std::future::pending().await,
                 }
             };
@@ -397,11 +379,11 @@ impl Driver {
                     tracing::warn!(%service, rollout = %self.engine.record().id, "leadership lost mid-rollout; the next leader resumes it");
                     return;
                 }
-                Some(input) = rx.recv() => actions = self.engine.step(now_ms(), input),
-                Some(reason) = abort.recv() => actions = self.engine.step(now_ms(), Input::Abort { reason }),
+                Some(input) = rx.recv() => actions = self.engine.step(engine_now(), input),
+                Some(reason) = abort.recv() => actions = self.engine.step(engine_now(), Input::Abort { reason }),
                 _ = sleep => {
                     wake = None;
-                    actions = self.engine.step(now_ms(), Input::Tick);
+                    actions = self.engine.step(engine_now(), Input::Tick);
                 }
             }
         }
@@ -425,7 +407,7 @@ impl Driver {
         let sequence = self.replica.inner.agents.next_sequence();
         tokio::spawn(async move {
             let result = match addr {
-                None => Err("node is no longer registered".to_owned()),
+                None => Err(PushError::Unregistered),
                 Some(a) => {
                     let push = Push {
                         service: &service,
@@ -439,6 +421,7 @@ impl Driver {
                     me.push(&term, push).await
                 }
             };
+            let result = result.map_err(NodeFailure::from);
             let input = if forward {
                 Input::Applied { node, result }
             } else {
@@ -460,12 +443,16 @@ impl Driver {
         Some(rec.address)
     }
 
-    /// Waits until the writer has written generation `issued` (or failed).
-    async fn written_up_to(&self, issued: u64) -> Result<(), String> {
+    /// Waits until the writer has written generation `generation` (or
+    /// failed: then the error, whatever was written).
+    async fn written_up_to(&self, generation: u64) -> Result<(), WriteFailed> {
         let mut w = self.written.clone();
-        let d = w.wait_for(|d| d.generation >= issued || d.failed.is_some()).await.map_err(|_| "writer gone")?;
+        let d = w
+            .wait_for(|d| d.generation >= generation || d.failed.is_some())
+            .await
+            .map_err(|_| WriteFailed("the record writer stopped".into()))?;
         match &d.failed {
-            Some(e) => Err(e.clone()),
+            Some(e) => Err(WriteFailed(e.clone())),
             None => Ok(()),
         }
     }

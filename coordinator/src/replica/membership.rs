@@ -20,7 +20,7 @@ impl Replica {
         }
         let key = keys::node(&service, &rec.id);
         let id = self.inner.store.register(&key, &encode(&rec), self.inner.opts.registration_ttl).await?;
-        self.inner.reg_writes.lock().expect("reg").insert(key, (Instant::now(), rec));
+        self.inner.reg_writes.lock().insert(key, (Instant::now(), rec));
         Ok(id)
     }
 
@@ -29,7 +29,7 @@ impl Replica {
         let service = service_name(service).map_err(ApiError::InvalidArgument)?;
         let key = keys::node(&service, &rec.id);
         let rewrite = {
-            let map = self.inner.reg_writes.lock().expect("reg");
+            let map = self.inner.reg_writes.lock();
             match map.get(&key) {
                 Some((at, old)) => {
                     at.elapsed() >= Duration::from_secs(5)
@@ -48,7 +48,7 @@ impl Replica {
             )));
         }
         if rewrite {
-            self.inner.reg_writes.lock().expect("reg").insert(key, (Instant::now(), rec));
+            self.inner.reg_writes.lock().insert(key, (Instant::now(), rec));
         }
         Ok(())
     }
@@ -65,7 +65,7 @@ impl Replica {
         for n in nodes {
             m.node_version.with_label_values(&[service, &n.id]).set(n.version as i64);
         }
-        let before = self.inner.seen_nodes.lock().expect("seen nodes").insert(service.to_owned(), now.clone());
+        let before = self.inner.seen_nodes.lock().insert(service.to_owned(), now.clone());
         for gone in before.iter().flatten().filter(|id| !now.contains(*id)) {
             tracing::warn!(%service, node = %gone, "node registration expired: it stopped heartbeating");
             m.nodes_lost.with_label_values(&[service]).inc();

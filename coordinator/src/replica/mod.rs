@@ -27,7 +27,8 @@
 //!   ├ api.rs       submit / rollback / abort / adopt / policy: checks, take the
 //!   │               │ service lock, commit the start ──────────────────┐
 //!   ├ reconcile.rs │ one pass: resume unfinished rollouts ─────────────┤ spawn_driver
-//!   │               │ push idle services' nodes to stable ──┐           ▼
+//!   │   plan.rs     │ push idle services' nodes to stable ──┐           ▼
+//!   │   (pure)      │  (plan decides, reconcile carries out) │
 //!   ├ driver.rs    │ one Driver per rollout: Engine actions ─▶ pushes, background
 //!   │               │  record writes, health checks, finish  │
 //!   ├ push.rs      ◀┴──────── push: one version to one node ◀┘ (lease confirmed first)
@@ -37,9 +38,12 @@
 mod api;
 mod driver;
 mod membership;
+mod plan;
 mod push;
 mod reconcile;
 mod records;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -51,7 +55,7 @@ use arc_swap::ArcSwapOption;
 use confroll_node::{Config, trust::PushKey};
 use tokio_util::sync::CancellationToken;
 
-pub use self::api::{Submit, SubmitOutcome};
+pub use self::api::{Check, Submit, SubmitOutcome};
 use self::{
     driver::Drivers,
     records::{decode, encode},
@@ -99,6 +103,16 @@ impl ReplicaOptions {
             agent_ca: None,
         }
     }
+}
+
+/// The rollout engine's clock (ms since the Unix epoch): the wall clock as
+/// first read, advanced by the tokio clock since. Monotonic, so a wall-clock
+/// step neither stretches nor cuts a bake; under `tokio::time::pause` it
+/// moves with paused time, so in-process tests jump over bakes too.
+pub(super) fn engine_now() -> u64 {
+    static ANCHOR: std::sync::OnceLock<(u64, tokio::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = *ANCHOR.get_or_init(|| (now_ms(), tokio::time::Instant::now()));
+    wall + tokio::time::Instant::now().saturating_duration_since(at).as_millis() as u64
 }
 
 /// Errors of the coordinator's API, before they become gRPC statuses.
@@ -172,31 +186,36 @@ struct Inner {
     /// of failing.
     took_office: tokio::sync::Notify,
     /// Rollout drivers, by service (leader only).
-    drivers: std::sync::Mutex<Drivers>,
+    drivers: parking_lot::Mutex<Drivers>,
     /// JSON Schema of the node config (`confroll-node schema`).
     schema: jsonschema::Validator,
     /// Last registration write per node (heartbeats rewrite only on change
     /// or every few seconds, so `last_seen` stays fresh without a write per beat).
-    reg_writes: std::sync::Mutex<HashMap<String, (Instant, NodeRecord)>>,
+    reg_writes: parking_lot::Mutex<HashMap<String, (Instant, NodeRecord)>>,
     /// Nodes with a reconciliation push in flight.
-    reconciling: std::sync::Mutex<HashSet<String>>,
+    reconciling: parking_lot::Mutex<HashSet<String>>,
     /// The stable version of each service as last read by reconciliation.
     /// A version's number, checksum and content never change once written,
     /// so a pass reads it again only when the stable pointer moved.
-    stable: std::sync::Mutex<HashMap<String, Arc<VersionRecord>>>,
+    stable: parking_lot::Mutex<HashMap<String, Arc<VersionRecord>>>,
     /// Nodes of each service as the last reconcile pass of this term read
     /// them: one missing from the next pass lost its registration
     /// (`confroll_nodes_lost_total`). Nodes never deregister, so every
     /// disappearance is an expiry.
-    seen_nodes: std::sync::Mutex<HashMap<String, HashSet<String>>>,
+    seen_nodes: parking_lot::Mutex<HashMap<String, HashSet<String>>>,
 }
 
 impl Replica {
     /// A replica on `store`.
     pub fn new(opts: ReplicaOptions, store: Arc<dyn Store>) -> Self {
+        let agents = Agents::new(opts.push_key.clone(), opts.agent_ca.clone());
+        Self::with_agents(opts, store, agents)
+    }
+
+    /// [`Replica::new`] that reaches nodes through `agents`.
+    fn with_agents(opts: ReplicaOptions, store: Arc<dyn Store>, agents: Agents) -> Self {
         let schema = jsonschema::validator_for(&Config::json_schema()).expect("the node config schema compiles");
         let metrics = CoordinatorMetrics::new(&opts.id);
-        let agents = Agents::new(opts.push_key.clone(), opts.agent_ca.clone());
         Self {
             inner: Arc::new(Inner {
                 opts,
@@ -314,8 +333,8 @@ impl Replica {
             self.inner.term.store(None);
             self.inner.metrics.is_leader.set(0);
             self.inner.metrics.forget_cluster_view();
-            self.inner.seen_nodes.lock().expect("seen nodes").clear();
-            self.inner.drivers.lock().expect("drivers").running.clear();
+            self.inner.seen_nodes.lock().clear();
+            self.inner.drivers.lock().running.clear();
             // A follower pushes nothing: close every push stream.
             self.close_push_streams(Some(&HashMap::new()));
         }
@@ -386,7 +405,7 @@ impl Replica {
         };
         tracing::info!(cluster = %cluster.id, adopted_from = ?cluster.adopted_from, "leading cluster");
         // Nodes that acknowledged a push of this term (and so know its token).
-        let fenced: Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
+        let fenced: Arc<parking_lot::Mutex<HashSet<String>>> = Default::default();
         loop {
             if let Err(e) = self.reconcile(&term, &fenced).await {
                 tracing::debug!(error = %e, "reconcile pass failed");

@@ -8,7 +8,41 @@ use std::time::Duration;
 use confroll_proto::v1 as pb;
 
 use super::Replica;
-use crate::{agents::AgentError, engine::Applied, model::VersionRecord, store::Term};
+use crate::{
+    agents::AgentError,
+    engine::{ApplyProof, NodeFailure},
+    model::VersionRecord,
+    store::Term,
+};
+
+/// Why a push did not apply its version.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PushError {
+    /// Not sent: this replica's lease is lost or could not be confirmed in
+    /// time. Fatal for the push (the next leader pushes again).
+    #[error("leadership lost: not pushing")]
+    NotLeading,
+    /// Not sent: this replica has not read the cluster record yet.
+    /// Retryable (the next pass sends it).
+    #[error("the cluster id is not known yet: not pushing")]
+    NoClusterId,
+    /// Not sent: the node is no longer registered.
+    #[error("node is no longer registered")]
+    Unregistered,
+    /// The node answered but did not apply it (its pipeline failed and it
+    /// rolled itself back): `status: error` of its reload report.
+    #[error("{0}")]
+    NotApplied(String),
+    /// The node refused it, was unreachable, or it arrived too late.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+impl From<PushError> for NodeFailure {
+    fn from(e: PushError) -> Self {
+        NodeFailure(e.to_string())
+    }
+}
 
 /// One push: which version goes to which node, and how.
 pub(super) struct Push<'a> {
@@ -31,13 +65,13 @@ pub(super) struct Push<'a> {
 impl Replica {
     /// Pushes version `p.version` to one node under `term`, once the term's
     /// lease surely holds; the push expires with the lease it left under.
-    pub(super) async fn push(&self, term: &Term, p: Push<'_>) -> Result<Applied, String> {
+    pub(super) async fn push(&self, term: &Term, p: Push<'_>) -> Result<ApplyProof, PushError> {
         let Push { service, node, address, version: v, rollout_id, sequence, timeout } = p;
         if !self.lease_confirmed(term, timeout).await {
-            return Err("leadership lost: not pushing".into());
+            return Err(PushError::NotLeading);
         }
         let Some(cluster) = self.inner.cluster.load_full() else {
-            return Err("the cluster id is not known yet: not pushing".into());
+            return Err(PushError::NoClusterId);
         };
         let req = pb::ApplyRequest {
             service: service.to_owned(),
@@ -64,12 +98,14 @@ impl Replica {
         match self.inner.agents.apply_while(node, address, req, timeout, &lease).await {
             // `unchanged`: the node already ran it, so no health phase ran.
             Ok(r) if r.applied && r.report.as_ref().is_some_and(|r| r.status == "unchanged") => {
-                Ok(Applied::AlreadyRunning)
+                Ok(ApplyProof::AlreadyRunning)
             }
-            Ok(r) if r.applied => Ok(Applied::HealthChecked),
+            Ok(r) if r.applied => Ok(ApplyProof::HealthChecked),
             Ok(r) => {
                 push_error("failed");
-                Err(r.report.map(|r| format!("{}: {}", r.status, r.error)).unwrap_or_else(|| "not applied".into()))
+                Err(PushError::NotApplied(
+                    r.report.map(|r| format!("{}: {}", r.status, r.error)).unwrap_or_else(|| "not applied".into()),
+                ))
             }
             Err(e) => {
                 match &e {
@@ -79,7 +115,7 @@ impl Replica {
                     // Not a push that failed: this replica stopped leading.
                     AgentError::NotLeading => {}
                 }
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }

@@ -8,7 +8,13 @@ use std::{
     sync::Arc,
 };
 
-use super::{Replica, push::Push};
+use parking_lot::Mutex;
+
+use super::{
+    Replica,
+    plan::{self, NodePush, RolloutStep, Stable},
+    push::Push,
+};
 use crate::{
     engine::RolloutRecord,
     model::{NodeRecord, keys},
@@ -69,11 +75,7 @@ impl Replica {
     /// runs stable, so it learns the new fencing token.
     /// Push streams to nodes no longer registered are closed on the way
     /// (only when every service's nodes could be read).
-    pub(super) async fn reconcile(
-        &self,
-        term: &Term,
-        fenced: &Arc<std::sync::Mutex<HashSet<String>>>,
-    ) -> Result<(), StoreError> {
+    pub(super) async fn reconcile(&self, term: &Term, fenced: &Arc<Mutex<HashSet<String>>>) -> Result<(), StoreError> {
         let mut live = HashMap::new();
         let mut every_service_read = true;
         for service in self.services().await? {
@@ -98,7 +100,7 @@ impl Replica {
     async fn reconcile_service(
         &self,
         term: &Term,
-        fenced: &Arc<std::sync::Mutex<HashSet<String>>>,
+        fenced: &Arc<Mutex<HashSet<String>>>,
         service: &str,
         nodes: Vec<NodeRecord>,
     ) -> Result<(), StoreError> {
@@ -108,23 +110,20 @@ impl Replica {
             self.inner.cluster.load_full().ok_or_else(|| StoreError::Unavailable("no cluster record yet".into()))?;
         // Nodes of a cluster an operator adopted from: move them here first.
         self.adopt_nodes(term, service, &cluster, &nodes).await;
-        let started = {
-            let d = self.inner.drivers.lock().expect("drivers");
-            if d.running.contains_key(service) {
-                return Ok(());
-            }
-            d.started(service)
+        let (running, started) = {
+            let d = self.inner.drivers.lock();
+            (d.running.contains_key(service), d.started(service))
         };
         // The rollout record first, then the pointers: a rollout finishes in
         // one transaction, so a finished record implies current pointers.
-        let latest = self.rollout(service).await?;
+        let latest = if running { None } else { self.rollout(service).await? };
         if let Some(rec) = &latest {
             self.inner.metrics.set_rollout_state(service, &rec.state.as_str().to_lowercase());
         }
-        if let Some(rec) = latest
-            && !rec.state.is_terminal()
-        {
-            return self.resume(term, service, rec).await;
+        match plan::rollout_step(running, latest) {
+            RolloutStep::Busy => return Ok(()),
+            RolloutStep::Resume(rec) => return self.resume(term, service, *rec).await,
+            RolloutStep::Idle => {}
         }
         self.inner.metrics.rollout_stage.with_label_values(&[service]).set(-1);
         let meta = self.meta(service).await?.map(|(m, _)| m).unwrap_or_default();
@@ -133,35 +132,32 @@ impl Replica {
         if meta.stable_version == 0 {
             return Ok(());
         }
-        let cached = self.inner.stable.lock().expect("stable").get(service).cloned();
+        let cached = self.inner.stable.lock().get(service).cloned();
         let stable = match cached {
             Some(v) if v.version == meta.stable_version => v,
             _ => {
                 let Some(v) = self.version(service, meta.stable_version).await? else { return Ok(()) };
                 let v = Arc::new(v);
-                self.inner.stable.lock().expect("stable").insert(service.to_owned(), v.clone());
+                self.inner.stable.lock().insert(service.to_owned(), v.clone());
                 v
             }
         };
-        for node in nodes {
-            if node.is_foreign(&cluster.id) {
-                continue; // adopted in `adopt_nodes` first, or none of ours
-            }
-            let key = format!("{service}/{}", node.id);
-            let on_stable =
-                node.sha256 == stable.sha256 && node.version == stable.version && node.config_cluster_id == cluster.id;
-            if on_stable && fenced.lock().expect("fenced").contains(&key) {
-                continue;
-            }
-            if !self.inner.reconciling.lock().expect("reconciling").insert(key.clone()) {
-                continue;
+        let target = Stable { version: stable.version, sha256: &stable.sha256, cluster_id: &cluster.id };
+        let pushes = {
+            let (fenced, in_flight) = (fenced.lock(), self.inner.reconciling.lock());
+            plan::node_pushes(service, nodes, target, &fenced, &in_flight)
+        };
+        for NodePush { node, on_stable } in pushes {
+            let key = plan::node_key(service, &node.id);
+            if !self.inner.reconciling.lock().insert(key.clone()) {
+                continue; // another pass planned it meanwhile
             }
             let sequence = {
-                let d = self.inner.drivers.lock().expect("drivers");
+                let d = self.inner.drivers.lock();
                 // A driver starts (and registers as running) under this lock.
                 if d.started(service) != started {
                     // A rollout started since `stable` was read: it owns the nodes now.
-                    self.inner.reconciling.lock().expect("reconciling").remove(&key);
+                    self.inner.reconciling.lock().remove(&key);
                     return Ok(());
                 }
                 self.inner.agents.next_sequence()
@@ -184,11 +180,11 @@ impl Replica {
                 };
                 match me.push(&term, push).await {
                     Ok(_) => {
-                        fenced.lock().expect("fenced").insert(key.clone());
+                        fenced.lock().insert(key.clone());
                     }
                     Err(e) => tracing::debug!(%service, node = %node.id, error = %e, "reconcile push failed"),
                 }
-                me.inner.reconciling.lock().expect("reconciling").remove(&key);
+                me.inner.reconciling.lock().remove(&key);
             });
         }
         Ok(())
@@ -249,7 +245,7 @@ mod tests {
             author: "test".into(),
             message: "v1".into(),
             dry_run: false,
-            policy: None,
+            policy: Default::default(),
             role: "anonymous".into(),
             credential: String::new(),
         };
@@ -264,7 +260,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(finished.state, RolloutState::Succeeded);
-        let started_before = replica.inner.drivers.lock().unwrap().started.get("default").copied();
+        let started_before = replica.inner.drivers.lock().started.get("default").copied();
 
         // What the pass read before the finish committed.
         let mut stale = finished.clone();
@@ -272,7 +268,7 @@ mod tests {
         replica.resume(&term, "default", stale).await.unwrap();
 
         {
-            let d = replica.inner.drivers.lock().unwrap();
+            let d = replica.inner.drivers.lock();
             assert_eq!(d.started.get("default").copied(), started_before, "a driver started from the stale record");
             assert!(!d.running.contains_key("default"));
         }
@@ -289,7 +285,7 @@ mod tests {
         let mut unfinished = finished;
         unfinished.state = RolloutState::Running;
         replica.resume(&term, "default", unfinished).await.unwrap();
-        assert_eq!(replica.inner.drivers.lock().unwrap().started.get("default").copied(), started_before);
+        assert_eq!(replica.inner.drivers.lock().started.get("default").copied(), started_before);
         stop.cancel();
     }
 }

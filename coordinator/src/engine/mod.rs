@@ -11,11 +11,28 @@
 //!
 //! The engine does no I/O and reads no clock: the runtime passes `now` (ms)
 //! with every call, executes the [`Action`]s in order and feeds results back
-//! as [`Input`]s. A node is pushed only once a written record lists it in
-//! `touched`, so a new leader always knows which nodes may hold the new
-//! version. The first record lists every node of the rollout: the runtime
-//! writes later records (stage progress) in the background and never waits
-//! for one before a push. Its unit tests below decide every case
+//! as [`Input`]s. Every decision is the engine's, including which record
+//! write a push must wait for:
+//!
+//! ```text
+//!  runtime                         engine
+//!  ───────                         ──────
+//!  start(now, New | Resumed)  ──▶  Persist{generation 1, record}, Push{node, after 1}, …
+//!  write records in order     ◀──  (generation g: the g-th record since start;
+//!  in the background                0 is the record it resumed from, already durable)
+//!  push once generation `after`
+//!  is durable; feed results   ──▶  step(now, Applied | Health | Reverted | Tick | Abort)
+//!                             ◀──  … Finished{state, after}: write the final record
+//!                                  with the outcome, once `after` is durable
+//! ```
+//!
+//! A node is pushed only once a written record lists it in `touched` and
+//! says its stage, so a new leader always knows which nodes may hold the new
+//! version and never finds one beyond the stage it resumes at. The first
+//! record lists every node of the rollout, so later records (stage
+//! progress) hold back only the pushes of a newly promoted stage. A new
+//! rollout's first record ([`Start::New`]) is the one its submitter writes
+//! together with the version. Unit tests (`tests.rs`) decide every case
 //! without a socket or a sleep.
 //!
 //! **A new leader resumes, it does not roll back.** A coordinator crash says
@@ -126,7 +143,24 @@ pub struct RolloutRecord {
     /// Unix epoch; 0 when it never rolled back).
     #[serde(default)]
     pub rollback_started_ms: u64,
+    /// Set when an operator aborted it: its rollback ends `ABORTED`, not
+    /// `ROLLED_BACK` (persisted, so a resumed rollback ends the same way).
+    #[serde(default)]
+    pub aborted: bool,
 }
+
+/// Why a node failed a push, a revert or a health check: the text the
+/// rollout records as its reason (the engine only reports it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFailure(pub String);
+
+impl std::fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NodeFailure {}
 
 /// A result the runtime reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,21 +171,21 @@ pub enum Input {
         node: String,
         /// What the node's answer proves, or why the push failed (refused,
         /// rolled back at the node, timeout).
-        result: Result<Applied, String>,
+        result: Result<ApplyProof, NodeFailure>,
     },
     /// A health check finished.
     Health {
         /// Node.
         node: String,
         /// Ok, or why the node is unhealthy.
-        result: Result<(), String>,
+        result: Result<(), NodeFailure>,
     },
     /// A push of the previous version finished.
     Reverted {
         /// Node.
         node: String,
         /// Ok, or why it failed.
-        result: Result<(), String>,
+        result: Result<(), NodeFailure>,
     },
     /// A wake-up asked for with [`Action::WakeAt`].
     Tick,
@@ -164,7 +198,7 @@ pub enum Input {
 
 /// What a successful push proves about the node's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
+pub enum ApplyProof {
     /// The node reloaded and its own health phase passed after the swap
     /// (a failing one would have rolled the node back and failed the push).
     HealthChecked,
@@ -175,23 +209,71 @@ pub enum Applied {
 /// What the runtime must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Write the record (fenced by the lock) before anything that follows.
-    Persist,
-    /// Push the new version to a node.
-    Push(String),
-    /// Push the previous version to a node.
-    Revert(String),
+    /// Write this record (fenced by the lock) in the background, after every
+    /// earlier one; when several wait, only the latest need be written.
+    Persist(Persist),
+    /// Push the new version to a node once record generation `after` is
+    /// durable (the first record that lists the node and says its stage).
+    Push {
+        /// Node.
+        node: String,
+        /// Generation that must be written first.
+        after: u64,
+    },
+    /// Push the previous version to a node once generation `after` (the
+    /// `ROLLING_BACK` record) is durable.
+    Revert {
+        /// Node.
+        node: String,
+        /// Generation that must be written first.
+        after: u64,
+    },
     /// Health-check these nodes.
     CheckHealth(Vec<String>),
     /// Feed [`Input::Tick`] at this time (ms).
     WakeAt(u64),
-    /// The rollout is over (the record already says how).
-    Finished(RolloutState),
+    /// The rollout is over: once generation `after` (every earlier record)
+    /// is durable and every push has answered, write [`Engine::record`],
+    /// which says how it ended, together with the outcome.
+    Finished {
+        /// How it ended.
+        state: RolloutState,
+        /// Generation that must be written first.
+        after: u64,
+    },
+}
+
+/// A record to write, numbered: generation `g` is the `g`-th record since
+/// [`Engine::start`] (0 is the record a resumed rollout started from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persist {
+    /// Its number.
+    pub generation: u64,
+    /// The record as it was when the engine asked for the write.
+    pub record: std::sync::Arc<RolloutRecord>,
+}
+
+/// How a rollout begins (what [`Engine::start`] may take as written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new rollout: nothing is written yet. `start` returns its first
+    /// record as generation 1, first of its actions; the submitter writes
+    /// it together with the version (so the runtime finds it durable).
+    New,
+    /// Resumed from a record read from the store (generation 0, durable).
+    Resumed,
 }
 
 /// Working state that is rebuilt after a leader change (not persisted).
 #[derive(Debug, Clone, Default)]
 struct Live {
+    /// Generation of the last record asked for.
+    generation: u64,
+    /// Per node, the generation of the first record that lists it as
+    /// touched (absent: none does yet).
+    listed: BTreeMap<String, u64>,
+    /// Generation of the first record that says the current stage.
+    stage_written: u64,
     /// Nodes that may hold the new version: pushed by this engine, or
     /// `touched` in the record it resumed. These are what a rollback reverts.
     may_hold: BTreeSet<String>,
@@ -260,20 +342,39 @@ impl Engine {
         &self.rec.order[..end]
     }
 
-    /// Starts (or, after a leader change, resumes) the rollout.
-    pub fn start(&mut self, now: u64) -> Vec<Action> {
-        let _ = now;
+    /// Starts (or, after a leader change, resumes) the rollout. A new one
+    /// (always `RUNNING`) begins with its first record, generation 1; a
+    /// finished one with nothing but `Finished`.
+    pub fn start(&mut self, now: u64, from: Start) -> Vec<Action> {
         self.live = Live { may_hold: self.rec.touched.clone(), ..Live::default() };
+        match from {
+            Start::Resumed => self.live.listed = self.rec.touched.iter().map(|n| (n.clone(), 0)).collect(),
+            // Stage 0 is said by the first record.
+            Start::New => self.live.stage_written = 1,
+        }
         match self.rec.state {
-            RolloutState::Running if self.rec.targets.is_empty() => self.finish(RolloutState::Succeeded),
+            RolloutState::Running if self.rec.targets.is_empty() => {
+                // Nothing to push. A new rollout is still written running
+                // first (with its version), and only then finished.
+                let mut a = if from == Start::New { vec![self.persist(now)] } else { vec![] };
+                a.extend(self.finish(now, RolloutState::Succeeded));
+                a
+            }
             RolloutState::Running => {
                 // (Re)push every node up to the current stage: idempotent at
                 // the nodes, and it re-establishes which ones applied.
-                self.push_stage(0)
+                self.push_stage(now, 0)
             }
-            RolloutState::RollingBack => self.revert_all(),
-            s => vec![Action::Finished(s)],
+            RolloutState::RollingBack => self.revert_all(now),
+            state => vec![Action::Finished { state, after: 0 }],
         }
+    }
+
+    /// Asks for the record to be written: the next generation.
+    fn persist(&mut self, now: u64) -> Action {
+        self.live.generation += 1;
+        self.rec.updated_at = rfc3339(now);
+        Action::Persist(Persist { generation: self.live.generation, record: std::sync::Arc::new(self.rec.clone()) })
     }
 
     /// Feeds one input.
@@ -285,7 +386,7 @@ impl Engine {
                 if !self.live.may_hold.contains(&node) {
                     return vec![];
                 }
-                if proof == Applied::AlreadyRunning {
+                if proof == ApplyProof::AlreadyRunning {
                     self.live.unchecked.insert(node.clone());
                 }
                 self.live.applied.insert(node);
@@ -297,7 +398,7 @@ impl Engine {
                     // phase each node just ran after its swap. Only nodes
                     // whose apply checked nothing need a round of their own.
                     if self.live.unchecked.is_empty() {
-                        return self.promote();
+                        return self.promote(now);
                     }
                     self.live.baking_since = Some(now);
                     let nodes: Vec<String> = std::mem::take(&mut self.live.unchecked).into_iter().collect();
@@ -308,7 +409,7 @@ impl Engine {
                     // The stage is on the new version and starts baking:
                     // worth recording (watchers see it; a new leader re-checks).
                     self.live.baking_since = Some(now);
-                    let mut a = vec![Action::Persist];
+                    let mut a = vec![self.persist(now)];
                     a.extend(self.health_round());
                     return a;
                 }
@@ -343,13 +444,14 @@ impl Engine {
                 }
             }
             (RolloutState::Running, Input::Abort { reason }) => {
+                self.rec.aborted = true;
                 self.roll_back(now, format!("aborted: {reason}"), String::new())
             }
             (RolloutState::RollingBack, Input::Reverted { node, .. }) => {
                 if self.live.may_hold.contains(&node) {
                     self.live.revert_answered.insert(node);
                 }
-                self.maybe_rolled_back()
+                self.maybe_rolled_back(now)
             }
             // Late answers (a push that finishes after the rollback began,
             // health of a node no longer watched) change nothing: the runtime
@@ -371,7 +473,7 @@ impl Engine {
         // Promote only when every node's latest check passed (a failure under
         // the threshold keeps the stage baking until it clears or trips it).
         if now >= bake_end && self.live.failures.is_empty() {
-            return self.promote();
+            return self.promote(now);
         }
         if now >= bake_end {
             return vec![Action::WakeAt(now + self.rec.policy.health_interval.as_millis().max(1) as u64)];
@@ -380,15 +482,19 @@ impl Engine {
         vec![Action::WakeAt(next)]
     }
 
-    fn promote(&mut self) -> Vec<Action> {
+    fn promote(&mut self, now: u64) -> Vec<Action> {
         self.rec.stage += 1;
         self.live.baking_since = None;
         self.live.unchecked.clear();
         if self.rec.stage >= self.rec.targets.len() {
             self.rec.stage = self.rec.targets.len().saturating_sub(1);
-            return self.finish(RolloutState::Succeeded);
+            return self.finish(now, RolloutState::Succeeded);
         }
-        self.push_stage(self.rec.targets[self.rec.stage - 1])
+        // The promotion's record says the new stage: its nodes wait for it,
+        // so a leader that dies right after promoting leaves no node on the
+        // version beyond the stage its successor resumes (and may fail) at.
+        self.live.stage_written = self.live.generation + 1;
+        self.push_stage(now, self.rec.targets[self.rec.stage - 1])
     }
 
     /// Pushes the current stage's nodes from position `from` on, after a
@@ -400,14 +506,20 @@ impl Engine {
     /// only if a new leader resumes a rollback: it cannot know which listed
     /// nodes were pushed and reverts them all, a no-op ("unchanged") on the
     /// ones that never left the stable version.
-    fn push_stage(&mut self, from: usize) -> Vec<Action> {
+    fn push_stage(&mut self, now: u64, from: usize) -> Vec<Action> {
         let nodes: Vec<String> = self.stage_nodes(self.rec.stage)[from..].to_vec();
         // Cloned only the first time (later stages find them listed).
         let missing: Vec<String> = self.rec.order.iter().filter(|n| !self.rec.touched.contains(*n)).cloned().collect();
+        let generation = self.live.generation + 1;
+        self.live.listed.extend(missing.iter().map(|n| (n.clone(), generation)));
         self.rec.touched.extend(missing);
         self.live.may_hold.extend(nodes.iter().cloned());
-        let mut a = vec![Action::Persist];
-        a.extend(nodes.into_iter().map(Action::Push));
+        let mut a = vec![self.persist(now)];
+        for node in nodes {
+            // Listed by now: the record just asked for lists every node.
+            let after = self.live.listed.get(&node).copied().unwrap_or(generation).max(self.live.stage_written);
+            a.push(Action::Push { node, after });
+        }
         a
     }
 
@@ -417,10 +529,10 @@ impl Engine {
         self.rec.reason = reason;
         self.rec.failing_node = node;
         self.live.pending_health.clear();
-        self.revert_all()
+        self.revert_all(now)
     }
 
-    fn revert_all(&mut self) -> Vec<Action> {
+    fn revert_all(&mut self, now: u64) -> Vec<Action> {
         if self.rec.from_version == 0 {
             // Nothing to return to: the first version of a service. Nodes
             // keep what they run; reconciliation has no stable version to
@@ -429,316 +541,43 @@ impl Engine {
             if !self.rec.reason.ends_with(NOT_REVERTED) {
                 self.rec.reason.push_str(NOT_REVERTED);
             }
-            return self.finish(RolloutState::Aborted);
+            return self.finish(now, RolloutState::Aborted);
         }
         self.live.revert_answered.clear();
-        let mut a = vec![Action::Persist];
-        a.extend(self.live.may_hold.iter().cloned().map(Action::Revert));
+        // No revert leaves before the ROLLING_BACK record is written: a new
+        // leader then reverts too, never promotes.
+        let mut a = vec![self.persist(now)];
+        let after = self.live.generation;
+        a.extend(self.live.may_hold.iter().map(|node| Action::Revert { node: node.clone(), after }));
         if self.live.may_hold.is_empty() {
-            a.extend(self.finish(self.final_failure_state()));
+            a.extend(self.finish(now, self.final_failure_state()));
         }
         a
     }
 
     fn final_failure_state(&self) -> RolloutState {
-        // `roll_back` records an abort's reason as `aborted: …` (persisted,
-        // so a resumed rollback ends ABORTED too).
-        if self.rec.reason.starts_with("aborted:") { RolloutState::Aborted } else { RolloutState::RolledBack }
+        if self.rec.aborted { RolloutState::Aborted } else { RolloutState::RolledBack }
     }
 
-    fn maybe_rolled_back(&mut self) -> Vec<Action> {
+    fn maybe_rolled_back(&mut self, now: u64) -> Vec<Action> {
         // Answers are counted only for `may_hold` nodes: O(1) per answer.
         let done = self.live.revert_answered.len() >= self.live.may_hold.len();
-        if done { self.finish(self.final_failure_state()) } else { vec![] }
+        if done { self.finish(now, self.final_failure_state()) } else { vec![] }
     }
 
-    fn finish(&mut self, state: RolloutState) -> Vec<Action> {
+    /// Ends the rollout: the final record is written with the outcome, after
+    /// every record asked for so far.
+    fn finish(&mut self, now: u64, state: RolloutState) -> Vec<Action> {
         self.rec.state = state;
-        vec![Action::Persist, Action::Finished(state)]
+        self.rec.updated_at = rfc3339(now);
+        vec![Action::Finished { state, after: self.live.generation }]
     }
+}
 
-    /// Sets the record's update time (the runtime calls it before persisting).
-    pub fn touch(&mut self, at: String) {
-        self.rec.updated_at = at;
-    }
+/// `ms` since the Unix epoch in RFC 3339 (what records carry).
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn policy(bake_ms: u64) -> Policy {
-        Policy {
-            stages: vec![StageSize::Count(1), StageSize::Percent(50), StageSize::Percent(100)],
-            bake: Duration::from_millis(bake_ms),
-            health_interval: Duration::from_millis(100),
-            failure_threshold: 1,
-            apply_timeout: Duration::from_secs(1),
-        }
-    }
-
-    fn record(nodes: &[&str], bake_ms: u64) -> RolloutRecord {
-        let p = policy(bake_ms);
-        let order = canary_order("svc", nodes.iter().map(|s| s.to_string()));
-        RolloutRecord {
-            id: "r1".into(),
-            service: "svc".into(),
-            kind: RolloutKind::Submit,
-            version: 2,
-            from_version: 1,
-            targets: stage_targets(&p.stages, order.len()),
-            policy: p,
-            order,
-            stage: 0,
-            state: RolloutState::Running,
-            touched: BTreeSet::new(),
-            reason: String::new(),
-            failing_node: String::new(),
-            started_at: String::new(),
-            updated_at: String::new(),
-            applied: 0,
-            rollback_started_ms: 0,
-        }
-    }
-
-    fn pushes(a: &[Action]) -> Vec<String> {
-        a.iter().filter_map(|x| if let Action::Push(n) = x { Some(n.clone()) } else { None }).collect()
-    }
-
-    fn ok(node: &str) -> Input {
-        Input::Applied { node: node.into(), result: Ok(Applied::HealthChecked) }
-    }
-
-    fn already(node: &str) -> Input {
-        Input::Applied { node: node.into(), result: Ok(Applied::AlreadyRunning) }
-    }
-
-    fn healthy(node: &str) -> Input {
-        Input::Health { node: node.into(), result: Ok(()) }
-    }
-
-    #[test]
-    fn stage_targets_are_cumulative_deduplicated_and_end_at_all_nodes() {
-        use StageSize::*;
-        let d = [Count(1), Percent(25), Percent(50), Percent(100)];
-        assert_eq!(stage_targets(&d, 5), vec![1, 2, 3, 5]);
-        assert_eq!(stage_targets(&d, 100), vec![1, 25, 50, 100]);
-        assert_eq!(stage_targets(&d, 2), vec![1, 2]);
-        assert_eq!(stage_targets(&d, 1), vec![1]);
-        assert_eq!(stage_targets(&d, 0), Vec::<usize>::new());
-        assert_eq!(stage_targets(&[Count(3)], 10), vec![3, 10], "a final 100% stage is implied");
-    }
-
-    #[test]
-    fn canary_order_is_deterministic_and_independent_of_input_order() {
-        let a = canary_order("svc", ["n1", "n2", "n3", "n4"].map(String::from));
-        let b = canary_order("svc", ["n4", "n3", "n2", "n1"].map(String::from));
-        assert_eq!(a, b);
-        assert_eq!(a.len(), 4);
-        assert_ne!(canary_order("other", ["n1", "n2", "n3", "n4"].map(String::from)), a, "order is per service");
-    }
-
-    #[test]
-    fn a_healthy_rollout_walks_every_stage_after_its_bake() {
-        let mut e = Engine::new(record(&["a", "b", "c", "d"], 1000));
-        let order = e.record().order.clone();
-        let a = e.start(0);
-        assert_eq!(a[0], Action::Persist, "persist before any push");
-        assert_eq!(pushes(&a), vec![order[0].clone()]);
-        assert_eq!(e.step(10, ok(&order[0])), vec![Action::Persist, Action::CheckHealth(vec![order[0].clone()])]);
-        assert_eq!(e.record().applied, 1, "the applied count is persisted when the stage starts baking");
-        // Healthy, but the bake is not over: wake at the next interval.
-        assert_eq!(e.step(20, healthy(&order[0])), vec![Action::WakeAt(120)]);
-        assert_eq!(e.step(120, Input::Tick), vec![Action::CheckHealth(vec![order[0].clone()])]);
-        // Bake over (started at 10): promote to stage 1 (50% of 4 = 2 nodes).
-        let a = e.step(1010, healthy(&order[0]));
-        assert_eq!(a, vec![Action::Persist, Action::Push(order[1].clone())]);
-        assert_eq!(e.record().stage, 1);
-        assert!(e.record().touched.contains(&order[1]));
-        e.step(1020, ok(&order[1]));
-        let mut both = vec![order[0].clone(), order[1].clone()];
-        both.sort();
-        assert_eq!(e.live.pending_health.iter().cloned().collect::<Vec<_>>(), both);
-        e.step(1030, healthy(&order[0]));
-        e.step(2030, healthy(&order[1]));
-        // Bake of stage 1 started at 1020; the round ended at 2030 → promote.
-        assert_eq!(e.record().stage, 2);
-        for n in &order[2..] {
-            e.step(2040, ok(n));
-        }
-        let round: Vec<String> = e.live.pending_health.iter().cloned().collect();
-        let mut last = vec![];
-        for n in round {
-            last = e.step(3100, healthy(&n));
-        }
-        assert_eq!(last, vec![Action::Persist, Action::Finished(RolloutState::Succeeded)]);
-        assert_eq!(e.record().state, RolloutState::Succeeded);
-    }
-
-    #[test]
-    fn zero_bake_promotes_on_the_health_phase_of_the_apply_itself() {
-        let mut e = Engine::new(record(&["a", "b"], 0));
-        let order = e.record().order.clone();
-        e.start(0);
-        assert_eq!(e.step(0, ok(&order[0])), vec![Action::Persist, Action::Push(order[1].clone())]);
-        assert_eq!(e.record().stage, 1);
-    }
-
-    #[test]
-    fn zero_bake_checks_nodes_whose_apply_checked_nothing() {
-        let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
-        let order = e.record().order.clone();
-        e.start(0);
-        e.step(0, ok(&order[0]));
-        e.step(0, ok(&order[1]));
-        // Stage 2 holds order[2] and order[3]; order[2] already ran the version.
-        assert_eq!(e.step(1, already(&order[2])), vec![]);
-        assert_eq!(e.step(2, ok(&order[3])), vec![Action::CheckHealth(vec![order[2].clone()])]);
-        let sick = Input::Health { node: order[2].clone(), result: Err("redis: refused".into()) };
-        let a = e.step(3, sick);
-        assert_eq!(e.record().state, RolloutState::RollingBack, "{a:?}");
-        assert_eq!(e.record().failing_node, order[2]);
-    }
-
-    #[test]
-    fn a_failed_apply_reverts_every_touched_node() {
-        let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
-        let order = e.record().order.clone();
-        e.start(0);
-        e.step(0, ok(&order[0]));
-        e.step(0, healthy(&order[0]));
-        // Stage 1 pushes order[1]; it fails.
-        let a = e.step(5, Input::Applied { node: order[1].clone(), result: Err("rolled back: database".into()) });
-        assert_eq!(a[0], Action::Persist);
-        let mut reverts: Vec<String> =
-            a.iter().filter_map(|x| if let Action::Revert(n) = x { Some(n.clone()) } else { None }).collect();
-        reverts.sort();
-        let mut want = vec![order[0].clone(), order[1].clone()];
-        want.sort();
-        assert_eq!(reverts, want, "the failing node too: it may hold part of the new version");
-        assert_eq!(e.record().state, RolloutState::RollingBack);
-        assert_eq!(e.record().rollback_started_ms, 5);
-        assert_eq!(e.record().failing_node, order[1]);
-        assert!(e.record().reason.contains("apply failed"), "{}", e.record().reason);
-        // A late push result changes nothing.
-        assert!(e.step(6, ok(&order[2])).is_empty());
-        assert!(e.step(7, Input::Reverted { node: order[0].clone(), result: Ok(()) }).is_empty());
-        let a = e.step(8, Input::Reverted { node: order[1].clone(), result: Err("unreachable".into()) });
-        assert_eq!(a, vec![Action::Persist, Action::Finished(RolloutState::RolledBack)]);
-    }
-
-    #[test]
-    fn an_unhealthy_node_fails_the_rollout_at_the_threshold() {
-        let mut r = record(&["a", "b"], 10_000);
-        r.policy.failure_threshold = 2;
-        let mut e = Engine::new(r);
-        let n = e.record().order[0].clone();
-        e.start(0);
-        e.step(0, ok(&n));
-        let bad = || Input::Health { node: n.clone(), result: Err("database down".into()) };
-        assert_eq!(e.step(10, bad()), vec![Action::WakeAt(110)], "one failure is under the threshold");
-        e.step(110, Input::Tick);
-        let a = e.step(120, bad());
-        assert_eq!(a, vec![Action::Persist, Action::Revert(n.clone())]);
-        assert!(e.record().reason.contains("database down"));
-    }
-
-    #[test]
-    fn a_recent_failure_under_the_threshold_blocks_promotion() {
-        let mut r = record(&["a", "b"], 0);
-        r.policy.failure_threshold = 3;
-        let mut e = Engine::new(r);
-        let n = e.record().order[0].clone();
-        e.start(0);
-        // It already ran the version, so its apply checked nothing: a round.
-        assert_eq!(e.step(0, already(&n)), vec![Action::CheckHealth(vec![n.clone()])]);
-        let a = e.step(1, Input::Health { node: n.clone(), result: Err("flaky".into()) });
-        assert_eq!(a, vec![Action::WakeAt(101)], "bake is over, but the last check failed: keep checking");
-        e.step(101, Input::Tick);
-        let a = e.step(102, healthy(&n));
-        assert_eq!(a[0], Action::Persist, "cleared: promote");
-        assert_eq!(e.record().stage, 1);
-    }
-
-    #[test]
-    fn abort_reverts_and_ends_aborted() {
-        let mut e = Engine::new(record(&["a", "b"], 10_000));
-        let n = e.record().order[0].clone();
-        e.start(0);
-        e.step(0, ok(&n));
-        let a = e.step(1, Input::Abort { reason: "operator said so".into() });
-        assert_eq!(a, vec![Action::Persist, Action::Revert(n.clone())]);
-        let a = e.step(2, Input::Reverted { node: n, result: Ok(()) });
-        assert_eq!(a, vec![Action::Persist, Action::Finished(RolloutState::Aborted)]);
-    }
-
-    #[test]
-    fn a_new_leader_resumes_by_repushing_and_rechecking_health() {
-        let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
-        let order = e.record().order.clone();
-        e.start(0);
-        e.step(0, ok(&order[0]));
-        e.step(0, healthy(&order[0]));
-        // Leader dies in stage 1; the next one reads the persisted record.
-        let persisted = e.record().clone();
-        assert_eq!(persisted.stage, 1);
-        let mut e2 = Engine::new(persisted);
-        let a = e2.start(5000);
-        assert_eq!(a[0], Action::Persist);
-        assert_eq!(pushes(&a), order[..2].to_vec(), "whole current stage re-pushed");
-        // Both already run it (the re-push changes nothing at the nodes), so
-        // health is re-checked for every node with the new version before
-        // promotion.
-        e2.step(5001, already(&order[0]));
-        let a = e2.step(5002, already(&order[1]));
-        match &a[..] {
-            [Action::CheckHealth(nodes)] => assert_eq!(nodes.len(), 2),
-            other => panic!("{other:?}"),
-        }
-        // An unhealthy one found now still rolls back.
-        let a = e2.step(5003, Input::Health { node: order[1].clone(), result: Err("x".into()) });
-        assert_eq!(a[0], Action::Persist);
-        assert_eq!(e2.record().state, RolloutState::RollingBack);
-    }
-
-    #[test]
-    fn the_first_record_covers_every_push_but_a_live_rollback_reverts_only_what_may_hold_it() {
-        let mut e = Engine::new(record(&["a", "b", "c", "d"], 0));
-        let order = e.record().order.clone();
-        assert_eq!(pushes(&e.start(0)), vec![order[0].clone()]);
-        // Targets 1, 2, 4: the first record already lists every node.
-        assert_eq!(e.record().touched, order.iter().cloned().collect());
-        assert_eq!(e.step(0, ok(&order[0])), vec![Action::Persist, Action::Push(order[1].clone())]);
-        // A failure now reverts the two pushed nodes, not the two listed ahead.
-        let a = e.step(1, Input::Applied { node: order[1].clone(), result: Err("x".into()) });
-        assert_eq!(a.iter().filter(|x| matches!(x, Action::Revert(_))).count(), 2);
-        // A new leader cannot know which listed nodes were pushed: it reverts all.
-        let mut e2 = Engine::new(e.record().clone());
-        assert_eq!(e2.start(5).iter().filter(|x| matches!(x, Action::Revert(_))).count(), 4);
-    }
-
-    #[test]
-    fn a_resumed_rollback_keeps_reverting() {
-        let mut r = record(&["a", "b"], 0);
-        r.state = RolloutState::RollingBack;
-        r.touched = ["a".to_string()].into();
-        let mut e = Engine::new(r);
-        assert_eq!(e.start(0), vec![Action::Persist, Action::Revert("a".into())]);
-    }
-
-    #[test]
-    fn no_nodes_means_done_at_once_and_no_stable_means_nothing_to_revert() {
-        let mut e = Engine::new(record(&[], 0));
-        assert_eq!(e.start(0), vec![Action::Persist, Action::Finished(RolloutState::Succeeded)]);
-        let mut r = record(&["a"], 0);
-        r.from_version = 0;
-        let mut e = Engine::new(r);
-        e.start(0);
-        let a = e.step(0, Input::Applied { node: "a".into(), result: Err("x".into()) });
-        // Nothing is reverted, so it is not "rolled back": node `a` may run it.
-        assert_eq!(a, vec![Action::Persist, Action::Finished(RolloutState::Aborted)]);
-        assert!(e.record().reason.ends_with(NOT_REVERTED), "{}", e.record().reason);
-    }
-}
+mod tests;
