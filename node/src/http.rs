@@ -115,7 +115,7 @@ async fn work(State(node): State<Node>) -> Response {
             Some(r) => Some(
                 r.query::<i64>(deadpool_redis::redis::cmd("INCR").arg(format!("confroll:work:{}", node.id())))
                     .await
-                    .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e))?,
+                    .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?,
             ),
             None => None,
         };

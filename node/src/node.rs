@@ -26,12 +26,14 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    components::{ComponentKind, Components, Database, Grace, Instance, LlmClient, LogTarget, Logger, RedisPool},
+    components::{
+        ComponentError, ComponentKind, Components, Database, Grace, Instance, LlmClient, LogTarget, Logger, RedisPool,
+    },
     config::{Config, ConfigError, MAX_CONFIG_BYTES, scrub},
     diff::{ConfigDiff, FieldChange},
     journal::{self, Journal},
     metrics::NodeMetrics,
-    pipeline::{Command, ComponentStatus, DiffSummary, Event, Machine, Outcome, Phase},
+    pipeline::{Command, ComponentStatus, DiffSummary, Event, Failure, Machine, Outcome, Phase},
     report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
     state::{Fencing, PersistedConfig, StateDir},
 };
@@ -130,7 +132,7 @@ pub enum StartError {
     State(std::io::Error),
     /// A component could not be built from the boot config.
     #[error("component: {0}")]
-    Component(String),
+    Component(ComponentError),
 }
 
 /// Why a pushed version was refused before the pipeline ran.
@@ -334,7 +336,8 @@ impl Node {
         };
         let config = Config::parse(&content)?;
         let metrics = NodeMetrics::new(&opts.id, &opts.service);
-        let (logger, dispatch) = Logger::new(&config.log, opts.log_target).map_err(StartError::Component)?;
+        let (logger, dispatch) =
+            Logger::new(&config.log, opts.log_target).map_err(|e| StartError::Component(e.into()))?;
         let components =
             Components::boot(&config, logger, metrics.clone(), opts.grace).map_err(StartError::Component)?;
         metrics.config_version.set(version as i64);
@@ -664,7 +667,7 @@ impl Node {
                 component: k.as_str(),
                 healthy: r.is_ok(),
                 critical: k.is_critical_in(&live.config),
-                error: r.err(),
+                error: r.err().map(|e| e.to_string()),
             })
             .collect();
         Health { healthy: components.iter().all(|c| c.healthy || !c.critical), components }
@@ -676,11 +679,11 @@ impl Node {
         self.inner.components.close().await;
     }
 
-    async fn checked_health(&self, kind: ComponentKind) -> Result<(), String> {
+    async fn checked_health(&self, kind: ComponentKind) -> Result<(), ComponentError> {
         let t = self.inner.opts.reload_timeout;
         match tokio::time::timeout(t, self.inner.components.health(kind)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("health check timed out after {t:?}")),
+            Err(_) => Err(ComponentError::HealthTimedOut(t)),
         }
     }
 
@@ -733,9 +736,10 @@ impl Node {
         match cmd {
             Command::Load => {
                 let r = match source {
-                    Source::File(p) => {
-                        read_limited(p).await.map(|b| (b, None)).map_err(|e| format!("read {}: {e}", p.display()))
-                    }
+                    Source::File(p) => read_limited(p)
+                        .await
+                        .map(|b| (b, None))
+                        .map_err(|e| Failure(format!("read {}: {e}", p.display()))),
                     // Moved, not copied: a run loads its source once.
                     Source::Bytes(b, sha) => Ok((std::mem::take(b), sha.take())),
                 };
@@ -751,7 +755,7 @@ impl Node {
                 }
                 Err(e) => {
                     run.error_type = Some("validate");
-                    Err(e.to_string())
+                    Err(Failure(e.to_string()))
                 }
             })),
             Command::Diff => {
@@ -761,7 +765,7 @@ impl Node {
                 run.diff = d.changes;
                 if let Err(e) = restart_only {
                     run.error_type = Some("restart_only");
-                    return Some(Event::Diffed(Err(e.to_string())));
+                    return Some(Event::Diffed(Err(Failure(e.to_string()))));
                 }
                 let same_bytes = run.sha.as_deref() == Some(prev.sha256.as_str());
                 let unchanged =
@@ -793,7 +797,7 @@ impl Node {
                         let t = Instant::now();
                         let r = match tokio::time::timeout(timeout, c.prepare(*k, &live.config)).await {
                             Ok(r) => r,
-                            Err(_) => Err(format!("timed out after {timeout:?}")),
+                            Err(_) => Err(ComponentError::PrepareTimedOut(timeout)),
                         };
                         (*k, r, t.elapsed())
                     }
@@ -808,7 +812,7 @@ impl Node {
                             run.staged.insert(k, inst);
                             events.push((k, Ok(())));
                         }
-                        Err(e) => events.push((k, Err(scrub(&e, &secrets)))),
+                        Err(e) => events.push((k, Err(Failure(scrub(&e.to_string(), &secrets))))),
                     }
                 }
                 Some(Event::Prepared(events))
@@ -833,7 +837,11 @@ impl Node {
                 let secrets = self.config().config.secrets();
                 let results = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
                 Some(Event::Checked(
-                    kinds.into_iter().zip(results).map(|(k, r)| (k, r.map_err(|e| scrub(&e, &secrets)))).collect(),
+                    kinds
+                        .into_iter()
+                        .zip(results)
+                        .map(|(k, r)| (k, r.map_err(|e| Failure(scrub(&e.to_string(), &secrets)))))
+                        .collect(),
                 ))
             }
             Command::RollBack(kinds) => {

@@ -68,19 +68,49 @@ impl Phase {
     }
 }
 
+/// Why a phase or a component failed, in the words the reload report
+/// carries (the runtime has already scrubbed secrets out of it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Failure(pub String);
+
+impl Failure {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The text, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure(s)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Self {
+        Failure(s.to_owned())
+    }
+}
+
 /// What the runtime reports back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The candidate was read (or the read failed with this message).
-    Loaded(Result<(), String>),
+    Loaded(Result<(), Failure>),
     /// Parsing and validation finished.
-    Validated(Result<(), String>),
+    Validated(Result<(), Failure>),
     /// The diff finished.
-    Diffed(Result<DiffSummary, String>),
+    Diffed(Result<DiffSummary, Failure>),
     /// Each prepared component, in any order.
-    Prepared(Vec<(ComponentKind, Result<(), String>)>),
+    Prepared(Vec<(ComponentKind, Result<(), Failure>)>),
     /// Each health-checked component, in any order.
-    Checked(Vec<(ComponentKind, Result<(), String>)>),
+    Checked(Vec<(ComponentKind, Result<(), Failure>)>),
 }
 
 /// What the diff phase found, as far as the decisions need it.
@@ -269,7 +299,7 @@ impl Machine {
         match (self.state, event) {
             (State::Loading, Event::Loaded(r)) => self.gate(r, Phase::Load, State::Validating, Command::Validate),
             (State::Validating, Event::Validated(r)) => self.gate(r, Phase::Validate, State::Diffing, Command::Diff),
-            (State::Diffing, Event::Diffed(Err(e))) => self.reject(Phase::Diff, e),
+            (State::Diffing, Event::Diffed(Err(e))) => self.reject(Phase::Diff, e.into_string()),
             (State::Diffing, Event::Diffed(Ok(d))) => self.on_diff(d),
             (State::Preparing, Event::Prepared(results)) => self.on_prepared(results),
             (State::Checking, Event::Checked(results)) => self.on_checked(results),
@@ -277,13 +307,13 @@ impl Machine {
         }
     }
 
-    fn gate(&mut self, r: Result<(), String>, phase: Phase, next: State, cmd: Command) -> Vec<Command> {
+    fn gate(&mut self, r: Result<(), Failure>, phase: Phase, next: State, cmd: Command) -> Vec<Command> {
         match r {
             Ok(()) => {
                 self.state = next;
                 vec![cmd]
             }
-            Err(e) => self.reject(phase, e),
+            Err(e) => self.reject(phase, e.into_string()),
         }
     }
 
@@ -299,11 +329,11 @@ impl Machine {
     /// The first (in component order) critical component that failed, and why.
     fn first_critical_failure(
         &self,
-        results: &[(ComponentKind, Result<(), String>)],
+        results: &[(ComponentKind, Result<(), Failure>)],
     ) -> Option<(ComponentKind, String)> {
         results
             .iter()
-            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.clone())))
+            .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.0.clone())))
     }
 
     fn on_diff(&mut self, d: DiffSummary) -> Vec<Command> {
@@ -319,15 +349,15 @@ impl Machine {
         vec![Command::Apply, Command::Prepare(d.affected)]
     }
 
-    fn on_prepared(&mut self, mut results: Vec<(ComponentKind, Result<(), String>)>) -> Vec<Command> {
+    fn on_prepared(&mut self, mut results: Vec<(ComponentKind, Result<(), Failure>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
         let ok: Vec<ComponentKind> = results.iter().filter(|(_, r)| r.is_ok()).map(|(k, _)| *k).collect();
         let critical_failure = self.first_critical_failure(&results);
         for (k, r) in &results {
             if let Err(e) = r {
-                self.statuses.insert(*k, ComponentStatus::Failed(e.clone()));
+                self.statuses.insert(*k, ComponentStatus::Failed(e.0.clone()));
                 if !self.critical.contains(k) {
-                    self.degraded.push((*k, e.clone()));
+                    self.degraded.push((*k, e.0.clone()));
                 }
             }
         }
@@ -361,7 +391,7 @@ impl Machine {
         cmds
     }
 
-    fn on_checked(&mut self, mut results: Vec<(ComponentKind, Result<(), String>)>) -> Vec<Command> {
+    fn on_checked(&mut self, mut results: Vec<(ComponentKind, Result<(), Failure>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
         let critical_failure = self.first_critical_failure(&results);
         if let Some((component, error)) = critical_failure {
@@ -377,9 +407,9 @@ impl Machine {
             if let Err(e) = r {
                 // A non-critical component unhealthy after the swap: keep the
                 // new config, report it.
-                self.statuses.insert(k, ComponentStatus::Failed(e.clone()));
+                self.statuses.insert(k, ComponentStatus::Failed(e.0.clone()));
                 if !self.degraded.iter().any(|(d, _)| *d == k) {
-                    self.degraded.push((k, e));
+                    self.degraded.push((k, e.into_string()));
                 }
             }
         }

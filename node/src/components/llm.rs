@@ -37,6 +37,41 @@ pub enum LlmError {
     Refused(String),
 }
 
+impl LlmError {
+    /// Whether trying again later may succeed ([`LlmError::Unavailable`]).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LlmError::Unavailable { .. })
+    }
+}
+
+/// Why the HTTP client could not be built (no TLS backend, for one). Fatal.
+#[derive(Debug, thiserror::Error)]
+#[error("llm client: {0}")]
+pub struct LlmBuildError(reqwest::Error);
+
+/// Why the endpoint failed its health check (`GET /models`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LlmHealthError {
+    /// The endpoint answered with a non-2xx status: retryable for 5xx and
+    /// 429, fatal (wrong endpoint or credentials) for other statuses.
+    #[error("GET /models: HTTP {0}")]
+    Status(reqwest::StatusCode),
+    /// Transport error or timeout (message scrubbed of the URL's secrets).
+    /// Retryable.
+    #[error("GET /models: {0}")]
+    Unreachable(String),
+}
+
+impl LlmHealthError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LlmHealthError::Status(s) => s.is_server_error() || *s == reqwest::StatusCode::TOO_MANY_REQUESTS,
+            LlmHealthError::Unreachable(_) => true,
+        }
+    }
+}
+
 /// The answer of one chat call.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChatReply {
@@ -48,12 +83,12 @@ pub struct ChatReply {
 
 impl LlmClient {
     /// Builds a client (no network traffic).
-    pub(crate) fn new(cfg: &LlmConfig) -> Result<Self, String> {
+    pub(crate) fn new(cfg: &LlmConfig) -> Result<Self, LlmBuildError> {
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout.0)
             .connect_timeout(cfg.timeout.0.min(Duration::from_secs(5)))
             .build()
-            .map_err(|e| format!("llm client: {e}"))?;
+            .map_err(LlmBuildError)?;
         Ok(Self {
             http,
             endpoint: cfg.endpoint.expose().trim_end_matches('/').to_owned(),
@@ -107,11 +142,11 @@ impl LlmClient {
     }
 
     /// `GET {endpoint}/models` answers 2xx.
-    pub async fn health(&self) -> Result<(), String> {
+    pub async fn health(&self) -> Result<(), LlmHealthError> {
         match self.http.get(format!("{}/models", self.endpoint)).send().await {
             Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(format!("GET /models: HTTP {}", r.status())),
-            Err(e) => Err(format!("GET /models: {}", self.scrub(&e))),
+            Ok(r) => Err(LlmHealthError::Status(r.status())),
+            Err(e) => Err(LlmHealthError::Unreachable(self.scrub(&e))),
         }
     }
 

@@ -13,6 +13,19 @@ use crate::config::{LogConfig, LogFormat};
 type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
 type FormatLayer = Box<dyn Layer<Filtered> + Send + Sync>;
 
+/// Why log settings were refused. Fatal: the config must change.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    /// `log.level` is not a valid filter directive.
+    #[error("log.level `{level}`: {reason}")]
+    InvalidLevel {
+        /// The refused directive.
+        level: String,
+        /// The parser's reason.
+        reason: tracing_subscriber::filter::ParseError,
+    },
+}
+
 /// Where log lines go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogTarget {
@@ -35,7 +48,7 @@ pub struct Logger {
 impl Logger {
     /// Builds the subscriber for `cfg`. The caller installs the returned
     /// dispatch (globally in the binary) or keeps it alive (embedded).
-    pub fn new(cfg: &LogConfig, target: LogTarget) -> Result<(Logger, tracing::Dispatch), String> {
+    pub fn new(cfg: &LogConfig, target: LogTarget) -> Result<(Logger, tracing::Dispatch), LoggerError> {
         let (filter_layer, filter) = reload::Layer::new(filter_for(&cfg.level)?);
         let (format_layer, format) = reload::Layer::new(format_layer(cfg.format, target));
         let subscriber = Registry::default().with(filter_layer).with(format_layer);
@@ -44,7 +57,7 @@ impl Logger {
     }
 
     /// Validates settings without applying them.
-    pub(crate) fn check(cfg: &LogConfig) -> Result<(), String> {
+    pub(crate) fn check(cfg: &LogConfig) -> Result<(), LoggerError> {
         filter_for(&cfg.level).map(|_| ())
     }
 
@@ -76,8 +89,8 @@ impl Logger {
     }
 }
 
-fn filter_for(level: &str) -> Result<EnvFilter, String> {
-    EnvFilter::try_new(level).map_err(|e| format!("log.level `{level}`: {e}"))
+fn filter_for(level: &str) -> Result<EnvFilter, LoggerError> {
+    EnvFilter::try_new(level).map_err(|reason| LoggerError::InvalidLevel { level: level.to_owned(), reason })
 }
 
 fn format_layer(format: LogFormat, target: LogTarget) -> FormatLayer {

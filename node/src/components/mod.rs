@@ -28,10 +28,52 @@ use crate::{
     config::{Config, MetricsConfig},
     metrics::NodeMetrics,
 };
-pub use database::Database;
-pub use llm::LlmClient;
-pub use logger::{LogTarget, Logger};
-pub use redis::RedisPool;
+pub use database::{Database, DatabaseError};
+pub use llm::{LlmBuildError, LlmClient, LlmHealthError};
+pub use logger::{LogTarget, Logger, LoggerError};
+pub use redis::{RedisError, RedisPool};
+
+/// Why a component could not be built, prepared or health-checked. The
+/// Display text is the component's own (what reload reports and logs show).
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    /// Log settings refused.
+    #[error(transparent)]
+    Logger(#[from] LoggerError),
+    /// PostgreSQL pool.
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    /// Redis pool.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// LLM HTTP client could not be built.
+    #[error(transparent)]
+    LlmBuild(#[from] LlmBuildError),
+    /// LLM endpoint failed its health check.
+    #[error(transparent)]
+    LlmHealth(#[from] LlmHealthError),
+    /// Building and checking a new instance took longer than the reload
+    /// timeout. Retryable.
+    #[error("timed out after {0:?}")]
+    PrepareTimedOut(Duration),
+    /// The health check took longer than the reload timeout. Retryable.
+    #[error("health check timed out after {0:?}")]
+    HealthTimedOut(Duration),
+}
+
+impl ComponentError {
+    /// Whether trying again later may succeed (a dependency that is down or
+    /// slow), as opposed to settings that must change first.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ComponentError::Logger(_) | ComponentError::LlmBuild(_) => false,
+            ComponentError::Database(e) => e.is_retryable(),
+            ComponentError::Redis(e) => e.is_retryable(),
+            ComponentError::LlmHealth(e) => e.is_retryable(),
+            ComponentError::PrepareTimedOut(_) | ComponentError::HealthTimedOut(_) => true,
+        }
+    }
+}
 
 /// The hot-reloadable components.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -153,7 +195,7 @@ impl Components {
         logger: Logger,
         metrics: Arc<NodeMetrics>,
         grace: Grace,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ComponentError> {
         let database = config.database_enabled().map(Database::lazy).transpose()?.map(Arc::new);
         let redis = config.redis_enabled().map(RedisPool::build).transpose()?.map(Arc::new);
         let llm = config.llm.as_ref().map(LlmClient::new).transpose()?.map(Arc::new);
@@ -169,7 +211,7 @@ impl Components {
     }
 
     /// Builds and checks a new instance for `config`, without exposing it.
-    pub(crate) async fn prepare(&self, kind: ComponentKind, config: &Config) -> Result<Instance, String> {
+    pub(crate) async fn prepare(&self, kind: ComponentKind, config: &Config) -> Result<Instance, ComponentError> {
         Ok(match kind {
             ComponentKind::Logger => {
                 Logger::check(&config.log)?;
@@ -211,19 +253,19 @@ impl Components {
     }
 
     /// Health of the live instance of `kind`.
-    pub(crate) async fn health(&self, kind: ComponentKind) -> Result<(), String> {
+    pub(crate) async fn health(&self, kind: ComponentKind) -> Result<(), ComponentError> {
         match kind {
             ComponentKind::Logger | ComponentKind::Metrics => Ok(()),
             ComponentKind::Database => match self.database.load_full() {
-                Some(db) => db.check().await,
+                Some(db) => Ok(db.check().await?),
                 None => Ok(()),
             },
             ComponentKind::Redis => match self.redis.load_full() {
-                Some(r) => r.ping().await,
+                Some(r) => Ok(r.ping().await?),
                 None => Ok(()),
             },
             ComponentKind::Llm => match self.llm.load_full() {
-                Some(c) => c.health().await,
+                Some(c) => Ok(c.health().await?),
                 None => Ok(()),
             },
         }
