@@ -640,11 +640,24 @@ impl Config {
     }
 }
 
+/// Why [`yaml_to_json`] refused a document. Both are fatal for the
+/// document; the Display text is the check's or the parser's own.
+#[derive(Debug, thiserror::Error)]
+pub enum YamlError {
+    /// Over a size, nesting, node-count or alias limit (refused before
+    /// parsing; see [`crate::limits::check_yaml`]).
+    #[error(transparent)]
+    Limit(#[from] ConfigError),
+    /// Not YAML, or not representable as JSON.
+    #[error(transparent)]
+    Syntax(#[from] serde_yaml_ng::Error),
+}
+
 /// A YAML document as a JSON value (for JSON Schema validation), with the
 /// same alias and nesting limits as [`Config::parse`].
-pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
-    crate::limits::check_yaml(text).map_err(|e| e.to_string())?;
-    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, YamlError> {
+    crate::limits::check_yaml(text)?;
+    Ok(serde_yaml_ng::from_str(text)?)
 }
 
 /// Fields that hold URLs which may carry a password.

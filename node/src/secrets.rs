@@ -245,7 +245,7 @@ pub fn redact_document(text: &str, paths: &SecretPaths) -> Result<Redacted, Reda
     let mut doc: Value = if json {
         serde_json::from_str(text).map_err(|e| RedactError::Syntax { format, message: e.to_string() })?
     } else {
-        config::yaml_to_json(text).map_err(|message| RedactError::Syntax { format, message })?
+        config::yaml_to_json(text).map_err(|e| RedactError::Syntax { format, message: e.to_string() })?
     };
     let redacted = paths.redact(&mut doc);
     let serialize_error = |message: String| RedactError::Serialize { format, message };
