@@ -63,6 +63,11 @@ pub enum KeyError {
     },
 }
 
+/// Why a text is not a push key ([`PushKey::from_pem`]).
+#[derive(Debug, thiserror::Error)]
+#[error("not an Ed25519 PKCS#8 PEM private key ({0})")]
+pub struct PemKeyError(ed25519_dalek::pkcs8::Error);
+
 /// Why a request was refused. All of them are fatal for the request: the
 /// caller is not (or no longer) the coordinator group.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -143,14 +148,12 @@ impl PushKey {
     /// Reads a PKCS#8 PEM private key.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
-        Self::from_pem(&text).map_err(|message| KeyError::Invalid { path: path.into(), message })
+        Self::from_pem(&text).map_err(|e| KeyError::Invalid { path: path.into(), message: e.to_string() })
     }
 
     /// Parses a PKCS#8 PEM private key.
-    pub fn from_pem(text: &str) -> Result<Self, String> {
-        SigningKey::from_pkcs8_pem(text.trim())
-            .map(Self::from_key)
-            .map_err(|e| format!("not an Ed25519 PKCS#8 PEM private key ({e})"))
+    pub fn from_pem(text: &str) -> Result<Self, PemKeyError> {
+        SigningKey::from_pkcs8_pem(text.trim()).map(Self::from_key).map_err(PemKeyError)
     }
 
     /// The key as PKCS#8 PEM.
