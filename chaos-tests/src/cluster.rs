@@ -161,9 +161,8 @@ pub fn ensure_binaries() -> anyhow::Result<()> {
     if std::env::var_os("CONFROLL_CHAOS_BINS").is_some() {
         return Ok(());
     }
-    confroll_testkit::bins::ensure_built(&["confroll-coordinator", "confroll-node"])
-        .map(|_| ())
-        .map_err(anyhow::Error::msg)
+    confroll_testkit::bins::ensure_built(&["confroll-coordinator", "confroll-node"])?;
+    Ok(())
 }
 
 /// A lite node config (no database, no Redis); `ttl` tells versions apart.

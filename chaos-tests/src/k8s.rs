@@ -1190,7 +1190,7 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 // ---- the emulated kubelet's prober --------------------------------------------
 
 /// One probe, from the hub.
-async fn probe_once(client: &reqwest::Client, ip: Ipv4Addr, p: &Probe) -> Result<(), String> {
+async fn probe_once(client: &reqwest::Client, ip: Ipv4Addr, p: &Probe) -> anyhow::Result<()> {
     match &p.action {
         ProbeAction::Http { path, port, headers } => {
             let mut req = client.get(format!("http://{ip}:{port}{path}")).timeout(p.timeout);
@@ -1199,15 +1199,15 @@ async fn probe_once(client: &reqwest::Client, ip: Ipv4Addr, p: &Probe) -> Result
             }
             match req.send().await {
                 Ok(r) if (200..400).contains(&r.status().as_u16()) => Ok(()),
-                Ok(r) => Err(format!("HTTP {}", r.status())),
-                Err(e) => Err(format!("{e}")),
+                Ok(r) => bail!("HTTP {}", r.status()),
+                Err(e) => Err(e.into()),
             }
         }
         ProbeAction::Tcp { port } => {
             match tokio::time::timeout(p.timeout, tokio::net::TcpStream::connect((ip, *port))).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".into()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => bail!("timed out"),
             }
         }
     }

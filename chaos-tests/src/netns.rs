@@ -49,20 +49,20 @@ pub fn base_dir() -> PathBuf {
 
 /// Whether this process may make namespaces (root, `ip` and `nft` present).
 /// `Err` says why not, for the "skipped" line.
-pub fn available() -> Result<(), String> {
+pub fn available() -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Err("not root: network namespaces need CAP_SYS_ADMIN".into());
+        bail!("not root: network namespaces need CAP_SYS_ADMIN");
     }
     for tool in ["ip", "nft"] {
         let ok = Command::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
         if !ok {
-            return Err(format!("`{tool}` is not installed (scripts/lib.sh ensure_packages installs it)"));
+            bail!("`{tool}` is not installed (scripts/lib.sh ensure_packages installs it)");
         }
     }
     let probe = format!("{PREFIX}probe-{}", std::process::id());
     let made = sh(&["ip", "netns", "add", &probe]);
     let _ = sh(&["ip", "netns", "del", &probe]);
-    made.map(|_| ()).map_err(|e| format!("cannot create a network namespace: {e}"))
+    made.map(|_| ()).map_err(|e| anyhow::anyhow!("cannot create a network namespace: {e}"))
 }
 
 /// Runs `argv`; its stderr on failure.

@@ -57,15 +57,15 @@ struct Cli {
     hold: bool,
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
+fn humantime_duration(s: &str) -> anyhow::Result<Duration> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let n: u64 = n.parse().map_err(|_| anyhow::anyhow!("bad duration {s:?}"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("bad duration {s:?}: use ms, s, m or h")),
+        _ => anyhow::bail!("bad duration {s:?}: use ms, s, m or h"),
     }
 }
 

@@ -1,10 +1,49 @@
 //! The workspace's binaries, wherever `cargo` put them.
 
 use std::{
+    fmt,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitStatus},
     sync::OnceLock,
 };
+
+/// Why a workspace binary could not be found or built.
+#[derive(Debug)]
+pub enum BinError {
+    /// The path of the running executable could not be read.
+    CurrentExe(std::io::Error),
+    /// The binary is not next to the running executable.
+    NotFound {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The running executable.
+        exe: PathBuf,
+    },
+    /// `cargo build` could not run, or failed.
+    Build {
+        /// Packages it was building.
+        packages: Vec<String>,
+        /// Its exit status, or why it did not start.
+        outcome: std::io::Result<ExitStatus>,
+    },
+}
+
+impl fmt::Display for BinError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BinError::CurrentExe(e) => write!(f, "locate this binary: {e}"),
+            BinError::NotFound { path, exe } => write!(
+                f,
+                "{} not found next to {} (build every binary first: `cargo build --bins`)",
+                path.display(),
+                exe.display()
+            ),
+            BinError::Build { packages, outcome } => write!(f, "building {packages:?} failed: {outcome:?}"),
+        }
+    }
+}
+
+impl std::error::Error for BinError {}
 
 /// The directory of this build's binaries (`target/<profile>`), from the
 /// running executable: a test (`target/<profile>/deps/…`) or a binary.
@@ -15,23 +54,15 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// `name` next to the running executable, if it is there.
-pub fn sibling_bin(name: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("locate this binary: {e}"))?;
+pub fn sibling_bin(name: &str) -> Result<PathBuf, BinError> {
+    let exe = std::env::current_exe().map_err(BinError::CurrentExe)?;
     let p = exe.parent().map(|d| d.join(name)).unwrap_or_default();
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "{} not found next to {} (build every binary first: `cargo build --bins`)",
-            p.display(),
-            exe.display()
-        ))
-    }
+    if p.is_file() { Ok(p) } else { Err(BinError::NotFound { path: p, exe }) }
 }
 
 /// Builds the binaries of `packages` once per process (a test does not get
 /// other packages' binaries built for it) and returns [`bin_dir`].
-pub fn ensure_built(packages: &[&str]) -> Result<PathBuf, String> {
+pub fn ensure_built(packages: &[&str]) -> Result<PathBuf, BinError> {
     static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
@@ -48,7 +79,10 @@ pub fn ensure_built(packages: &[&str]) -> Result<PathBuf, String> {
         }
         match cmd.status() {
             Ok(s) if s.success() => done.extend(missing.iter().map(|p| p.to_string())),
-            other => return Err(format!("building {missing:?} failed: {other:?}")),
+            outcome => {
+                let packages = missing.iter().map(|p| p.to_string()).collect();
+                return Err(BinError::Build { packages, outcome });
+            }
         }
     }
     Ok(bin_dir())
