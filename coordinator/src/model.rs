@@ -52,12 +52,17 @@ pub mod keys {
     }
 }
 
+/// A service name that would break the key layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid service name `{0}`: use 1-63 of [A-Za-z0-9._-]")]
+pub struct InvalidServiceName(pub String);
+
 /// Normalizes a service name (`""` means `default`) and refuses names that
 /// would break the key layout.
-pub fn service_name(raw: &str) -> Result<String, String> {
+pub fn service_name(raw: &str) -> Result<String, InvalidServiceName> {
     let s = if raw.is_empty() { DEFAULT_SERVICE } else { raw };
     let ok = s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok { Ok(s.to_owned()) } else { Err(format!("invalid service name `{raw}`: use 1-63 of [A-Za-z0-9._-]")) }
+    if ok { Ok(s.to_owned()) } else { Err(InvalidServiceName(raw.to_owned())) }
 }
 
 /// Version pointers of a service.
@@ -234,11 +239,16 @@ pub enum StageSize {
     Percent(u32),
 }
 
+/// A stage that is neither a node count nor a percentage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid stage `{0}`: write a node count (`1`) or a percentage (`25%`)")]
+pub struct InvalidStage(pub String);
+
 impl std::str::FromStr for StageSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidStage;
+    fn from_str(s: &str) -> Result<Self, InvalidStage> {
         let t = s.trim();
-        let bad = || format!("invalid stage `{s}`: write a node count (`1`) or a percentage (`25%`)");
+        let bad = || InvalidStage(s.to_owned());
         match t.strip_suffix('%') {
             Some(p) => match p.trim().parse::<u32>() {
                 Ok(p) if (1..=100).contains(&p) => Ok(StageSize::Percent(p)),

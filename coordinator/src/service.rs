@@ -226,7 +226,7 @@ impl Coordinator for CoordinatorServiceImpl {
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         self.authorize(&req, Need::Read)?;
-        let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
+        let service = service_name(&req.get_ref().service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let r = &self.replica;
         let meta = r.meta(&service).await?.map(|m| m.0).unwrap_or_default();
         let default_policy = Some((&r.service_policy(&meta)).into());
@@ -260,7 +260,7 @@ impl Coordinator for CoordinatorServiceImpl {
         req: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         self.authorize(&req, Need::Read)?;
-        let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
+        let service = service_name(&req.get_ref().service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let v = self.replica.versions(&service).await?;
         Ok(Response::new(pb::ListVersionsResponse { versions: v.iter().map(Into::into).collect() }))
     }
@@ -271,7 +271,7 @@ impl Coordinator for CoordinatorServiceImpl {
     ) -> Result<Response<pb::GetVersionResponse>, Status> {
         let caller = self.authorize(&req, Need::Read)?;
         let r = req.into_inner();
-        let service = service_name(&r.service).map_err(Status::invalid_argument)?;
+        let service = service_name(&r.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if r.reveal_secrets && !caller.may_reveal() {
             return Err(Status::permission_denied("only an operator credential may reveal secret values"));
         }
@@ -300,7 +300,7 @@ impl Coordinator for CoordinatorServiceImpl {
     ) -> Result<Response<pb::DiffVersionsResponse>, Status> {
         self.authorize(&req, Need::Read)?;
         let r = req.into_inner();
-        let service = service_name(&r.service).map_err(Status::invalid_argument)?;
+        let service = service_name(&r.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut docs = Vec::new();
         for v in [r.from_version, r.to_version] {
             let rec = self.replica.require_version(&service, v).await?;
@@ -373,7 +373,7 @@ impl Coordinator for CoordinatorServiceImpl {
         req: Request<pb::WatchRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         self.authorize(&req, Need::Read)?;
-        let service = service_name(&req.get_ref().service).map_err(Status::invalid_argument)?;
+        let service = service_name(&req.get_ref().service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let key = keys::rollout(&service);
         let replica = self.replica.clone();
         // Watch first, then read, so no change falls in between.

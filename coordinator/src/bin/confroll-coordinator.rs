@@ -248,8 +248,7 @@ async fn main() -> anyhow::Result<()> {
             .default_stages
             .iter()
             .map(|s| s.parse())
-            .collect::<Result<_, String>>()
-            .map_err(anyhow::Error::msg)?,
+            .collect::<Result<_, confroll_coordinator::model::InvalidStage>>()?,
         bake: cli.default_bake,
         health_interval: cli.default_health_interval,
         failure_threshold: 1,

@@ -147,7 +147,7 @@ impl Replica {
 
     /// Sets the service's default policy; returns the effective defaults.
     pub async fn set_policy(&self, service: &str, o: PolicyOverrides) -> Result<Policy, ApiError> {
-        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(service)?;
         Self::check_overrides(&o)?;
         let term = self.leading()?;
         for _ in 0..10 {
@@ -168,7 +168,7 @@ impl Replica {
     /// Checks a candidate and, unless it is a dry run, versions it and starts
     /// its rollout. Checks run on any replica; the write needs the leader.
     pub async fn submit(&self, req: Submit) -> Result<SubmitOutcome, ApiError> {
-        let service = service_name(&req.service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(&req.service)?;
         Self::check_overrides(&req.policy)?;
         let submit_overrides = req.policy.clone();
         check_size(req.content.len()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
@@ -400,7 +400,7 @@ impl Replica {
 
     /// Rolls the whole service to an earlier stored version, all nodes at once.
     pub async fn rollback(&self, service: &str, to_version: u64) -> Result<(String, u64), ApiError> {
-        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(service)?;
         let term = self.leading()?;
         self.cluster_of(&term).await?;
         let target = self.require_version(&service, to_version).await?;
@@ -444,7 +444,7 @@ impl Replica {
     /// registered node of `service` that obeys `from`. Returns this
     /// cluster's id, the nodes moved, and the ones that failed (with why).
     pub async fn adopt(&self, service: &str, from: &str) -> Result<(String, Vec<String>, Vec<String>), ApiError> {
-        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(service)?;
         let term = self.leading()?;
         let from = from.trim();
         if from.is_empty() {
@@ -515,7 +515,7 @@ impl Replica {
 
     /// Aborts the running rollout of a service.
     pub async fn abort(&self, service: &str, reason: &str) -> Result<String, ApiError> {
-        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(service)?;
         self.leading()?;
         let drivers = self.inner.drivers.lock();
         let h = drivers

@@ -14,7 +14,7 @@ use crate::model::{NodeRecord, keys, service_name};
 impl Replica {
     /// Registers a node; returns its registration id.
     pub async fn register(&self, service: &str, rec: NodeRecord) -> Result<u64, ApiError> {
-        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(service)?;
         if rec.id.is_empty() || rec.address.is_empty() {
             return Err(ApiError::InvalidArgument("node_id and agent_address are required".into()));
         }
@@ -26,7 +26,7 @@ impl Replica {
 
     /// A heartbeat. `NotFound` when the registration expired.
     pub async fn heartbeat(&self, service: &str, registration: u64, rec: NodeRecord) -> Result<(), ApiError> {
-        let service = service_name(service).map_err(ApiError::InvalidArgument)?;
+        let service = service_name(service)?;
         let key = keys::node(&service, &rec.id);
         let rewrite = {
             let map = self.inner.reg_writes.lock();

@@ -105,6 +105,29 @@ impl ReplicaOptions {
     }
 }
 
+impl From<crate::model::InvalidServiceName> for ApiError {
+    fn from(e: crate::model::InvalidServiceName) -> Self {
+        ApiError::InvalidArgument(e.to_string())
+    }
+}
+
+/// Why a replica is not ready (`/readyz` answers 503 with it).
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The store did not say who leads in time.
+    #[error("the store did not say who leads within 1s")]
+    NoLeaderAnswer,
+    /// No replica leads.
+    #[error("no leader is elected")]
+    NoLeader,
+    /// The store did not answer a linearizable read in time.
+    #[error("the store did not answer a read within 1s")]
+    NoReadAnswer,
+    /// The store refused or could not be reached.
+    #[error("the store is unreachable: {0}")]
+    Unreachable(StoreError),
+}
+
 /// The rollout engine's clock (ms since the Unix epoch): the wall clock as
 /// first read, advanced by the tokio clock since. Monotonic, so a wall-clock
 /// step neither stretches nor cuts a bake; under `tokio::time::pause` it
@@ -283,17 +306,17 @@ impl Replica {
     /// Readiness (`/readyz`): the leader's id when this replica knows a
     /// leader and its store answers a linearizable read, each within a
     /// second; else why not.
-    pub async fn readiness(&self) -> Result<String, String> {
+    pub async fn readiness(&self) -> Result<String, NotReady> {
         const WITHIN: Duration = Duration::from_secs(1);
         let leader = match tokio::time::timeout(WITHIN, self.inner.store.leader()).await {
-            Err(_) => return Err("the store did not say who leads within 1s".into()),
-            Ok(Err(e)) => return Err(format!("the store is unreachable: {e}")),
-            Ok(Ok(None)) => return Err("no leader is elected".into()),
+            Err(_) => return Err(NotReady::NoLeaderAnswer),
+            Ok(Err(e)) => return Err(NotReady::Unreachable(e)),
+            Ok(Ok(None)) => return Err(NotReady::NoLeader),
             Ok(Ok(Some(m))) => m.id,
         };
         match tokio::time::timeout(WITHIN, self.inner.store.get(keys::CLUSTER)).await {
-            Err(_) => Err("the store did not answer a read within 1s".into()),
-            Ok(Err(e)) => Err(format!("the store is unreachable: {e}")),
+            Err(_) => Err(NotReady::NoReadAnswer),
+            Ok(Err(e)) => Err(NotReady::Unreachable(e)),
             Ok(Ok(_)) => Ok(leader),
         }
     }
