@@ -32,31 +32,46 @@
 //!   Watches follow the local state machine and may lag by a heartbeat.
 //! * **Writes** from a follower (node registrations arrive at any replica)
 //!   are forwarded to the leader over the raft port (`Propose`).
+//!
+//! ## Files
+//!
+//! * this file: the store itself: start-up, proposals (local or forwarded)
+//!   and the read barrier;
+//! * `options`: [`RaftOptions`] and the `--raft-peers`/`--raft-id` parsing;
+//! * `leadership`: the leader lease, the term monitor, the hand-over;
+//! * `store_impl`: [`Store`] mapped onto the above;
+//! * `log_store`, `sm_store`, `state_machine`, `network`: openraft's log,
+//!   its state machine, what the state machine holds, and the peer RPCs.
 
+mod leadership;
 mod log_store;
 mod network;
+mod options;
 mod sm_store;
 pub mod state_machine;
+mod store_impl;
 
 use std::{
     collections::BTreeMap,
     io::Cursor,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use openraft::{
-    BasicNode, Config, ServerState, SnapshotPolicy,
+    BasicNode, Config, SnapshotPolicy,
     error::{CheckIsLeaderError, ClientWriteError, RaftError},
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub use self::options::{RaftOptions, parse_peers, raft_id};
+
+#[cfg(doc)]
+use super::Store;
 use super::{
-    Cond, Entry as KvEntry, Fence, Lock, LockAttempt, Member, Op, Store, StoreError, Term, TermHandle, WatchStream,
-    now_ms,
-    raft::state_machine::{Command, FenceSpec, Proposal, Reply},
+    StoreError, now_ms,
+    raft::state_machine::{Command, Proposal, Reply},
 };
 
 pub(crate) type NodeId = u64;
@@ -90,67 +105,6 @@ pub(crate) enum ProposeError {
     /// The leader runs an older confroll without this RPC (a rolling upgrade).
     #[error("raft leader does not serve this RPC: {0}")]
     Unsupported(String),
-}
-
-/// How to run the raft store.
-#[derive(Debug, Clone)]
-pub struct RaftOptions {
-    /// This replica's raft id.
-    pub id: NodeId,
-    /// Every replica's raft id and raft address (host:port), this one included.
-    pub peers: BTreeMap<NodeId, String>,
-    /// Where the log, vote and snapshots live.
-    pub data_dir: PathBuf,
-    /// Leader lease: elections wait at least half of it, and a leader
-    /// without quorum acknowledgement for a quarter of it steps down.
-    pub lease_ttl: Duration,
-    /// Take a snapshot (and compact the log) after this many entries.
-    pub snapshot_every: u64,
-}
-
-/// Parses `1=host:port,2=host:port`.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected ID=HOST:PORT"))?;
-        let id: NodeId = id.trim().parse().map_err(|_| format!("`{part}`: the id must be a positive integer"))?;
-        if id == 0 {
-            return Err(format!("`{part}`: raft ids start at 1"));
-        }
-        let addr = addr.trim();
-        if addr.is_empty() || !addr.contains(':') {
-            return Err(format!("`{part}`: expected HOST:PORT after `=`"));
-        }
-        if out.insert(id, addr.to_owned()).is_some() {
-            return Err(format!("raft id {id} appears twice"));
-        }
-    }
-    if out.is_empty() {
-        return Err("no raft peers given".into());
-    }
-    Ok(out)
-}
-
-/// This replica's raft id from `--raft-id`: a number, or `ordinal`: the
-/// StatefulSet ordinal that ends the replica id (`confroll-2`), plus 1 (raft
-/// ids start at 1), so every pod of a StatefulSet can run the same
-/// arguments.
-pub fn raft_id(spec: &str, replica_id: &str) -> Result<NodeId, String> {
-    if spec != "ordinal" {
-        return match spec.parse::<NodeId>() {
-            Ok(0) => Err("raft ids start at 1".into()),
-            Ok(n) => Ok(n),
-            Err(_) => Err(format!("`{spec}`: expected a positive integer or `ordinal`")),
-        };
-    }
-    replica_id
-        .rsplit_once('-')
-        .and_then(|(name, n)| (!name.is_empty() && n.chars().all(|c| c.is_ascii_digit())).then_some(n))
-        .and_then(|n| n.parse::<NodeId>().ok())
-        .and_then(|n| n.checked_add(1))
-        .ok_or_else(|| {
-            format!("`ordinal` needs a replica id that ends in -N (a StatefulSet pod name such as confroll-0), not `{replica_id}`")
-        })
 }
 
 /// Commits `cmd` on this replica if it leads, stamped with its clock.
@@ -365,71 +319,9 @@ impl RaftStore {
         }
     }
 
-    /// Hands raft leadership to the most up-to-date follower, best effort:
-    /// asks it to start an election now. openraft 0.9 has no leader
-    /// transfer, and a follower refuses to vote while it still trusts the
-    /// leader's lease (it heard a heartbeat less than TTL/2 ago), so without
-    /// this the successor is elected TTL/2..TTL after this process goes
-    /// quiet. This leader itself grants the vote (its own vote was last
-    /// renewed when it was elected, so its lease check has long passed
-    /// unless it has led for less than TTL/2), which with the candidate's
-    /// own makes a quorum of three. A candidate whose log is behind is
-    /// refused by raft's own rules, so the pick is the follower with the
-    /// highest matched log index.
-    async fn hand_over(&self) {
-        let candidate = {
-            let m = self.raft.metrics().borrow().clone();
-            if m.current_leader != Some(self.id) {
-                return;
-            }
-            m.replication
-                .iter()
-                .flatten()
-                .filter(|(id, _)| **id != self.id)
-                .max_by_key(|(_, matched)| matched.map(|l| l.index))
-                .map(|(id, _)| *id)
-        };
-        let Some(to) = candidate else { return };
-        // Its own vote must be older than the leader lease (TTL/2) for this
-        // leader to grant the successor's: a replica that just took office
-        // waits the rest (at most TTL/2, still sooner than the lease).
-        let led_at = *self.led_at.lock();
-        if let Some(wait) =
-            led_at.and_then(|t| (self.lease_ttl / 2 + Duration::from_millis(20)).checked_sub(t.elapsed()))
-        {
-            tokio::time::sleep(wait).await;
-        }
-        let within = self.attempt_timeout();
-        match self.ask::<(), ()>(to, &(), within, |mut c, r| Box::pin(async move { c.elect(r).await })).await {
-            Ok(()) => {
-                // Stay up until this replica voted for it (the process exits
-                // right after `resign`, and a vote it cannot answer is lost).
-                let mut m = self.raft.metrics();
-                let id = self.id;
-                let moved = m.wait_for(|x| x.current_leader.is_some_and(|l| l != id));
-                match tokio::time::timeout(self.lease_ttl / 2, moved).await {
-                    Ok(Ok(_)) => tracing::info!(to, "resigned: raft leadership handed over"),
-                    _ => tracing::warn!(
-                        to,
-                        "resigned: asked raft node {to} to run for leader, but it was not elected in time"
-                    ),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(to, error = %e, "resigned, but could not hand raft leadership over; it moves once the lease runs out")
-            }
-        }
-    }
-
     /// The leader raft names now, if any.
     fn current_leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
-    }
-
-    /// A quarter of the lease TTL, in ms: a leader without a quorum
-    /// acknowledgement for this long stops acting (and reading) as leader.
-    fn ack_window_ms(&self) -> u64 {
-        (self.lease_ttl.as_millis() / 4) as u64
     }
 
     /// How long one attempt waits for a leader that may have stopped
@@ -447,35 +339,6 @@ impl RaftStore {
         // a retry could apply it twice.
         let within = if cmd.is_idempotent() { self.attempt_timeout() } else { LEADER_WAIT };
         self.ask(leader, cmd, within, |mut c, r| Box::pin(async move { c.propose(r).await })).await
-    }
-
-    /// Whether the leader may read its own state machine without asking a
-    /// quorum: it leads, a quorum acknowledged it less than TTL/4 ago,
-    /// counting the age of the metrics that say so (no successor can be
-    /// elected until at least TTL/2 after that ack), and it has applied an
-    /// entry of its own raft term, so every entry committed before its term
-    /// is applied too. A stuck openraft core (a stalled disk) stops
-    /// publishing metrics, so their age ends the lease. One gap remains: a
-    /// whole process paused right after openraft published, and woken with
-    /// this read before openraft's stamp task runs, sees pre-pause metrics;
-    /// writes stay fenced regardless.
-    fn leader_lease_holds(&self) -> bool {
-        self.leader_lease_until().is_some_and(|t| Instant::now() < t)
-    }
-
-    /// Until when [`RaftStore::leader_lease_holds`] holds: TTL/4 after the
-    /// last quorum ack (`None`: not a leader that applied its own term).
-    fn leader_lease_until(&self) -> Option<Instant> {
-        let rx = self.raft.metrics();
-        let m = rx.borrow();
-        let seen = self.metrics_seen_ms.load(std::sync::atomic::Ordering::Relaxed);
-        let now = Instant::now();
-        let age = (now.saturating_duration_since(self.epoch).as_millis() as u64).saturating_sub(seen);
-        let leads = m.state == ServerState::Leader
-            && m.current_leader == Some(self.id)
-            && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term);
-        let acked_ms_ago = m.millis_since_quorum_ack.filter(|_| leads)? + age;
-        (now + Duration::from_millis(self.ack_window_ms())).checked_sub(Duration::from_millis(acked_ms_ago))
     }
 
     /// Waits before the next attempt after `e` from `asked` (the leader
@@ -563,185 +426,5 @@ impl RaftStore {
             }
             self.pause_after(&e, asked, deadline).await;
         }
-    }
-
-    /// Watches this replica's raft view and cancels `lost` when the term ends.
-    fn monitor(&self, token: u64, raft_term: u64, lost: CancellationToken) -> impl Future<Output = ()> + use<> {
-        let (id, shared, ttl, step_down_ms) = (self.id, self.shared.clone(), self.lease_ttl, self.ack_window_ms());
-        let mut m = self.raft.metrics();
-        let tick = (ttl / 10).max(Duration::from_millis(50));
-        async move {
-            loop {
-                let why = {
-                    let x = m.borrow_and_update();
-                    let st = shared.state.read();
-                    if x.current_leader != Some(id) || x.state != ServerState::Leader {
-                        Some("raft leadership moved".to_owned())
-                    } else if x.current_term != raft_term {
-                        Some("raft term changed".to_owned())
-                    } else if st.sm.term_token() != Some(token) {
-                        Some("another term was recorded".to_owned())
-                    } else if x.millis_since_quorum_ack.is_none_or(|ms| ms >= step_down_ms) {
-                        Some(format!("no quorum acknowledgement for {:?} ms", x.millis_since_quorum_ack))
-                    } else {
-                        None
-                    }
-                };
-                if let Some(why) = why {
-                    tracing::warn!(token, reason = %why, "leadership lost");
-                    lost.cancel();
-                    return;
-                }
-                tokio::select! {
-                    _ = lost.cancelled() => return,
-                    r = m.changed() => if r.is_err() { lost.cancel(); return; },
-                    _ = tokio::time::sleep(tick) => {}
-                }
-            }
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for RaftStore {
-    async fn campaign(&self, me: &Member, cancel: &CancellationToken) -> Result<Option<Term>, StoreError> {
-        let mut m = self.raft.metrics();
-        loop {
-            let id = self.id;
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(None),
-                r = m.wait_for(|x| x.current_leader == Some(id) && x.state == ServerState::Leader) => {
-                    if r.is_err() {
-                        return Err(StoreError::Unavailable("raft stopped".into()));
-                    }
-                }
-            }
-            let raft_term = m.borrow().current_term;
-            // Only ever committed by this replica as raft leader: never forwarded.
-            let lead = Command::Lead { member: me.clone(), node: self.id };
-            match write_local(&self.raft, lead).await {
-                Ok(Reply::Led { token }) => {
-                    *self.led_at.lock() = Some(Instant::now());
-                    let lost = CancellationToken::new();
-                    tokio::spawn(self.monitor(token, raft_term, lost.clone()));
-                    tracing::info!(token, raft_term, "leading (raft)");
-                    return Ok(Some(Term { token, lost, handle: TermHandle::Raft }));
-                }
-                Ok(r) => return Err(unexpected("Lead", r)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "Lead not committed; campaigning on");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn lease_until(&self, term: &Term) -> Option<Instant> {
-        let ours = !term.lost.is_cancelled()
-            && matches!(term.handle, TermHandle::Raft)
-            && self.shared.state.read().sm.term_token() == Some(term.token);
-        self.leader_lease_until().filter(|_| ours)
-    }
-
-    async fn resign(&self, term: &Term) -> Result<(), StoreError> {
-        let r = write_local(&self.raft, Command::Resign { term_token: term.token }).await;
-        term.lost.cancel();
-        r.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        self.hand_over().await;
-        Ok(())
-    }
-
-    async fn leader(&self) -> Result<Option<Member>, StoreError> {
-        let raft_leader = self.current_leader();
-        let st = self.shared.state.read();
-        Ok(match &st.sm.leader {
-            Some((m, _)) if raft_leader == Some(st.sm.leader_node) => Some(m.clone()),
-            _ => None,
-        })
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<KvEntry>, StoreError> {
-        self.read_barrier().await?;
-        Ok(self.shared.state.read().sm.kv.get(key).cloned())
-    }
-
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, KvEntry)>, StoreError> {
-        self.read_barrier().await?;
-        Ok(self.shared.state.read().sm.list(prefix))
-    }
-
-    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.read_barrier().await?;
-        Ok(self.shared.state.read().sm.list_keys(prefix))
-    }
-
-    async fn txn(&self, fence: Option<Fence<'_>>, conds: Vec<Cond>, ops: Vec<Op>) -> Result<bool, StoreError> {
-        let fence = fence.as_ref().map(FenceSpec::of);
-        match self.propose(Command::Txn { fence, conds, ops }).await? {
-            Reply::Txn(ok) => Ok(ok),
-            r => Err(unexpected("Txn", r)),
-        }
-    }
-
-    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
-        Ok(super::broadcast_watch(self.shared.events.subscribe(), prefix))
-    }
-
-    async fn try_lock(&self, term: &Term, name: &str, holder: &[u8]) -> Result<LockAttempt, StoreError> {
-        let cmd = Command::TryLock { term_token: term.token, name: name.to_owned(), holder: holder.to_vec() };
-        match self.propose(cmd).await? {
-            Reply::Locked { token } => Ok(LockAttempt::Acquired(Lock { name: name.to_owned(), token })),
-            Reply::Held(h) => Ok(LockAttempt::Held(h)),
-            r => Err(unexpected("TryLock", r)),
-        }
-    }
-
-    async fn unlock(&self, lock: &Lock) -> Result<(), StoreError> {
-        self.propose(Command::Unlock { name: lock.name.clone(), token: lock.token }).await.map(|_| ())
-    }
-
-    async fn register(&self, key: &str, value: &[u8], ttl: Duration) -> Result<u64, StoreError> {
-        let cmd = Command::Register { key: key.to_owned(), value: value.to_vec(), ttl_ms: ttl.as_millis() as u64 };
-        match self.propose(cmd).await? {
-            Reply::Registered { lease } => Ok(lease),
-            r => Err(unexpected("Register", r)),
-        }
-    }
-
-    async fn refresh(&self, id: u64, key: &str, value: Option<&[u8]>) -> Result<bool, StoreError> {
-        let cmd = Command::Refresh { lease: id, key: key.to_owned(), value: value.map(<[u8]>::to_vec) };
-        match self.propose(cmd).await? {
-            Reply::Refreshed(ok) => Ok(ok),
-            r => Err(unexpected("Refresh", r)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_raft_id_is_a_number_or_the_statefulset_ordinal_plus_one() {
-        assert_eq!(raft_id("3", "anything"), Ok(3));
-        assert_eq!(raft_id("ordinal", "confroll-coordinator-0"), Ok(1));
-        assert_eq!(raft_id("ordinal", "c-12"), Ok(13));
-        assert!(raft_id("0", "c-1").unwrap_err().contains("start at 1"));
-        assert!(raft_id("one", "c-1").unwrap_err().contains("`ordinal`"));
-        for bad in ["c1", "c-", "-1", "c-x1", "c-99999999999999999999"] {
-            assert!(raft_id("ordinal", bad).unwrap_err().contains("ends in -N"), "{bad}");
-        }
-    }
-
-    #[test]
-    fn peers_parse_and_bad_ones_are_named() {
-        let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
-        assert_eq!(p.len(), 2);
-        assert_eq!(p[&2], "127.0.0.1:7002");
-        assert!(parse_peers("1=a:1,1=b:2").unwrap_err().contains("twice"));
-        assert!(parse_peers("x=a:1").unwrap_err().contains("positive integer"));
-        assert!(parse_peers("0=a:1").unwrap_err().contains("start at 1"));
-        assert!(parse_peers("1=nohost").unwrap_err().contains("HOST:PORT"));
-        assert!(parse_peers("").unwrap_err().contains("no raft peers"));
     }
 }
