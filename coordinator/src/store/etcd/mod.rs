@@ -61,7 +61,7 @@ use std::{sync::Arc, time::Duration};
 use etcd_client::Client;
 
 use self::auth::{Auth, describe, unavailable};
-pub use self::security::{ClientIdentity, EtcdSecurity, EtcdUser, Password};
+pub use self::security::{ClientIdentity, EtcdOptionsError, EtcdSecurity, EtcdUser, Password, PasswordFileError};
 use super::StoreError;
 #[cfg(doc)]
 use super::{Store, WatchEvent};
@@ -104,7 +104,7 @@ impl EtcdStore {
         lease_ttl: Duration,
         security: &EtcdSecurity,
     ) -> Result<Self, StoreError> {
-        security.check(endpoints).map_err(StoreError::Refused)?;
+        security.check(endpoints).map_err(|e| StoreError::Refused(e.to_string()))?;
         let base = security.connect_options();
         let connect_error = |e: etcd_client::Error| match e {
             etcd_client::Error::InvalidArgs(_)

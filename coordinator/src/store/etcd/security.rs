@@ -5,9 +5,75 @@
 //! redacting `Debug`; only `auth` reads the password, to authenticate
 //! with it and to scrub it from any message etcd sends back.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+
+/// Why a password file cannot be used (`--etcd-password-file`). Fatal: the
+/// file must be fixed. The message names the file, never its content.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not UTF-8 text.
+    #[error("{} is not UTF-8 text", .path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file holds nothing but newlines.
+    #[error("{} is empty: it must hold the etcd user's password", .path.display())]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Security options that do not fit together or do not fit the endpoints,
+/// each naming `confroll-coordinator`'s flag to fix. Fatal: no connection
+/// is tried with them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdOptionsError {
+    /// A client certificate without TLS.
+    #[error("--etcd-cert needs TLS: give --etcd-ca, the CA that signed etcd's server certificate")]
+    CertWithoutCa,
+    /// The CA file holds no PEM certificate.
+    #[error("--etcd-ca holds no PEM certificate")]
+    CaNotPem,
+    /// The client certificate file holds no PEM certificate.
+    #[error("--etcd-cert holds no PEM certificate")]
+    CertNotPem,
+    /// The client key file holds no PEM private key.
+    #[error("--etcd-key holds no PEM private key")]
+    KeyNotPem,
+    /// No endpoint at all.
+    #[error("--etcd-endpoints names no endpoint")]
+    NoEndpoint,
+    /// An `https://` endpoint without a CA to check it with.
+    #[error(
+        "--etcd-endpoints {endpoint} is https://: give --etcd-ca, the CA that signed etcd's server \
+         certificate (no system roots are trusted)"
+    )]
+    HttpsWithoutCa {
+        /// The endpoint as given.
+        endpoint: String,
+    },
+    /// An `http://` endpoint while a CA turns TLS on.
+    #[error("--etcd-endpoints {endpoint} is plaintext http://, but --etcd-ca turns TLS on: use https://")]
+    HttpWithCa {
+        /// The endpoint as given.
+        endpoint: String,
+    },
+}
 
 /// A password. Its `Debug` never shows it, it has no `Display`, and this
 /// module never puts it in a log line or an error.
@@ -23,12 +89,13 @@ impl Password {
     /// Reads a password file: its content without trailing newlines
     /// (`\n`, `\r\n`). Refuses an unreadable, non-UTF-8 or empty file; the
     /// error names the file, never its content.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let text = String::from_utf8(raw).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, PasswordFileError> {
+        let raw =
+            std::fs::read(path).map_err(|source| PasswordFileError::Unreadable { path: path.to_owned(), source })?;
+        let text = String::from_utf8(raw).map_err(|_| PasswordFileError::NotUtf8 { path: path.to_owned() })?;
         let password = text.trim_end_matches(['\n', '\r']);
         if password.is_empty() {
-            return Err(format!("{} is empty: it must hold the etcd user's password", path.display()));
+            return Err(PasswordFileError::Empty { path: path.to_owned() });
         }
         Ok(Self(password.to_owned()))
     }
@@ -102,38 +169,33 @@ impl std::fmt::Debug for EtcdSecurity {
 impl EtcdSecurity {
     /// Whether the options fit together and fit `endpoints`; else what is
     /// wrong, naming `confroll-coordinator`'s flags.
-    pub fn check(&self, endpoints: &[String]) -> Result<(), String> {
+    pub fn check(&self, endpoints: &[String]) -> Result<(), EtcdOptionsError> {
         if self.identity.is_some() && self.ca_pem.is_none() {
-            return Err("--etcd-cert needs TLS: give --etcd-ca, the CA that signed etcd's server certificate".into());
+            return Err(EtcdOptionsError::CertWithoutCa);
         }
         if let Some(ca) = &self.ca_pem
             && !pem_has(ca, "CERTIFICATE")
         {
-            return Err("--etcd-ca holds no PEM certificate".into());
+            return Err(EtcdOptionsError::CaNotPem);
         }
         if let Some(id) = &self.identity {
             if !pem_has(&id.cert_pem, "CERTIFICATE") {
-                return Err("--etcd-cert holds no PEM certificate".into());
+                return Err(EtcdOptionsError::CertNotPem);
             }
             if !pem_has(&id.key_pem, "PRIVATE KEY") {
-                return Err("--etcd-key holds no PEM private key".into());
+                return Err(EtcdOptionsError::KeyNotPem);
             }
         }
         if endpoints.is_empty() {
-            return Err("--etcd-endpoints names no endpoint".into());
+            return Err(EtcdOptionsError::NoEndpoint);
         }
         for e in endpoints {
             let lower = e.to_ascii_lowercase();
             if lower.starts_with("https://") && self.ca_pem.is_none() {
-                return Err(format!(
-                    "--etcd-endpoints {e} is https://: give --etcd-ca, the CA that signed etcd's server \
-                     certificate (no system roots are trusted)"
-                ));
+                return Err(EtcdOptionsError::HttpsWithoutCa { endpoint: e.clone() });
             }
             if lower.starts_with("http://") && self.ca_pem.is_some() {
-                return Err(format!(
-                    "--etcd-endpoints {e} is plaintext http://, but --etcd-ca turns TLS on: use https://"
-                ));
+                return Err(EtcdOptionsError::HttpWithCa { endpoint: e.clone() });
             }
         }
         Ok(())
@@ -193,9 +255,9 @@ mod tests {
         };
         assert_eq!(Password::from_file(&file("a", "pw with spaces \r\n")).unwrap().expose(), "pw with spaces ");
         assert_eq!(Password::from_file(&file("b", "pw")).unwrap().expose(), "pw");
-        let empty = Password::from_file(&file("c", "\n")).unwrap_err();
+        let empty = Password::from_file(&file("c", "\n")).unwrap_err().to_string();
         assert!(empty.contains("is empty") && empty.contains('c'), "{empty}");
-        let missing = Password::from_file(&dir.path().join("nope")).unwrap_err();
+        let missing = Password::from_file(&dir.path().join("nope")).unwrap_err().to_string();
         assert!(missing.contains("nope"), "{missing}");
     }
 
@@ -205,8 +267,13 @@ mod tests {
         let plain = EtcdSecurity::default();
         assert!(tls.check(&["https://127.0.0.1:2379".into(), "127.0.0.1:2380".into()]).is_ok());
         assert!(plain.check(&["http://127.0.0.1:2379".into()]).is_ok());
-        let err = |s: &EtcdSecurity, e: &str| s.check(&[e.to_owned()]).unwrap_err();
+        let err = |s: &EtcdSecurity, e: &str| s.check(&[e.to_owned()]).unwrap_err().to_string();
         assert!(err(&plain, "https://etcd:2379").contains("--etcd-ca"));
+        assert_eq!(
+            err(&plain, "https://etcd:2379"),
+            "--etcd-endpoints https://etcd:2379 is https://: give --etcd-ca, the CA that signed etcd's server \
+             certificate (no system roots are trusted)"
+        );
         assert!(err(&tls, "http://etcd:2379").contains("use https://"));
         let no_ca = EtcdSecurity { ca_pem: None, ..security() };
         assert!(err(&no_ca, "etcd:2379").contains("--etcd-cert needs TLS"));
