@@ -20,7 +20,7 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{Entry, NodeId, TypeConfig};
+use super::{DataDirError, Entry, NodeId, TypeConfig};
 
 const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -35,13 +35,13 @@ pub(crate) struct LogStore {
 
 impl LogStore {
     /// Opens (or creates) `<dir>/raft.redb`. Fails if another process has it open.
-    pub(crate) fn open(dir: &Path) -> Result<Self, String> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, DataDirError> {
         let path = dir.join("raft.redb");
-        let db = Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let tx = db.begin_write().map_err(|e| e.to_string())?;
-        tx.open_table(LOG).map_err(|e| e.to_string())?;
-        tx.open_table(META).map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
+        let db = Database::create(&path).map_err(|source| DataDirError::Open { path: path.clone(), source })?;
+        let tx = db.begin_write()?;
+        tx.open_table(LOG)?;
+        tx.open_table(META)?;
+        tx.commit()?;
         Ok(Self { db: Arc::new(db) })
     }
 
@@ -74,7 +74,7 @@ impl LogStore {
     }
 
     /// Whether nothing was ever stored (a pristine replica).
-    pub(crate) fn is_pristine(&self) -> Result<bool, String> {
+    pub(crate) fn is_pristine(&self) -> Result<bool, DataDirError> {
         let read = || -> Result<bool, AnyError> {
             let tx = self.db.begin_read().map_err(AnyError::error)?;
             let vote: Option<Vote<NodeId>> = meta(&tx, "vote")?;
@@ -82,7 +82,7 @@ impl LogStore {
             let empty = tx.open_table(LOG).map_err(AnyError::error)?.is_empty().map_err(AnyError::error)?;
             Ok(empty && vote.is_none() && purged.is_none())
         };
-        read().map_err(|e| e.to_string())
+        Ok(read()?)
     }
 }
 

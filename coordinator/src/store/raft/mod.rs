@@ -43,6 +43,7 @@
 //! * `log_store`, `sm_store`, `state_machine`, `network`: openraft's log,
 //!   its state machine, what the state machine holds, and the peer RPCs.
 
+mod error;
 mod leadership;
 mod log_store;
 mod network;
@@ -62,10 +63,11 @@ use openraft::{
     BasicNode, Config, SnapshotPolicy,
     error::{CheckIsLeaderError, ClientWriteError, RaftError},
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-pub use self::options::{RaftOptions, parse_peers, raft_id};
+pub(crate) use self::error::{DataDirError, PeerAddressError, ProposeError};
+pub use self::options::{PeersError, RaftIdError, RaftOptions, parse_peers, raft_id};
 
 #[cfg(doc)]
 use super::Store;
@@ -84,28 +86,6 @@ openraft::declare_raft_types!(
 
 pub(crate) type Entry = openraft::Entry<TypeConfig>;
 pub(crate) type OpenRaft = openraft::Raft<TypeConfig>;
-
-/// Why a proposal did not commit.
-#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
-pub(crate) enum ProposeError {
-    /// This replica does not lead; the leader, if known. Not appended: safe to retry.
-    #[error("not the raft leader (leader: {0:?})")]
-    NotLeader(Option<NodeId>),
-    /// The leader could not be reached before sending. Safe to retry.
-    #[error("raft leader unreachable: {0}")]
-    Unreachable(String),
-    /// Anything else (the outcome may be unknown).
-    #[error("raft: {0}")]
-    Failed(String),
-    /// The leader did not answer in time (paused, or cut off): the outcome
-    /// is unknown. Retried only where a second commit does no harm. (New
-    /// variants go last: postcard encodes the variant's position.)
-    #[error("raft leader did not answer in time: {0}")]
-    TimedOut(String),
-    /// The leader runs an older confroll without this RPC (a rolling upgrade).
-    #[error("raft leader does not serve this RPC: {0}")]
-    Unsupported(String),
-}
 
 /// Commits `cmd` on this replica if it leads, stamped with its clock.
 async fn write_local(raft: &OpenRaft, cmd: Command) -> Result<Reply, ProposeError> {
@@ -151,8 +131,10 @@ pub struct RaftStore {
     peers: BTreeMap<NodeId, String>,
     /// A lazily connected client per peer (for forwarding proposals), or why
     /// its address is unusable.
-    clients:
-        BTreeMap<NodeId, Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, String>>,
+    clients: BTreeMap<
+        NodeId,
+        Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, PeerAddressError>,
+    >,
     lease_ttl: Duration,
     /// When openraft last published metrics, in ms since `epoch`: openraft
     /// publishes on every turn of its loop (ticks included), so an old stamp
@@ -180,7 +162,8 @@ impl RaftStore {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StoreError> {
-        let fatal = |m: String| StoreError::Corrupt { key: opts.data_dir.display().to_string(), message: m };
+        let fatal =
+            |e: DataDirError| StoreError::Corrupt { key: opts.data_dir.display().to_string(), message: e.to_string() };
         if !opts.peers.contains_key(&opts.id) {
             let m = format!("--raft-peers does not name this replica's --raft-id {}", opts.id);
             return Err(StoreError::Misconfigured(m));
@@ -291,7 +274,11 @@ impl RaftStore {
         &self,
         id: NodeId,
     ) -> Result<confroll_proto::raft_v1::raft_client::RaftClient<tonic::transport::Channel>, ProposeError> {
-        self.clients.get(&id).ok_or(ProposeError::NotLeader(None))?.clone().map_err(ProposeError::Unreachable)
+        self.clients
+            .get(&id)
+            .ok_or(ProposeError::NotLeader(None))?
+            .clone()
+            .map_err(|e| ProposeError::Unreachable(e.to_string()))
     }
 
     /// Calls `rpc` on the leader's raft port with `req`; its answer, or

@@ -12,7 +12,7 @@
 //! replies). A transport failure is `Unreachable` to openraft, which then
 //! backs off that peer; a raft error travels back as a `RemoteError`.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use confroll_proto::raft_v1::{
     Frame,
@@ -32,7 +32,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use super::{Node, NodeId, OpenRaft, ProposeError, TypeConfig};
+use super::{Node, NodeId, OpenRaft, PeerAddressError, ProposeError, TypeConfig};
 use crate::store::raft::state_machine::{Command, Reply};
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Frame, Status> {
@@ -51,9 +51,9 @@ const MAX_FRAME: usize = 64 << 20;
 /// new connection, and HTTP/2 keep-alives close a connection whose peer
 /// went away without a word (a pod deleted with its IP), so the next call
 /// reconnects to wherever the name points now.
-pub(crate) fn client(addr: &str) -> Result<RaftClient<Channel>, String> {
+pub(crate) fn client(addr: &str) -> Result<RaftClient<Channel>, PeerAddressError> {
     let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad raft peer address `{addr}`: {e}"))?
+        .map_err(|e| PeerAddressError { addr: addr.to_owned(), source: Arc::new(e) })?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))

@@ -22,25 +22,85 @@ pub struct RaftOptions {
     pub snapshot_every: u64,
 }
 
+/// A `--raft-peers` list that names no usable group. Fatal: fix the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeersError {
+    /// An entry without `=`.
+    #[error("`{part}`: expected ID=HOST:PORT")]
+    NoEquals {
+        /// The entry.
+        part: String,
+    },
+    /// An id that is no number.
+    #[error("`{part}`: the id must be a positive integer")]
+    BadId {
+        /// The entry.
+        part: String,
+    },
+    /// The id 0.
+    #[error("`{part}`: raft ids start at 1")]
+    ZeroId {
+        /// The entry.
+        part: String,
+    },
+    /// No `HOST:PORT` after the `=`.
+    #[error("`{part}`: expected HOST:PORT after `=`")]
+    BadAddress {
+        /// The entry.
+        part: String,
+    },
+    /// The same id twice.
+    #[error("raft id {id} appears twice")]
+    Duplicate {
+        /// The id.
+        id: NodeId,
+    },
+    /// Nothing at all.
+    #[error("no raft peers given")]
+    Empty,
+}
+
+/// A `--raft-id` that names no raft id. Fatal: fix the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RaftIdError {
+    /// The id 0.
+    #[error("raft ids start at 1")]
+    Zero,
+    /// Neither a number nor `ordinal`.
+    #[error("`{spec}`: expected a positive integer or `ordinal`")]
+    NotANumber {
+        /// The flag's value.
+        spec: String,
+    },
+    /// `ordinal`, but the replica id does not end in `-N`.
+    #[error(
+        "`ordinal` needs a replica id that ends in -N (a StatefulSet pod name such as confroll-0), not `{replica_id}`"
+    )]
+    NoOrdinal {
+        /// The replica id.
+        replica_id: String,
+    },
+}
+
 /// Parses `1=host:port,2=host:port`.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, PeersError> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected ID=HOST:PORT"))?;
-        let id: NodeId = id.trim().parse().map_err(|_| format!("`{part}`: the id must be a positive integer"))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| PeersError::NoEquals { part: part.to_owned() })?;
+        let id: NodeId = id.trim().parse().map_err(|_| PeersError::BadId { part: part.to_owned() })?;
         if id == 0 {
-            return Err(format!("`{part}`: raft ids start at 1"));
+            return Err(PeersError::ZeroId { part: part.to_owned() });
         }
         let addr = addr.trim();
         if addr.is_empty() || !addr.contains(':') {
-            return Err(format!("`{part}`: expected HOST:PORT after `=`"));
+            return Err(PeersError::BadAddress { part: part.to_owned() });
         }
         if out.insert(id, addr.to_owned()).is_some() {
-            return Err(format!("raft id {id} appears twice"));
+            return Err(PeersError::Duplicate { id });
         }
     }
     if out.is_empty() {
-        return Err("no raft peers given".into());
+        return Err(PeersError::Empty);
     }
     Ok(out)
 }
@@ -49,12 +109,12 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
 /// StatefulSet ordinal that ends the replica id (`confroll-2`), plus 1 (raft
 /// ids start at 1), so every pod of a StatefulSet can run the same
 /// arguments.
-pub fn raft_id(spec: &str, replica_id: &str) -> Result<NodeId, String> {
+pub fn raft_id(spec: &str, replica_id: &str) -> Result<NodeId, RaftIdError> {
     if spec != "ordinal" {
         return match spec.parse::<NodeId>() {
-            Ok(0) => Err("raft ids start at 1".into()),
+            Ok(0) => Err(RaftIdError::Zero),
             Ok(n) => Ok(n),
-            Err(_) => Err(format!("`{spec}`: expected a positive integer or `ordinal`")),
+            Err(_) => Err(RaftIdError::NotANumber { spec: spec.to_owned() }),
         };
     }
     replica_id
@@ -62,9 +122,7 @@ pub fn raft_id(spec: &str, replica_id: &str) -> Result<NodeId, String> {
         .and_then(|(name, n)| (!name.is_empty() && n.chars().all(|c| c.is_ascii_digit())).then_some(n))
         .and_then(|n| n.parse::<NodeId>().ok())
         .and_then(|n| n.checked_add(1))
-        .ok_or_else(|| {
-            format!("`ordinal` needs a replica id that ends in -N (a StatefulSet pod name such as confroll-0), not `{replica_id}`")
-        })
+        .ok_or_else(|| RaftIdError::NoOrdinal { replica_id: replica_id.to_owned() })
 }
 
 #[cfg(test)]
@@ -76,10 +134,10 @@ mod tests {
         assert_eq!(raft_id("3", "anything"), Ok(3));
         assert_eq!(raft_id("ordinal", "confroll-coordinator-0"), Ok(1));
         assert_eq!(raft_id("ordinal", "c-12"), Ok(13));
-        assert!(raft_id("0", "c-1").unwrap_err().contains("start at 1"));
-        assert!(raft_id("one", "c-1").unwrap_err().contains("`ordinal`"));
+        assert!(raft_id("0", "c-1").unwrap_err().to_string().contains("start at 1"));
+        assert!(raft_id("one", "c-1").unwrap_err().to_string().contains("`ordinal`"));
         for bad in ["c1", "c-", "-1", "c-x1", "c-99999999999999999999"] {
-            assert!(raft_id("ordinal", bad).unwrap_err().contains("ends in -N"), "{bad}");
+            assert!(raft_id("ordinal", bad).unwrap_err().to_string().contains("ends in -N"), "{bad}");
         }
     }
 
@@ -88,10 +146,10 @@ mod tests {
         let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
         assert_eq!(p.len(), 2);
         assert_eq!(p[&2], "127.0.0.1:7002");
-        assert!(parse_peers("1=a:1,1=b:2").unwrap_err().contains("twice"));
-        assert!(parse_peers("x=a:1").unwrap_err().contains("positive integer"));
-        assert!(parse_peers("0=a:1").unwrap_err().contains("start at 1"));
-        assert!(parse_peers("1=nohost").unwrap_err().contains("HOST:PORT"));
-        assert!(parse_peers("").unwrap_err().contains("no raft peers"));
+        assert!(parse_peers("1=a:1,1=b:2").unwrap_err().to_string().contains("twice"));
+        assert!(parse_peers("x=a:1").unwrap_err().to_string().contains("positive integer"));
+        assert!(parse_peers("0=a:1").unwrap_err().to_string().contains("start at 1"));
+        assert!(parse_peers("1=nohost").unwrap_err().to_string().contains("HOST:PORT"));
+        assert!(parse_peers("").unwrap_err().to_string().contains("no raft peers"));
     }
 }

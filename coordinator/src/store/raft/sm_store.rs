@@ -25,7 +25,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{Entry, Node, NodeId, TypeConfig};
+use super::{DataDirError, Entry, Node, NodeId, TypeConfig};
 use crate::store::{
     WatchEvent,
     raft::state_machine::{Reply, StateMachine},
@@ -65,14 +65,14 @@ pub(crate) struct SmStore {
 
 impl SmStore {
     /// Opens the state machine at the last snapshot in `dir`, if any.
-    pub(crate) fn open(dir: &Path) -> Result<Self, String> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, DataDirError> {
         let (events, _) = broadcast::channel(4096);
         let me = Self {
             shared: Arc::new(Shared { state: parking_lot::RwLock::new(Applied::default()), events }),
             dir: dir.to_owned(),
         };
-        if let Some(s) = me.read_snapshot().map_err(|e| e.to_string())? {
-            me.load(&s).map_err(|e| e.to_string())?;
+        if let Some(s) = me.read_snapshot()? {
+            me.load(&s)?;
         }
         Ok(me)
     }
