@@ -5,21 +5,24 @@
 //!
 //! ```text
 //!  store/        the Store trait (election, fenced txn, lock, watch, registrations)
-//!    etcd.rs     … on etcd
+//!    etcd/       … on etcd
 //!    raft/       … on the replicas' own openraft group (state_machine.rs: its pure state machine)
 //!    memory.rs   … in memory, for in-process tests (the same state machine, no raft)
 //!  model.rs      what is stored where: versions, meta, rollout record, registrations
-//!  engine.rs     the rollout state machine (pure: events in, actions out)
+//!  engine/       the rollout state machine (pure: events in, actions out, including
+//!                which record generation each push waits for)
 //!  replica/      a replica, one concern per file (see its module doc): mod.rs the
 //!                leadership loop, api.rs submit/rollback/abort, driver.rs the rollout
-//!                driver, push.rs one push, reconcile.rs, membership.rs, records.rs;
-//!                every decisive write fenced by term and lock
+//!                driver, push.rs one push, reconcile.rs with plan.rs (its pure
+//!                decisions), membership.rs, records.rs, tests.rs (in-process, on
+//!                memory.rs); every decisive write fenced by term and lock
+//!  retry.rs      the one backoff of store retries, cut short when the term is lost
 //!  agents.rs     NodeAgent clients (one push stream per node, ordered pushes)
 //!  service.rs    confroll.v1.Coordinator over gRPC: roles, redaction, forwarding to the leader
 //!  auth.rs       operator / node / reader credentials (constant-time, reloadable)
-//!  pb_impl.rs    domain → protobuf
+//!  pb_impl.rs    domain ⇄ protobuf (the replica's API knows no protobuf type)
 //!  metrics.rs    Prometheus
-//!  http.rs       /metrics, /healthz
+//!  http.rs       /metrics, /healthz, /readyz
 //! ```
 //!
 //! ```text
@@ -36,5 +39,6 @@ pub mod metrics;
 pub mod model;
 pub mod pb_impl;
 pub mod replica;
+mod retry;
 pub mod service;
 pub mod store;

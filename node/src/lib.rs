@@ -31,7 +31,7 @@
 //! let mut opts = NodeOptions::new("node-1");
 //! opts.config_path = Some("config.yaml".into());
 //! let node = Node::start(opts).await?;
-//! let live = node.config();            // Arc<Applied>: wait-free read
+//! let live = node.config();            // Arc<LiveConfig>: wait-free read
 //! let ttl = live.config.cache.ttl.0;   // use it for the whole request
 //! # let _ = ttl; Ok(()) }
 //! ```
@@ -56,5 +56,5 @@ pub mod triggers;
 pub mod trust;
 
 pub use config::{Config, ConfigError};
-pub use node::{Applied, Node, NodeOptions, Push, PushError, StartError};
+pub use node::{LiveConfig, Node, NodeOptions, Push, PushError, StartError};
 pub use report::{ReloadReport, ReloadStatus, Trigger};

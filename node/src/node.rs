@@ -83,7 +83,7 @@ impl NodeOptions {
 /// The config that runs now. Readers get it with [`Node::config`] (a cheap
 /// `ArcSwap` load) and keep the `Arc` for as long as their request lasts.
 #[derive(Debug)]
-pub struct Applied {
+pub struct LiveConfig {
     /// The parsed config.
     pub config: Config,
     /// Version: pushed by the coordinator, or one more than the last for a
@@ -103,7 +103,7 @@ pub struct Applied {
     pub cluster_id: String,
 }
 
-impl Applied {
+impl LiveConfig {
     /// `applied_at` as RFC 3339 with milliseconds (status, state dir, API).
     pub fn applied_at_rfc3339(&self) -> String {
         humantime::format_rfc3339_millis(self.applied_at).to_string()
@@ -282,7 +282,7 @@ pub struct Node {
 struct Inner {
     opts: NodeOptions,
     /// The live config. Stored by the apply phase and by rollbacks only.
-    live: ArcSwap<Applied>,
+    live: ArcSwap<LiveConfig>,
     components: Components,
     metrics: Arc<NodeMetrics>,
     /// Held for a whole reload, so reloads never overlap; also orders the
@@ -341,7 +341,7 @@ impl Node {
         let components =
             Components::boot(&config, logger, metrics.clone(), opts.grace).map_err(StartError::Component)?;
         metrics.config_version.set(version as i64);
-        let applied = Applied {
+        let applied = LiveConfig {
             sha256: sha256_hex(&content),
             content: String::from_utf8(content).unwrap_or_default(),
             config,
@@ -393,13 +393,13 @@ impl Node {
 
     /// The live config: a wait-free `ArcSwap` load. Keep the `Arc` for the
     /// whole request so one request sees one config.
-    pub fn config(&self) -> Arc<Applied> {
+    pub fn config(&self) -> Arc<LiveConfig> {
         self.inner.live.load_full()
     }
 
     /// A short borrow of the live config (cheapest read; do not hold it
     /// across an `.await`).
-    pub fn config_guard(&self) -> arc_swap::Guard<Arc<Applied>> {
+    pub fn config_guard(&self) -> arc_swap::Guard<Arc<LiveConfig>> {
         self.inner.live.load()
     }
 
@@ -716,7 +716,7 @@ impl Node {
     }
 
     /// Makes `a` the live config: gauge, `ArcSwap`, version watchers.
-    fn set_live(&self, a: Arc<Applied>) {
+    fn set_live(&self, a: Arc<LiveConfig>) {
         let v = a.version;
         self.inner.metrics.config_version.set(v as i64);
         self.inner.live.store(a);
@@ -727,7 +727,7 @@ impl Node {
         &self,
         cmd: Command,
         source: &mut Source,
-        prev: &Arc<Applied>,
+        prev: &Arc<LiveConfig>,
         origin: Option<&Origin>,
         trigger: Trigger,
         run: &mut Run,
@@ -775,7 +775,7 @@ impl Node {
             }
             Command::Apply => {
                 let config = run.config.take()?;
-                let next = Arc::new(Applied {
+                let next = Arc::new(LiveConfig {
                     config,
                     version: origin.map_or(prev.version + 1, |o| o.version),
                     sha256: run.sha.clone().unwrap_or_default(),
@@ -867,7 +867,7 @@ impl Node {
 
     fn report(
         &self,
-        prev: &Applied,
+        prev: &LiveConfig,
         trigger: Trigger,
         outcome: Outcome,
         total: Duration,
@@ -967,7 +967,7 @@ impl Node {
     }
 
     /// Persists the live config (and the file's checksum) to the state dir.
-    fn persist(&self, live: &Applied) {
+    fn persist(&self, live: &LiveConfig) {
         let Some(state) = &self.inner.state else { return };
         let p = PersistedConfig {
             version: live.version,

@@ -23,6 +23,7 @@ use super::{
 use crate::{
     engine::{Action, Engine, Input, NodeFailure, RolloutKind, RolloutRecord, RolloutState, Start},
     model::{NodeRecord, VersionRecord, VersionState, keys},
+    retry::Backoff,
     store::{Cond, Fence, Lock, Op, StoreError, Term, now_ms},
 };
 
@@ -175,16 +176,16 @@ impl Replica {
     /// when leadership was lost meanwhile.
     async fn prepare(&self, term: &Term, rec: RolloutRecord) -> Option<Prepared> {
         let service = rec.service.clone();
+        let mut backoff = Backoff::new();
         let (new, old) = loop {
             match self.load_versions(&rec).await {
                 Ok(v) => break v,
-                Err(e) if term.lost.is_cancelled() => {
-                    tracing::warn!(%service, error = %e, "leadership lost before the rollout could load its versions");
-                    return None;
-                }
                 Err(e) => {
                     tracing::warn!(%service, error = %e, "cannot load the versions of the rollout; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if !backoff.wait(&term.lost).await {
+                        tracing::warn!(%service, "leadership lost before the rollout could load its versions");
+                        return None;
+                    }
                 }
             }
         };
@@ -463,7 +464,7 @@ impl Driver {
         let service = &rec.service;
         // Until it is recorded (or leadership is gone: the next leader then
         // resumes the unfinished record), never report it as finished.
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new();
         // Taken before the write that releases the lock: a later rollout's
         // start is logged after it, so logged intervals never overlap.
         let mut finished_ms;
@@ -480,8 +481,10 @@ impl Driver {
                         break;
                     }
                     tracing::warn!(%service, error = %e, "cannot record the rollout outcome yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    if !backoff.wait(&term.lost).await {
+                        tracing::warn!(%service, "leadership lost before the outcome was recorded; the next leader resumes the rollout");
+                        return;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(%service, error = %e, "leadership lost before the outcome was recorded; the next leader resumes the rollout");

@@ -64,6 +64,7 @@ use crate::{
     agents::{AgentError, Agents},
     metrics::CoordinatorMetrics,
     model::{ClusterRecord, NodeRecord, Policy, VersionRecord, keys},
+    retry::Backoff,
     store::{Cond, Fence, Member, Op, Store, StoreError, Term, now_ms},
 };
 
@@ -414,16 +415,15 @@ impl Replica {
         // No push before the cluster id is known: nodes fence by it. Read
         // again at every term: the store may have been rebuilt under us.
         self.inner.cluster.store(None);
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new();
         let cluster = loop {
             match self.ensure_cluster(&term).await {
                 Ok(c) => break c,
                 Err(StoreError::FencedOut(_)) => return,
                 Err(e) => tracing::warn!(error = %e, "cannot read or create the cluster record; retrying"),
             }
-            tokio::select! {
-                _ = term.lost.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(Duration::from_secs(1)),
+            if !backoff.wait(&term.lost).await {
+                return;
             }
         };
         tracing::info!(cluster = %cluster.id, adopted_from = ?cluster.adopted_from, "leading cluster");

@@ -5,12 +5,11 @@
 //! Kept apart from the code that decides what to write: everything here is
 //! a plain read, or a write whose fence (term and lock) the caller chose.
 
-use std::time::Duration;
-
 use super::{ApiError, Replica};
 use crate::{
     engine::RolloutRecord,
     model::{NodeRecord, ServiceMeta, VersionRecord, keys},
+    retry::Backoff,
     store::{Cond, Entry, Fence, Lock, Op, StoreError, Term},
 };
 
@@ -93,7 +92,7 @@ impl Replica {
     /// Writes a rollout record, fenced by `term` and the service's `lock`;
     /// retries while the store is unavailable and the term lasts.
     pub(super) async fn persist(&self, term: &Term, lock: &Lock, rec: &RolloutRecord) -> Result<(), StoreError> {
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new();
         loop {
             let r = self
                 .inner
@@ -108,8 +107,9 @@ impl Replica {
                 Ok(_) => return Ok(()),
                 Err(StoreError::Unavailable(e)) if !term.lost.is_cancelled() => {
                     tracing::warn!(error = %e, "persist failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    if !backoff.wait(&term.lost).await {
+                        return Err(StoreError::Unavailable(e));
+                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -35,7 +35,7 @@ type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 /// The applied state, shared with the store's readers.
 #[derive(Debug, Default)]
-pub(crate) struct Applied {
+pub(crate) struct AppliedState {
     pub(crate) sm: StateMachine,
     pub(crate) last_applied: Option<LogId<NodeId>>,
     pub(crate) membership: StoredMembership<NodeId, Node>,
@@ -43,7 +43,7 @@ pub(crate) struct Applied {
 
 /// What readers share with the state machine.
 pub(crate) struct Shared {
-    pub(crate) state: parking_lot::RwLock<Applied>,
+    pub(crate) state: parking_lot::RwLock<AppliedState>,
     /// Every applied change, in order; a lagging watcher gets `Reset`.
     /// Shared, so a watcher copies only the events its prefix keeps.
     pub(crate) events: broadcast::Sender<Arc<WatchEvent>>,
@@ -68,7 +68,7 @@ impl SmStore {
     pub(crate) fn open(dir: &Path) -> Result<Self, DataDirError> {
         let (events, _) = broadcast::channel(4096);
         let me = Self {
-            shared: Arc::new(Shared { state: parking_lot::RwLock::new(Applied::default()), events }),
+            shared: Arc::new(Shared { state: parking_lot::RwLock::new(AppliedState::default()), events }),
             dir: dir.to_owned(),
         };
         if let Some(s) = me.read_snapshot()? {
@@ -113,7 +113,7 @@ impl SmStore {
     fn load(&self, s: &StoredSnapshot) -> Result<(), AnyError> {
         let sm: StateMachine = postcard::from_bytes(&s.data).map_err(AnyError::error)?;
         let mut st = self.shared.state.write();
-        *st = Applied { sm, last_applied: s.meta.last_log_id, membership: s.meta.last_membership.clone() };
+        *st = AppliedState { sm, last_applied: s.meta.last_log_id, membership: s.meta.last_membership.clone() };
         Ok(())
     }
 }
