@@ -685,8 +685,8 @@ impl PodPlan {
                 let vname = m["name"].as_str().context("volumeMount without a name")?;
                 let path = m["mountPath"].as_str().context("volumeMount without a mountPath")?.to_owned();
                 ensure!(m.get("subPath").is_none() && m.get("subPathExpr").is_none(), "{sts}: subPath is not emulated");
-                let (source, what, always_ro) =
-                    volume_source(r, set, spec, vname, &name, &pod_dir, vols, security.fs_group)?;
+                let pv = PodVolumes { set, spec, pod: &name, pod_dir: &pod_dir, vols, fs_group: security.fs_group };
+                let (source, what, always_ro) = volume_source(r, &pv, vname)?;
                 mounts.push(Mount {
                     path,
                     source,
@@ -916,19 +916,26 @@ fn security_of(sts: &str, pod: &Value, c: &Value) -> anyhow::Result<Security> {
     })
 }
 
+/// The pod a volume is mounted in: what [`volume_source`] needs of it.
+struct PodVolumes<'a> {
+    /// The StatefulSet (its `volumeClaimTemplates`).
+    set: &'a Value,
+    /// The pod spec (its `volumes`).
+    spec: &'a Value,
+    /// The pod's name.
+    pod: &'a str,
+    /// The pod's directory on this machine.
+    pod_dir: &'a Path,
+    /// Where claims live.
+    vols: &'a Volumes,
+    /// The pod's `fsGroup`.
+    fs_group: Option<u32>,
+}
+
 /// A volume's directory on this machine, what it is, and whether it is
 /// always read-only (Secret and ConfigMap volumes are).
-#[allow(clippy::too_many_arguments)]
-fn volume_source(
-    r: &Rendering,
-    set: &Value,
-    spec: &Value,
-    vname: &str,
-    pod: &str,
-    pod_dir: &Path,
-    vols: &Volumes,
-    fs_group: Option<u32>,
-) -> anyhow::Result<(PathBuf, String, bool)> {
+fn volume_source(r: &Rendering, p: &PodVolumes<'_>, vname: &str) -> anyhow::Result<(PathBuf, String, bool)> {
+    let PodVolumes { set, spec, pod, pod_dir, vols, fs_group } = *p;
     let vol = spec["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == vname);
     let Some(vol) = vol else {
         let template = set["spec"]["volumeClaimTemplates"]
