@@ -210,7 +210,7 @@ impl Cluster {
         }
         let net = Net::new()?;
         let dir = net.dir().to_path_buf();
-        let key = confroll_node::trust::PushKey::generate();
+        let key = confroll_common::trust::PushKey::generate();
         std::fs::write(dir.join("push.key"), key.to_pem())?;
         std::fs::write(dir.join("push.pub"), key.public_pem())?;
         let bins = opts.bins.clone().unwrap_or_else(bin_dir);

@@ -18,7 +18,7 @@
 //! one.
 //!
 //! Every request that changes or dry-runs a node is signed with the
-//! cluster's push key ([`confroll_node::trust`]) right before it leaves,
+//! cluster's push key ([`confroll_common::trust`]) right before it leaves,
 //! once its sequence is fixed; nodes refuse anything unsigned. Agents that
 //! advertise `https://` are dialed over TLS, verified by the agent CA.
 
@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use confroll_node::trust::PushKey;
+use confroll_common::trust::PushKey;
 use confroll_proto::v1::{self as pb, node_agent_client::NodeAgentClient};
 use tokio::{
     sync::{Mutex, mpsc},
@@ -181,7 +181,7 @@ impl Agents {
             return Ok(NodeAgentClient::new(ch));
         }
         // `https://` agents over TLS, verified by the agent CA.
-        let ep = confroll_node::net::endpoint(&confroll_node::net::with_scheme(address), self.ca.as_deref())
+        let ep = confroll_common::net::endpoint(&confroll_common::net::with_scheme(address), self.ca.as_deref())
             .map_err(|e| AgentError::Refused(format!("bad agent address `{address}`: {e}")))?;
         // Pings find a connection that died silently (a node host gone, a
         // NAT entry expired) before a push waits its whole timeout on it.

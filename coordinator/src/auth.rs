@@ -260,7 +260,7 @@ impl Credentials {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> std::io::Result<()> {
         let files = self.files.each().into_iter().filter_map(|(_, p)| p.map(Path::to_path_buf)).collect();
-        confroll_node::triggers::on_hup_or_change(files, poll, shutdown, || match self.reload() {
+        confroll_common::watch::on_hup_or_change(files, poll, shutdown, || match self.reload() {
             Ok(counts) => {
                 tracing::info!(operator = counts[0].1, node = counts[1].1, reader = counts[2].1, "credentials reloaded")
             }

@@ -7,7 +7,7 @@
 //! `max by (service) (…)` sees one current value, never a follower's stale
 //! one.
 
-use confroll_node::metrics::{labelled_registry, registered, sort_labels};
+use confroll_common::metrics::{labelled_registry, registered, sort_labels};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };

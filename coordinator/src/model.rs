@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Service used when a request names none.
-pub use confroll_node::node::DEFAULT_SERVICE;
+pub use confroll_common::DEFAULT_SERVICE;
 
 /// Store keys.
 pub mod keys {

@@ -13,10 +13,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use confroll_node::{
-    net,
-    secrets::{SecretPaths, redact_document},
-};
+use confroll_common::{Format, net, secrets::redact_document};
 use confroll_proto::v1::{
     self as pb,
     coordinator_client::CoordinatorClient,
@@ -36,7 +33,7 @@ use crate::{
 };
 
 /// Largest gRPC message accepted or sent (a 4 MiB config plus envelope).
-pub use confroll_node::net::MAX_MESSAGE_BYTES;
+pub use confroll_common::net::MAX_MESSAGE_BYTES;
 
 /// Metadata key of the leader hint.
 pub const LEADER_HINT: &str = "x-confroll-leader";
@@ -289,7 +286,7 @@ impl Coordinator for CoordinatorServiceImpl {
         }
         // A stored version always parses; if it somehow does not, show nothing
         // rather than risk showing a secret.
-        let red = redact_document(&v.content, SecretPaths::for_node_config())
+        let red = redact_document(&v.content, Format::Yaml, confroll_node::Config::secret_paths())
             .map_err(|e| Status::internal(format!("stored version {} cannot be redacted: {e}", v.version)))?;
         Ok(Response::new(pb::GetVersionResponse { info, content: red.text, redacted_secrets: red.redacted as u32 }))
     }
@@ -467,7 +464,7 @@ fn reported(
 }
 
 /// Why the gRPC server stopped with an error (shared with the node agent).
-pub use confroll_node::agent::ServeError;
+pub use confroll_common::net::ServeError;
 
 /// Serves the Coordinator API (with reflection v1/v1alpha and health) on
 /// `listener` until `shutdown`.

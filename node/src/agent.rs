@@ -59,16 +59,7 @@ impl std::fmt::Debug for AgentTls {
     }
 }
 
-/// Why the agent server stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The reflection descriptor set is broken (a build problem).
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-}
+pub use confroll_common::net::ServeError;
 
 /// The `NodeAgent` implementation.
 pub struct NodeAgentServiceImpl {

@@ -11,9 +11,14 @@ use std::{collections::BTreeMap, fmt, str::FromStr, time::Duration};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Largest config document accepted, in bytes. The coordinator enforces the
-/// same bound, so a node never has to hold a document larger than this.
-pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+use confroll_common::{
+    document::{self, Format},
+    secrets::SecretPaths,
+};
+pub use confroll_common::{
+    document::{ConfigError, MAX_CONFIG_BYTES, Violation, YamlError, scrub, yaml_to_json},
+    secrets::redact_url,
+};
 
 /// A node's whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -333,19 +338,8 @@ impl SecretUrl {
 
     /// The secret part of the URL, if any, so error texts can be scrubbed.
     pub fn secret(&self) -> Option<String> {
-        let url = url::Url::parse(&self.0).ok()?;
-        if let Some(p) = url.password() {
-            return Some(percent_decode(p));
-        }
-        url.query_pairs().find(|(k, _)| k == "password").map(|(_, v)| v.into_owned())
+        confroll_common::secrets::url_secret(&self.0)
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| s.to_owned())
 }
 
 impl fmt::Debug for SecretUrl {
@@ -354,155 +348,11 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-/// Replaces the password of `raw` (userinfo or `password=` query parameter)
-/// with `***`. Text that does not parse as a URL is returned unchanged.
-pub fn redact_url(raw: &str) -> String {
-    let Ok(mut url) = url::Url::parse(raw) else {
-        return raw.to_owned();
-    };
-    if url.password().is_some() {
-        let _ = url.set_password(Some("***"));
-    }
-    if url.query_pairs().any(|(k, _)| k == "password") {
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k == "password" { "***".to_owned() } else { v.into_owned() };
-                (k.into_owned(), v)
-            })
-            .collect();
-        url.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    url.to_string()
-}
-
-/// Why a config document was refused. Every variant names its cause; the
-/// running config is never touched by a refused document.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ConfigError {
-    /// Zero bytes, or only whitespace and comments.
-    #[error("config is empty")]
-    Empty,
-    /// Larger than [`MAX_CONFIG_BYTES`].
-    #[error("config is {size} bytes; the limit is {limit} bytes")]
-    TooLarge {
-        /// Size of the refused document.
-        size: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// Not UTF-8.
-    #[error("config is not valid UTF-8: invalid byte at offset {offset}")]
-    NotUtf8 {
-        /// Offset of the first invalid byte.
-        offset: usize,
-    },
-    /// Nested deeper than [`crate::limits::MAX_DEPTH`] levels (YAML aliases
-    /// expanded); refused before parsing.
-    #[error("document nests deeper than {limit} levels")]
-    TooDeep {
-        /// Nesting level at which the check stopped (at least `limit + 1`).
-        depth: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// More than [`crate::limits::MAX_NODES`] YAML nodes, aliases expanded;
-    /// refused before parsing.
-    #[error("document has more than {limit} nodes after alias expansion")]
-    TooManyNodes {
-        /// Nodes counted when the check stopped.
-        nodes: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// YAML aliases expanding to more than [`crate::limits::MAX_NODES`]
-    /// nodes (billion laughs); refused before parsing, nothing expanded.
-    #[error("aliases expand to more than {limit} nodes: refused (YAML alias bomb?)")]
-    AliasBomb {
-        /// Nodes counted when the check stopped (`usize::MAX` for an alias
-        /// inside the node it names, whose expansion never ends).
-        nodes: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// More than [`crate::limits::MAX_ALIASES`] YAML aliases; refused before
-    /// parsing.
-    #[error("document has more than {limit} aliases: refused (YAML alias bomb?)")]
-    TooManyAliases {
-        /// Aliases counted when the check stopped.
-        aliases: usize,
-        /// The limit.
-        limit: usize,
-    },
-    /// Not YAML/JSON at all, or a limit of the YAML layer itself (a second
-    /// line of defence behind [`crate::limits`]).
-    #[error("config is not valid {format}: {message}")]
-    Syntax {
-        /// `YAML` or `JSON`.
-        format: &'static str,
-        /// The parser's message, with its line and column.
-        message: String,
-    },
-    /// Wrong type, unknown key or bad value at a path.
-    #[error("at `{path}`: {message}")]
-    Field {
-        /// Dotted path of the offending field (`.` for the document).
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// Business rules broken (every violation listed).
-    #[error("invalid config: {}", join_violations(.0))]
-    Rules(Vec<Violation>),
-    /// A restart-only field differs from the running config.
-    #[error("`{path}` is restart-only and cannot be hot-reloaded ({old} -> {new}); restart the node to change it")]
-    RestartOnly {
-        /// The field.
-        path: String,
-        /// Running value.
-        old: String,
-        /// Refused value.
-        new: String,
-    },
-}
-
-fn join_violations(v: &[Violation]) -> String {
-    v.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-}
-
-/// One broken business rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// Dotted path of the field.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for Violation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`{}` {}", self.path, self.message)
-    }
-}
-
 impl Config {
     /// Parses and validates a document: size, UTF-8, syntax, types and
     /// unknown keys (with their path), then business rules.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        crate::limits::check_size(bytes.len())?;
-        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::NotUtf8 { offset: e.valid_up_to() })?;
-        let meaningful = text.lines().map(str::trim).any(|l| !l.is_empty() && !l.starts_with('#'));
-        if !meaningful || text.trim() == "---" {
-            return Err(ConfigError::Empty);
-        }
-        // Shape bounds (nesting, alias expansion) before anything is built.
-        let json = text.trim_start().starts_with('{');
-        if json {
-            crate::limits::check_json(text)?
-        } else {
-            crate::limits::check_yaml(text)?
-        }
-        let config = if json { parse_json(text)? } else { parse_yaml(text)? };
+        let config: Config = document::parse(bytes, Format::Yaml)?;
         config.validate()?;
         Ok(config)
     }
@@ -638,39 +488,16 @@ impl Config {
     pub fn json_schema() -> serde_json::Value {
         serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default()
     }
-}
 
-/// Why [`yaml_to_json`] refused a document. Both are fatal for the
-/// document; the Display text is the check's or the parser's own.
-#[derive(Debug, thiserror::Error)]
-pub enum YamlError {
-    /// Over a size, nesting, node-count or alias limit (refused before
-    /// parsing; see [`crate::limits::check_yaml`]).
-    #[error(transparent)]
-    Limit(#[from] ConfigError),
-    /// Not YAML, or not representable as JSON.
-    #[error(transparent)]
-    Syntax(#[from] serde_yaml_ng::Error),
-}
-
-/// A YAML document as a JSON value (for JSON Schema validation), with the
-/// same alias and nesting limits as [`Config::parse`].
-pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, YamlError> {
-    crate::limits::check_yaml(text)?;
-    Ok(serde_yaml_ng::from_str(text)?)
+    /// The secret fields marked in [`Config::json_schema`], found once.
+    pub fn secret_paths() -> &'static SecretPaths {
+        static PATHS: std::sync::OnceLock<SecretPaths> = std::sync::OnceLock::new();
+        PATHS.get_or_init(|| SecretPaths::from_schema(&Config::json_schema()))
+    }
 }
 
 /// Fields that hold URLs which may carry a password.
 pub const SECRET_FIELDS: &[(&str, &str)] = &[("database", "url"), ("redis", "url"), ("llm", "endpoint")];
-
-/// Replaces every occurrence of each secret in `text` with `***`.
-pub fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for s in secrets.iter().filter(|s| s.len() >= 2) {
-        out = out.replace(s.as_str(), "***");
-    }
-    out
-}
 
 fn check_url(bad: &mut impl FnMut(&str, String), path: &str, url: &SecretUrl, schemes: &[&str]) {
     match url::Url::parse(url.expose()) {
@@ -692,56 +519,6 @@ fn check_dur(bad: &mut impl FnMut(&str, String), path: &str, d: Dur, min: Durati
             ),
         );
     }
-}
-
-fn parse_yaml(text: &str) -> Result<Config, ConfigError> {
-    let de = serde_yaml_ng::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        // serde_yaml_ng already prefixes some messages with the path.
-        let message = inner.to_string();
-        let message = message.strip_prefix(&format!("{path}: ")).map(str::to_owned).unwrap_or(message);
-        if is_structural_yaml_error(&message) {
-            ConfigError::Syntax { format: "YAML", message }
-        } else {
-            ConfigError::Field { path, message }
-        }
-    })
-}
-
-fn is_structural_yaml_error(message: &str) -> bool {
-    // Scanner/parser errors and bomb limits come from the YAML layer, not from
-    // a field; everything else is a type or key problem at a path.
-    [
-        "while scanning",
-        "while parsing",
-        "did not find expected",
-        "found character that cannot start",
-        "mapping values are not allowed",
-        "recursion limit exceeded",
-        "repetition limit exceeded",
-        "unknown anchor",
-        "deserializing from YAML containing more than one document",
-        "control characters are not allowed",
-    ]
-    .iter()
-    .any(|m| message.contains(m))
-}
-
-fn parse_json(text: &str) -> Result<Config, ConfigError> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let cfg: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ConfigError::Syntax { format: "JSON", message: inner.to_string() }
-        } else {
-            ConfigError::Field { path, message: inner.to_string() }
-        }
-    })?;
-    de.end().map_err(|e| ConfigError::Syntax { format: "JSON", message: e.to_string() })?;
-    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -767,7 +544,17 @@ mod tests {
         }
         let e = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&bomb).unwrap_err().to_string();
         assert!(e.contains("repetition limit exceeded"), "{e}");
-        assert!(is_structural_yaml_error(&e));
+        assert!(document::is_structural_yaml_error(&e));
+    }
+
+    #[test]
+    fn the_schema_marks_the_three_urls_secret() {
+        let paths = Config::secret_paths();
+        assert!(paths.is_complete());
+        let mut got: Vec<String> = paths.paths().iter().map(ToString::to_string).collect();
+        got.sort();
+        assert_eq!(got, ["database.url", "llm.endpoint", "redis.url"]);
+        assert!(paths.paths().iter().all(|p| p.kind == confroll_common::secrets::SecretKind::UrlPassword));
     }
 
     #[test]

@@ -12,35 +12,7 @@ use prometheus::{
 
 use crate::config::MetricsConfig;
 
-/// A registry whose every series carries `name="value"`.
-pub fn labelled_registry(name: &str, value: &str) -> Registry {
-    labels_registry(&[(name, value)])
-}
-
-/// A registry whose every series carries these labels.
-pub fn labels_registry(labels: &[(&str, &str)]) -> Registry {
-    let labels = labels.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
-    Registry::new_custom(None, Some(labels)).expect("valid registry labels")
-}
-
-/// Registers `c` in `r` and hands it back (metric names are fixed and unique).
-pub fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-    r.register(Box::new(c.clone())).expect("metric names are unique");
-    c
-}
-
-/// Sorts every series' labels by name: the registry's own labels come
-/// from a map, in no fixed order, and a stable order is easier to diff and
-/// grep.
-pub fn sort_labels(families: &mut [prometheus::proto::MetricFamily]) {
-    for family in families {
-        for metric in family.mut_metric() {
-            let mut pairs: Vec<LabelPair> = metric.get_label().to_vec();
-            pairs.sort_by(|a, b| a.name().cmp(b.name()));
-            metric.set_label(pairs);
-        }
-    }
-}
+pub use confroll_common::metrics::{labelled_registry, labels_registry, registered, sort_labels};
 
 const RELOAD_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

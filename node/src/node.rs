@@ -23,7 +23,6 @@ use std::{
 };
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use sha2::{Digest, Sha256};
 
 use crate::{
     components::{
@@ -38,8 +37,7 @@ use crate::{
     state::{Fencing, PersistedConfig, StateDir},
 };
 
-/// The service name used when none is given.
-pub const DEFAULT_SERVICE: &str = "default";
+pub use confroll_common::{DEFAULT_SERVICE, sha256_hex};
 
 /// How to start a node.
 #[derive(Debug, Clone)]
@@ -1073,11 +1071,6 @@ async fn detached<T: Send + 'static>(f: impl std::future::Future<Output = T> + S
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
-}
-
-/// Hex SHA-256.
-pub fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }
 
 /// Reads a file, refusing anything over [`MAX_CONFIG_BYTES`] before reading

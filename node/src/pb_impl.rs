@@ -4,16 +4,9 @@
 use confroll_proto::v1 as pb;
 
 use crate::{
-    diff::FieldChange,
     node::{ComponentHealth, Health, Node, Validation},
     report::ReloadReport,
 };
-
-impl From<&FieldChange> for pb::FieldChange {
-    fn from(c: &FieldChange) -> Self {
-        pb::FieldChange { path: c.path.clone(), old_value: c.old.clone(), new_value: c.new.clone() }
-    }
-}
 
 impl From<&ReloadReport> for pb::ReloadReport {
     fn from(r: &ReloadReport) -> Self {

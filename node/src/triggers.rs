@@ -1,6 +1,6 @@
-//! Reload triggers of the reference service: SIGHUP, and a debounced watch
-//! of the config file; and [`on_hup_or_change`] for the small files (trusted
-//! keys, credentials) that are read again in place.
+//! Reload triggers of a node: SIGHUP, and a debounced watch of the config
+//! file. (`confroll_common::watch::on_hup_or_change` reloads the small files,
+//! trusted keys and credentials, that are read again in place.)
 //!
 //! The watch is on the file's directory, not the file: editors save by
 //! writing a new file and renaming it over the old one, and Kubernetes swaps
@@ -14,38 +14,6 @@ use notify::{RecursiveMode, Watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::{node::Node, report::Trigger};
-
-/// Calls `reload` on every SIGHUP and whenever the content of one of
-/// `files` changes (read every `poll`), until `shutdown`; with no file it
-/// just waits for `shutdown`. Polling, not a directory watch: these files
-/// are a few hundred bytes, and comparing content also catches a
-/// Kubernetes secret swapped through its `..data` symlink.
-pub async fn on_hup_or_change(
-    files: Vec<PathBuf>,
-    poll: Duration,
-    shutdown: CancellationToken,
-    mut reload: impl FnMut(),
-) -> std::io::Result<()> {
-    if files.is_empty() {
-        shutdown.cancelled().await; // nothing to reload; run as long as the server
-        return Ok(());
-    }
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let read = || files.iter().map(|f| std::fs::read(f).ok()).collect::<Vec<_>>();
-    let mut last = read();
-    loop {
-        let forced = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = hup.recv() => true,
-            _ = tokio::time::sleep(poll) => false,
-        };
-        let now = read();
-        if forced || now != last {
-            last = now;
-            reload();
-        }
-    }
-}
 
 /// Reloads from the config file on every SIGHUP until `shutdown`.
 pub async fn sighup(node: Node, shutdown: CancellationToken) -> std::io::Result<()> {
@@ -102,7 +70,7 @@ pub async fn watch_file(
             tracing::warn!(path = %path.display(), "config file changed but cannot be read (yet)");
             continue;
         };
-        if node.last_file_sha().as_deref() == Some(crate::node::sha256_hex(&bytes).as_str()) {
+        if node.last_file_sha().as_deref() == Some(confroll_common::sha256_hex(&bytes).as_str()) {
             tracing::debug!("config file written without change; nothing to do");
             continue;
         }

@@ -181,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("no --node-tokens: no node can register");
     }
     let push_key = match &cli.push_key {
-        Some(f) => Some(confroll_node::trust::PushKey::load(f)?),
+        Some(f) => Some(confroll_common::trust::PushKey::load(f)?),
         None => {
             tracing::warn!("no --push-key: pushes go unsigned, and nodes that trust a key refuse them");
             None

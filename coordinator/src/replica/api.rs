@@ -9,11 +9,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use confroll_common::sha256_hex;
 use confroll_node::{
     Config,
     diff::{ConfigDiff, FieldChange},
     limits::check_size,
-    node::sha256_hex,
 };
 use rand::Rng;
 

@@ -38,7 +38,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use confroll_node::net;
+use confroll_common::net;
+
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient, node_agent_client::NodeAgentClient};
 use tokio::{
     process::{Child, Command},
@@ -210,7 +211,8 @@ struct Node {
 
 /// A free loopback port, distinct from the ones already taken.
 fn port() -> anyhow::Result<u16> {
-    net::spare_loopback_port().ok_or_else(|| anyhow::anyhow!("no free loopback port in {:?}", net::SPARE_PORTS))
+    confroll_testkit::spare_loopback_port()
+        .ok_or_else(|| anyhow::anyhow!("no free loopback port in {:?}", confroll_testkit::SPARE_PORTS))
 }
 
 /// Everything the demo started. Owns the temporary directory.

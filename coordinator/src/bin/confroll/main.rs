@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use confroll_node::net;
+use confroll_common::net;
 use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -246,7 +246,7 @@ async fn run() -> anyhow::Result<()> {
         return demo::run(once).await;
     }
     if let Cmd::Keygen { out } = &cli.cmd {
-        let key = confroll_node::trust::PushKey::generate();
+        let key = confroll_common::trust::PushKey::generate();
         let (priv_path, pub_path) = (out.join("push.key"), out.join("push.pub"));
         write_new(&priv_path, key.to_pem().as_bytes(), 0o600)?;
         write_new(&pub_path, key.public_pem().as_bytes(), 0o644)?;

@@ -202,7 +202,7 @@ impl RaftStore {
         let svc = network::server(network::RaftServiceImpl { raft: raft.clone() });
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let incoming = confroll_node::net::nodelay_incoming(listener);
+            let incoming = confroll_common::net::nodelay_incoming(listener);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())

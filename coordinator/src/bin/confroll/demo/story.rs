@@ -25,7 +25,7 @@ impl Demo {
         step(1, "Start 3 coordinators (their own raft group: no etcd) and 5 nodes (profile: lite)");
         println!("   data, logs and raft state live in {} (removed on exit)", self.dir.path().display());
         // The cluster's push key: coordinators sign, nodes trust the public half.
-        let key = confroll_node::trust::PushKey::generate();
+        let key = confroll_common::trust::PushKey::generate();
         let (key_file, pub_file) = (self.dir.path().join("push.key"), self.dir.path().join("push.pub"));
         std::fs::write(&key_file, key.to_pem()).context("write the push key")?;
         std::fs::write(&pub_file, key.public_pem()).context("write the push public key")?;
@@ -268,7 +268,7 @@ impl Demo {
         let content = b"profile: lite\ncache: {ttl: 1s}\n".to_vec();
         let forged = pb::ApplyRequest {
             version: 77,
-            sha256: confroll_node::node::sha256_hex(&content),
+            sha256: confroll_common::sha256_hex(&content),
             content,
             fencing_token: 9_223_372_036_854_775_000,
             node_id: n.id.clone(),

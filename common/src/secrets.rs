@@ -5,7 +5,7 @@
 //!
 //! * `"x-confroll-secret": "url-password"`: the value is a URL whose password
 //!   (userinfo, or a `password=` query value) is secret; the rest of the URL is
-//!   not. [`SecretUrl`] carries this mark.
+//!   not. confroll-node's `SecretUrl` carries this mark.
 //! * `"x-confroll-secret": true`, or JSON Schema's `"writeOnly": true`: the
 //!   whole value is secret. Any other string value of `x-confroll-secret` is
 //!   treated the same way (an unknown kind must not leak).
@@ -14,7 +14,7 @@
 //! paths of the marked values; [`SecretPaths::redact`] and [`redact_document`]
 //! then hide them in a document, and [`SecretPaths::secret_values`] lists the
 //! raw secrets so that free text (errors, logs) can be cleaned with
-//! [`config::scrub`].
+//! [`crate::document::scrub`].
 //!
 //! The walk errs on the side of hiding: map values and array items are matched
 //! by a wildcard, a recursive `$ref` turns into an "any depth" segment, and a
@@ -22,11 +22,11 @@
 //! large) makes the result [incomplete](SecretPaths::is_complete), which
 //! [`redact_document`] refuses.
 
-use std::{collections::BTreeMap, fmt, sync::OnceLock};
+use std::{collections::BTreeMap, fmt};
 
 use serde_json::Value;
 
-use crate::config::{self, Config, SecretUrl};
+use crate::document::{self, Format, Syntax};
 
 /// The schema keyword that marks a secret value.
 pub const SECRET_KEYWORD: &str = "x-confroll-secret";
@@ -133,13 +133,6 @@ impl SecretPaths {
         SecretPaths { paths, complete: w.complete }
     }
 
-    /// The secret paths of the node's own config ([`Config::json_schema`]),
-    /// computed once.
-    pub fn for_node_config() -> &'static SecretPaths {
-        static PATHS: OnceLock<SecretPaths> = OnceLock::new();
-        PATHS.get_or_init(|| SecretPaths::from_schema(&Config::json_schema()))
-    }
-
     /// The paths found, sorted, one per path.
     pub fn paths(&self) -> &[SecretPath] {
         &self.paths
@@ -183,7 +176,7 @@ impl SecretPaths {
     /// that differs) of each url-password value, the whole text of other
     /// secret values (every string and number inside a secret object or
     /// array). Sorted, without duplicates or empty strings; meant for
-    /// [`config::scrub`].
+    /// [`crate::document::scrub`].
     pub fn secret_values(&self, doc: &Value) -> Vec<String> {
         let mut out = Vec::new();
         for p in &self.paths {
@@ -231,34 +224,66 @@ pub enum RedactError {
     IncompleteSchema,
 }
 
-/// Redacts a YAML or JSON document (JSON when it starts with `{` after
-/// whitespace, as [`Config::parse`] decides). The document is always
-/// rendered anew, even when no value was secret: comments (which may hold an
-/// old connection string) never reach a reader, and a redacted document does
-/// not look different from one without secrets.
-pub fn redact_document(text: &str, paths: &SecretPaths) -> Result<Redacted, RedactError> {
+/// Redacts a document of a service whose config is in `format` (a YAML
+/// service's document that starts with `{` is JSON, as
+/// [`Format::syntax_of`] decides). The document is always rendered anew, in
+/// its own syntax, even when no value was secret: comments (which may hold
+/// an old connection string) never reach a reader, and a redacted document
+/// does not look different from one without secrets.
+pub fn redact_document(text: &str, format: Format, paths: &SecretPaths) -> Result<Redacted, RedactError> {
     if !paths.is_complete() {
         return Err(RedactError::IncompleteSchema);
     }
-    let json = text.trim_start().starts_with('{');
-    let format = if json { "JSON" } else { "YAML" };
-    let mut doc: Value = if json {
-        serde_json::from_str(text).map_err(|e| RedactError::Syntax { format, message: e.to_string() })?
-    } else {
-        config::yaml_to_json(text).map_err(|e| RedactError::Syntax { format, message: e.to_string() })?
-    };
+    let syntax = format.syntax_of(text);
+    let name = syntax.name();
+    let mut doc = document::to_value(text.as_bytes(), format)
+        .map_err(|e| RedactError::Syntax { format: name, message: e.to_string() })?;
     let redacted = paths.redact(&mut doc);
-    let serialize_error = |message: String| RedactError::Serialize { format, message };
-    let text = if json {
-        let mut out = serde_json::to_string_pretty(&doc).map_err(|e| serialize_error(e.to_string()))?;
-        if text.ends_with('\n') {
-            out.push('\n');
-        }
-        out
-    } else {
-        serde_yaml_ng::to_string(&doc).map_err(|e| serialize_error(e.to_string()))?
+    let mut out =
+        document::render(&doc, syntax).map_err(|e| RedactError::Serialize { format: name, message: e.message })?;
+    if syntax == Syntax::Json && text.ends_with('\n') {
+        out.push('\n');
+    }
+    Ok(Redacted { text: out, redacted })
+}
+
+/// Replaces the password of `raw` (userinfo or `password=` query parameter)
+/// with `***`. Text that does not parse as a URL is returned unchanged.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return raw.to_owned();
     };
-    Ok(Redacted { text, redacted })
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if url.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" { "***".to_owned() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+/// The secret part of the URL `raw` (its password, decoded, from the
+/// userinfo or a `password=` query value), if any.
+pub fn url_secret(raw: &str) -> Option<String> {
+    let url = url::Url::parse(raw).ok()?;
+    if let Some(p) = url.password() {
+        return Some(url_percent_decode(p));
+    }
+    url.query_pairs().find(|(k, _)| k == "password").map(|(_, v)| v.into_owned())
+}
+
+fn url_percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| s.to_owned())
 }
 
 /// Walks a schema, collecting marked paths.
@@ -489,9 +514,7 @@ fn redact_value(v: &mut Value, kind: SecretKind) -> bool {
         (SecretKind::UrlPassword, Value::String(s)) => match parse_url(s) {
             // Only rewrite URLs that carry a password: re-printing a URL may
             // normalize it (e.g. add a trailing `/`).
-            Some(u) if u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password") => {
-                SecretUrl(s.clone()).redacted()
-            }
+            Some(u) if u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password") => redact_url(s),
             Some(_) => return false,
             None if s.is_empty() => return false,
             None => REDACTED.to_owned(),
@@ -510,7 +533,7 @@ fn collect_secrets(v: &Value, kind: SecretKind, out: &mut Vec<String>) {
     match (kind, v) {
         (SecretKind::UrlPassword, Value::String(s)) => match parse_url(s) {
             Some(u) => {
-                out.extend(SecretUrl(s.clone()).secret());
+                out.extend(url_secret(s));
                 // As written (percent-encoded), for texts that quote the URL.
                 out.extend(u.password().map(str::to_owned));
                 let raw_query = u.query().unwrap_or_default().split('&');
@@ -546,9 +569,28 @@ redis:
   url: redis://:R3disPw@cache:6379/0
 ";
 
+    /// A schema with the reference node's three URL fields.
+    fn url_paths() -> &'static SecretPaths {
+        static PATHS: std::sync::OnceLock<SecretPaths> = std::sync::OnceLock::new();
+        PATHS.get_or_init(|| {
+            let url = json!({"type": "string", "x-confroll-secret": "url-password"});
+            let section = |key: &str| json!({"type": "object", "properties": {key: {"$ref": "#/$defs/SecretUrl"}}});
+            SecretPaths::from_schema(&json!({
+                "type": "object",
+                "$defs": {"SecretUrl": url},
+                "properties": {
+                    "database": {"anyOf": [section("url"), {"type": "null"}]},
+                    "redis": section("url"),
+                    "llm": section("endpoint"),
+                    "profile": {"type": "string"},
+                }
+            }))
+        })
+    }
+
     #[test]
-    fn the_node_schema_marks_the_three_urls() {
-        let paths = SecretPaths::for_node_config();
+    fn the_url_schema_marks_the_three_urls() {
+        let paths = url_paths();
         assert!(paths.is_complete());
         let mut got = rendered(paths);
         got.sort();
@@ -562,7 +604,7 @@ redis:
 
     #[test]
     fn url_passwords_are_redacted_in_yaml() {
-        let out = redact_document(DOC, SecretPaths::for_node_config()).unwrap();
+        let out = redact_document(DOC, Format::Yaml, url_paths()).unwrap();
         assert_eq!(out.redacted, 2);
         assert!(!out.text.contains("TopSecretPw"), "{}", out.text);
         assert!(!out.text.contains("R3disPw"), "{}", out.text);
@@ -570,7 +612,7 @@ redis:
         assert!(out.text.contains("redis://:***@cache:6379/0"), "{}", out.text);
         assert!(out.text.contains("max_conns: 20"), "{}", out.text);
         // Still a document of the same shape.
-        let back = config::yaml_to_json(&out.text).unwrap();
+        let back = document::yaml_to_json(&out.text).unwrap();
         assert_eq!(back["database"]["max_conns"], json!(20));
     }
 
@@ -582,7 +624,7 @@ redis:
             "llm": {"endpoint": "http://llm:8000/v1?password=Q%26Pw", "model": "m"},
         });
         let text = serde_json::to_string(&doc).unwrap();
-        let out = redact_document(&text, SecretPaths::for_node_config()).unwrap();
+        let out = redact_document(&text, Format::Yaml, url_paths()).unwrap();
         assert_eq!(out.redacted, 3);
         for secret in ["TopSecretPw", "R3disPw", "Q%26Pw", "Q&Pw"] {
             assert!(!out.text.contains(secret), "{secret} in {}", out.text);
@@ -590,22 +632,22 @@ redis:
         assert!(out.text.contains("db:5432"), "{}", out.text);
         assert!(out.text.starts_with("{\n"), "pretty JSON: {}", out.text);
 
-        let secrets = SecretPaths::for_node_config().secret_values(&doc);
+        let secrets = url_paths().secret_values(&doc);
         assert_eq!(secrets, ["Q%26Pw", "Q&Pw", "R3disPw", "TopSecretPw"]);
         let log = "connect postgres://app:TopSecretPw@db failed; redis auth R3disPw refused";
-        let clean = config::scrub(log, &secrets);
+        let clean = document::scrub(log, &secrets);
         assert!(!clean.contains("TopSecretPw") && !clean.contains("R3disPw"), "{clean}");
     }
 
     #[test]
     fn a_url_field_that_is_not_a_url_is_hidden_whole() {
         let mut doc = json!({"database": {"url": "app:pw@db/app"}, "redis": {"url": "redis://cache:6379"}});
-        let n = SecretPaths::for_node_config().redact(&mut doc);
+        let n = url_paths().redact(&mut doc);
         assert_eq!(n, 1);
         assert_eq!(doc["database"]["url"], json!(REDACTED));
         assert_eq!(doc["redis"]["url"], json!("redis://cache:6379"), "no password: untouched");
         let doc = json!({"database": {"url": "app:pw@db/app"}});
-        assert_eq!(SecretPaths::for_node_config().secret_values(&doc), ["app:pw@db/app"]);
+        assert_eq!(url_paths().secret_values(&doc), ["app:pw@db/app"]);
     }
 
     fn custom_schema() -> Value {
@@ -659,9 +701,9 @@ redis:
             "upstream": "https://u:UpPw@up.example/x"
         });
         let text = serde_yaml_ng::to_string(&doc).unwrap();
-        let out = redact_document(&text, &paths).unwrap();
+        let out = redact_document(&text, Format::Yaml, &paths).unwrap();
         assert_eq!(out.redacted, 7);
-        let back = config::yaml_to_json(&out.text).unwrap();
+        let back = document::yaml_to_json(&out.text).unwrap();
         assert_eq!(
             back,
             json!({
@@ -687,24 +729,37 @@ redis:
     fn a_document_without_secrets_is_rendered_anew_without_its_comments() {
         let yaml =
             "# old: postgres://app:OldPw@db/app\nprofile: lite   # no db\nlog:\n  level: debug\n\ncache: {ttl: 5s}\n";
-        let out = redact_document(yaml, SecretPaths::for_node_config()).unwrap();
+        let out = redact_document(yaml, Format::Yaml, url_paths()).unwrap();
         assert_eq!(out.redacted, 0);
         assert!(!out.text.contains("OldPw") && !out.text.contains('#'), "{}", out.text);
-        assert_eq!(config::yaml_to_json(&out.text).unwrap(), config::yaml_to_json(yaml).unwrap(), "same values");
+        assert_eq!(document::yaml_to_json(&out.text).unwrap(), document::yaml_to_json(yaml).unwrap(), "same values");
 
         let json = "  {\"profile\":\"lite\",  \"redis\": {\"url\": \"redis://cache:6379\"}}";
-        let out = redact_document(json, SecretPaths::for_node_config()).unwrap();
+        let out = redact_document(json, Format::Yaml, url_paths()).unwrap();
         assert_eq!(out.redacted, 0);
         let (a, b): (Value, Value) = (serde_json::from_str(&out.text).unwrap(), serde_json::from_str(json).unwrap());
         assert_eq!(a, b);
     }
 
     #[test]
+    fn toml_documents_are_redacted_and_stay_toml() {
+        let toml = "# old: postgres://app:OldPw@db/app\nprofile = \"standard\"\n[database]\nurl = \"postgres://app:TomlPw@db:5432/app\"\n";
+        let out = redact_document(toml, Format::Toml, url_paths()).unwrap();
+        assert_eq!(out.redacted, 1);
+        assert!(!out.text.contains("TomlPw") && !out.text.contains("OldPw"), "{}", out.text);
+        let back = document::to_value(out.text.as_bytes(), Format::Toml).unwrap();
+        assert_eq!(back["database"]["url"], "postgres://app:***@db:5432/app");
+        assert_eq!(back["profile"], "standard");
+        let e = redact_document("[database\n", Format::Toml, url_paths()).unwrap_err();
+        assert!(matches!(e, RedactError::Syntax { format: "TOML", .. }), "{e}");
+    }
+
+    #[test]
     fn an_unparseable_document_is_an_error() {
-        let paths = SecretPaths::for_node_config();
-        let e = redact_document("database:\n  url: [postgres://app:pw@db\n", paths).unwrap_err();
+        let paths = url_paths();
+        let e = redact_document("database:\n  url: [postgres://app:pw@db\n", Format::Yaml, paths).unwrap_err();
         assert!(matches!(e, RedactError::Syntax { format: "YAML", .. }), "{e}");
-        let e = redact_document("{\"database\": {\"url\": \"postgres://app:pw@db\"", paths).unwrap_err();
+        let e = redact_document("{\"database\": {\"url\": \"postgres://app:pw@db\"", Format::Yaml, paths).unwrap_err();
         assert!(matches!(e, RedactError::Syntax { format: "JSON", .. }), "{e}");
     }
 
@@ -749,7 +804,7 @@ redis:
         let schema = json!({"properties": {"x": {"$ref": "https://example.invalid/other.json"}, "y": {"$ref": "#/$defs/Missing"}}});
         let paths = SecretPaths::from_schema(&schema);
         assert!(!paths.is_complete());
-        assert_eq!(redact_document("x: 1\n", &paths).unwrap_err(), RedactError::IncompleteSchema);
+        assert_eq!(redact_document("x: 1\n", Format::Yaml, &paths).unwrap_err(), RedactError::IncompleteSchema);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub async fn keep_reloaded(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let files: Vec<_> = keys.path().map(Path::to_path_buf).into_iter().collect();
-    crate::triggers::on_hup_or_change(files, poll, shutdown, || match keys.reload() {
+    crate::watch::on_hup_or_change(files, poll, shutdown, || match keys.reload() {
         Ok(n) => tracing::info!(keys = n, ids = ?keys.ids(), "trusted coordinator keys reloaded"),
         Err(e) => tracing::error!(error = %e, "cannot reload the trusted coordinator keys; keeping the ones in force"),
     })

@@ -10,7 +10,7 @@
 //!   …). serde_yaml_ng expands aliases while it deserializes, and its own
 //!   repetition limit grows with the size of the document, so it is no real
 //!   bound for a 4 MiB document wherever a value of any shape is accepted
-//!   ([`crate::config::yaml_to_json`], free-form fields).
+//!   ([`crate::document::yaml_to_json`], free-form fields).
 //! - **Deep nesting.** `[[[[…]]]]` costs stack in every recursive consumer:
 //!   deserializers, dropping a `serde_json::Value`, diffs, schema checks.
 //!
@@ -24,6 +24,9 @@
 //! | nesting, at most [`MAX_DEPTH`] levels | yes, aliases expanded | yes |
 //! | nodes after alias expansion, at most [`MAX_NODES`] | yes | no |
 //! | aliases, at most [`MAX_ALIASES`] | yes | no |
+//!
+//! TOML ([`check_toml`]) is bounded in size and nesting too: table headers,
+//! dotted keys, arrays and inline tables all count as levels.
 //!
 //! # How the YAML count works
 //!
@@ -51,7 +54,7 @@ use serde::de::{
 };
 use yaml_rust2::parser::{Event, Parser};
 
-use crate::config::{ConfigError, MAX_CONFIG_BYTES};
+use crate::document::{ConfigError, MAX_CONFIG_BYTES};
 
 /// Deepest nesting of sequences and mappings (JSON arrays and objects)
 /// accepted; the top-level collection is level 1.
@@ -109,6 +112,133 @@ pub fn check_yaml(text: &str) -> Result<(), ConfigError> {
         Err(Stop::Refused(e)) => Err(e),
         Err(Stop::Unreadable) => count_libyaml_reading(text),
     }
+}
+
+/// Checks a TOML document's size and nesting with one pass over its bytes.
+/// Nesting is counted conservatively: the levels of the current table
+/// header (`[a.b]` is 3 with the root, `[[a.b]]` 4), plus the dotted
+/// segments of the key, plus every open array and inline table (with the
+/// dotted keys inside it). Strings and comments do not count. Syntax is left
+/// to the parser.
+pub fn check_toml(text: &str) -> Result<(), ConfigError> {
+    check_size(text.len())?;
+    toml_nesting(text).map(drop)
+}
+
+/// The deepest nesting [`check_toml`] counts in `text` (an upper bound of
+/// the parsed document's), or the error at the first level over the bound.
+fn toml_nesting(text: &str) -> Result<usize, ConfigError> {
+    let b = text.as_bytes();
+    let mut max = 0usize;
+    let mut too_deep = |depth: usize| {
+        max = max.max(depth);
+        if depth > MAX_DEPTH { Err(ConfigError::TooDeep { depth, limit: MAX_DEPTH }) } else { Ok(()) }
+    };
+    // Levels of the table the current header opened (root: 0).
+    let mut header = 0usize;
+    // Dots in the key of the current top-level key/value line.
+    let mut line_dots = 0usize;
+    // Open arrays (`[`) and inline tables (`{`, with the dots of the key of
+    // its current entry).
+    let mut open: Vec<(u8, usize)> = Vec::new();
+    let (mut key_pos, mut line_start, mut i) = (true, true, 0usize);
+    let depth = |header: usize, line_dots: usize, open: &[(u8, usize)]| {
+        1 + header + line_dots + open.iter().map(|(_, dots)| 1 + dots).sum::<usize>()
+    };
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'"' | b'\'' => {
+                i = skip_toml_string(b, i);
+                line_start = false;
+                continue;
+            }
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'\n' => {
+                if open.is_empty() {
+                    (line_start, key_pos, line_dots) = (true, true, 0);
+                }
+            }
+            b' ' | b'\t' | b'\r' => {}
+            b'[' if open.is_empty() && line_start => {
+                // A table header: `[a.b]` or `[[a.b]]`.
+                let array = b.get(i + 1) == Some(&b'[');
+                let mut dots = 0;
+                i += 1;
+                while i < b.len() && b[i] != b']' && b[i] != b'\n' {
+                    match b[i] {
+                        b'"' | b'\'' => {
+                            i = skip_toml_string(b, i);
+                            continue;
+                        }
+                        b'.' => dots += 1,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                header = dots + 1 + usize::from(array);
+                too_deep(1 + header)?;
+                (line_start, key_pos) = (false, false);
+                while i < b.len() && b[i] == b']' {
+                    i += 1;
+                }
+                continue;
+            }
+            _ if key_pos => {
+                line_start = false;
+                match (c, open.last_mut()) {
+                    (b'.', None) => line_dots += 1,
+                    (b'.', Some((_, dots))) => *dots += 1,
+                    (b'=', _) => {
+                        key_pos = false;
+                        too_deep(depth(header, line_dots, &open))?;
+                    }
+                    _ => {}
+                }
+            }
+            b'[' | b'{' => {
+                open.push((c, 0));
+                key_pos = c == b'{';
+                too_deep(depth(header, line_dots, &open))?;
+            }
+            b']' | b'}' => {
+                open.pop();
+            }
+            b',' => {
+                if let Some((b'{', dots)) = open.last_mut() {
+                    *dots = 0;
+                    key_pos = true;
+                }
+            }
+            _ => line_start = false,
+        }
+        i += 1;
+    }
+    Ok(max)
+}
+
+/// The index just past the TOML string that starts at `b[i]` (basic or
+/// literal, single- or multi-line); the end of the text if it never closes.
+fn skip_toml_string(b: &[u8], i: usize) -> usize {
+    let q = b[i];
+    let multi = b.get(i + 1) == Some(&q) && b.get(i + 2) == Some(&q);
+    let mut j = if multi { i + 3 } else { i + 1 };
+    while j < b.len() {
+        match b[j] {
+            b'\\' if q == b'"' => j += 2,
+            b'\n' if !multi => return j,
+            x if x == q && (!multi || (b.get(j + 1) == Some(&q) && b.get(j + 2) == Some(&q))) => {
+                return if multi { j + 3 } else { j + 1 };
+            }
+            _ => j += 1,
+        }
+    }
+    b.len()
 }
 
 /// Why the event scan stopped early.
@@ -524,5 +654,56 @@ mod tests {
         assert!(matches!(check_yaml(&big), Err(ConfigError::TooLarge { .. })));
         assert!(matches!(check_json(&big), Err(ConfigError::TooLarge { .. })));
         assert_eq!(check_size(MAX_CONFIG_BYTES), Ok(()));
+    }
+
+    /// Collections nested in a TOML document, the root table included.
+    fn toml_depth(text: &str) -> usize {
+        fn depth(v: &toml::Value) -> usize {
+            match v {
+                toml::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+                toml::Value::Table(t) => 1 + t.values().map(depth).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+        depth(&toml::Value::Table(toml::from_str(text).unwrap()))
+    }
+
+    #[test]
+    fn toml_nesting_is_bounded_however_it_is_written() {
+        let deep = |n: usize| (0..n).map(|i| format!("k{i}")).collect::<Vec<_>>().join(".");
+        let nested = |open: &str, n: usize, inner: &str, close: &str| {
+            format!("a = {}{inner}{}\n", open.repeat(n), close.repeat(n))
+        };
+        // Dotted keys, headers, arrays of tables, arrays and inline tables
+        // (with dotted keys inside): the first of each pair has 64 levels,
+        // the second 65.
+        for (ok, bad) in [
+            (format!("{} = 1\n", deep(64)), format!("{} = 1\n", deep(65))),
+            (format!("[{}]\nx = 1\n", deep(63)), format!("[{}]\nx = 1\n", deep(64))),
+            (format!("[[{}]]\nx = 1\n", deep(62)), format!("[[{}]]\nx = 1\n", deep(63))),
+            (nested("[", 63, "1", "]"), nested("[", 64, "1", "]")),
+            (nested("{ b = ", 62, "{}", " }"), nested("{ b.c = ", 32, "1", " }")),
+        ] {
+            assert_eq!(toml_nesting(&ok), Ok(64), "{ok:.80}");
+            assert_eq!(toml_depth(&ok), 64, "the count is exact here: {ok:.80}");
+            assert_eq!(check_toml(&bad), Err(ConfigError::TooDeep { depth: 65, limit: 64 }), "{bad:.80}");
+        }
+    }
+
+    #[test]
+    fn toml_strings_and_comments_are_not_nesting_and_the_count_is_never_low() {
+        let strings = "a = \"[[[[{{.x.y\\\"[\"\nb = '[[[.'\nc = \"\"\"\n[[[.\n\"\"\"\n# [[[[.[.\n";
+        assert_eq!(toml_nesting(strings), Ok(1));
+        for doc in [
+            "[t.u] # c\nv.w = [1, {x.y = [2]}]\n",
+            "[a]\nb = 1\n[[c.d]]\ne.f = [[1], {g = {h = 1}}]\n",
+            "x = [\n  [1,\n   [2]],\n]\ny.z = 1\n",
+            "t = { a.b = 1, c = { d = [1] } }\n",
+            "\"q.r\" = { 's.t' = 1 }\n",
+        ] {
+            let (counted, real) = (toml_nesting(doc).unwrap(), toml_depth(doc));
+            assert!(counted >= real, "{doc}: counted {counted} < real {real}");
+            assert!(counted <= real + 2, "{doc}: counted {counted}, real {real}");
+        }
     }
 }

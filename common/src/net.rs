@@ -1,5 +1,4 @@
-//! Small networking helpers shared by confroll's gRPC servers (and by the
-//! demo and tests, which pick loopback ports for the processes they start).
+//! Small networking helpers shared by confroll's gRPC servers and clients.
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
@@ -76,28 +75,14 @@ pub async fn with_health_and_reflection<S: tonic::server::NamedService>(
     Ok(builder.add_service(health).add_service(v1).add_service(v1alpha))
 }
 
-/// Loopback ports below the kernel's default ephemeral range (32768–60999).
-/// A port picked here for a child process cannot be taken as the source
-/// port of some outgoing connection before the child binds it, which a
-/// port from `bind(":0")` can.
-pub const SPARE_PORTS: std::ops::Range<u16> = 20_000..32_000;
-
-/// A port in [`SPARE_PORTS`] that nothing listens on on 127.0.0.1 and that
-/// this process has not handed out before (it may be picked but not bound
-/// yet). `None` after 1000 tries.
-pub fn spare_loopback_port() -> Option<u16> {
-    use std::hash::{BuildHasher, RandomState};
-    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let width = u64::from(SPARE_PORTS.end - SPARE_PORTS.start);
-    for i in 0..1000u64 {
-        // Randomly seeded per call (std's hasher keys), so concurrent test
-        // binaries and demos do not walk the range in step.
-        let p = SPARE_PORTS.start + (RandomState::new().hash_one(i) % width) as u16;
-        if !taken.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            taken.push(p);
-            return Some(p);
-        }
-    }
-    None
+/// Why a confroll gRPC server (a node's agent, the coordinator API) stopped
+/// with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection descriptor set is broken (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
 }
