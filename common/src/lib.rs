@@ -31,6 +31,18 @@ pub use document::{ConfigError, Format, Violation};
 /// The service a node belongs to when it names none.
 pub const DEFAULT_SERVICE: &str = "default";
 
+/// The identity of a schema a node publishes: the hex SHA-256 of its
+/// JSON Schema text, restart-only paths and format, each length-prefixed (so
+/// the same schema text in two formats is two schemas).
+pub fn schema_id(json_schema: &str, restart_only: &[String], format: &str) -> String {
+    let mut h = Sha256::new();
+    for part in std::iter::once(json_schema).chain(restart_only.iter().map(String::as_str)).chain([format]) {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 /// Hex SHA-256 of `b`: how config contents are named everywhere (versions,
 /// node reports, signatures).
 pub fn sha256_hex(b: &[u8]) -> String {

@@ -133,6 +133,24 @@ impl SecretPaths {
         SecretPaths { paths, complete: w.complete }
     }
 
+    /// Every path of every one of `all` (when one marks a value whole and
+    /// another only its URL password, whole wins): what to hide when
+    /// several schemas describe the same documents. Complete only when each
+    /// is.
+    pub fn union<'a>(all: impl IntoIterator<Item = &'a SecretPaths>) -> SecretPaths {
+        let mut merged: BTreeMap<Vec<Segment>, SecretKind> = BTreeMap::new();
+        let mut complete = true;
+        for s in all {
+            complete &= s.complete;
+            for p in &s.paths {
+                let kind = merged.entry(p.segments.clone()).or_insert(p.kind);
+                *kind = (*kind).max(p.kind);
+            }
+        }
+        let paths = merged.into_iter().map(|(segments, kind)| SecretPath { segments, kind }).collect();
+        SecretPaths { paths, complete }
+    }
+
     /// The paths found, sorted, one per path.
     pub fn paths(&self) -> &[SecretPath] {
         &self.paths
@@ -739,6 +757,17 @@ redis:
         assert_eq!(out.redacted, 0);
         let (a, b): (Value, Value) = (serde_json::from_str(&out.text).unwrap(), serde_json::from_str(json).unwrap());
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_union_hides_what_any_schema_marks() {
+        let a = SecretPaths::from_schema(&json!({"properties": {"u": {"x-confroll-secret": "url-password"}}}));
+        let b = SecretPaths::from_schema(&json!({"properties": {"u": {"writeOnly": true}, "t": {"writeOnly": true}}}));
+        let u = SecretPaths::union([&a, &b]);
+        assert_eq!(rendered(&u), [("t".to_owned(), SecretKind::Whole), ("u".to_owned(), SecretKind::Whole)]);
+        assert!(u.is_complete());
+        let broken = SecretPaths::from_schema(&json!({"$ref": "#/$defs/missing"}));
+        assert!(!SecretPaths::union([&a, &broken]).is_complete());
     }
 
     #[test]

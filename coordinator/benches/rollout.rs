@@ -147,7 +147,11 @@ async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> any
                     last_seen: now_rfc3339(),
                     cluster_id: String::new(),
                     config_cluster_id: String::new(),
+                    schema: String::new(),
                 },
+                Some(confroll_coordinator::pb_impl::published_schema(
+                    confroll_node::membership::published_schema().0.clone(),
+                )),
             )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;

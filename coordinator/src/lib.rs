@@ -8,13 +8,17 @@
 //!    etcd/       … on etcd
 //!    raft/       … on the replicas' own openraft group (state_machine.rs: its pure state machine)
 //!    memory.rs   … in memory, for in-process tests (the same state machine, no raft)
-//!  model.rs      what is stored where: versions, meta, rollout record, registrations
+//!  model.rs      what is stored where: versions, meta, rollout record, registrations,
+//!                the schemas nodes publish
+//!  schemas.rs    published schemas compiled once: a submit checked against every
+//!                live one, restart-only paths, secret marks (no service's type here)
 //!  engine/       the rollout state machine (pure: events in, actions out, including
 //!                which record generation each push waits for)
 //!  replica/      a replica, one concern per file (see its module doc): mod.rs the
 //!                leadership loop, api.rs submit/rollback/abort, driver.rs the rollout
 //!                driver, push.rs one push, reconcile.rs with plan.rs (its pure
-//!                decisions), membership.rs, records.rs, tests.rs (in-process, on
+//!                decisions), membership.rs, schemas.rs (kept and read back from
+//!                the store), records.rs, tests.rs (in-process, on
 //!                memory.rs); every decisive write fenced by term and lock
 //!  retry.rs      the one backoff of store retries, cut short when the term is lost
 //!  agents.rs     NodeAgent clients (one push stream per node, ordered pushes)
@@ -40,5 +44,6 @@ pub mod model;
 pub mod pb_impl;
 pub mod replica;
 mod retry;
+pub mod schemas;
 pub mod service;
 pub mod store;

@@ -50,6 +50,14 @@ pub mod keys {
     pub fn node(service: &str, id: &str) -> String {
         format!("{NODES}{service}/{id}")
     }
+    /// Prefix of the schemas `service`'s nodes published.
+    pub fn schemas(service: &str) -> String {
+        format!("{SERVICES}{service}/schemas/")
+    }
+    /// One published schema, by the SHA-256 of its text.
+    pub fn schema(service: &str, sha256: &str) -> String {
+        format!("{SERVICES}{service}/schemas/{sha256}")
+    }
 }
 
 /// A service name that would break the key layout.
@@ -220,6 +228,26 @@ pub struct NodeRecord {
     /// Cluster that numbered `version` (empty: a local version).
     #[serde(default)]
     pub config_cluster_id: String,
+    /// Identity of the schema it published (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub schema: String,
+}
+
+/// A schema some node of a service published: kept (by its identity,
+/// `confroll_common::schema_id`) after its nodes are gone, so secrets stay redacted and a service
+/// whose nodes are all down can still be checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaRecord {
+    /// JSON Schema text, as published.
+    pub json_schema: String,
+    /// Restart-only dotted paths.
+    pub restart_only: Vec<String>,
+    /// `yaml`, `json` or `toml`.
+    pub format: String,
+    /// Node that published it first.
+    pub published_by: String,
+    /// RFC 3339 time it was first published.
+    pub published_at: String,
 }
 
 impl NodeRecord {

@@ -126,3 +126,8 @@ pub fn overrides(p: Option<&pb::RolloutPolicy>) -> Result<PolicyOverrides, ApiEr
         apply_timeout_ms: dur("apply_timeout", &p.apply_timeout)?,
     })
 }
+
+/// A schema a node publishes, as the replica takes it.
+pub fn published_schema(s: pb::ServiceSchema) -> crate::replica::PublishedSchema {
+    crate::replica::PublishedSchema { json_schema: s.json_schema, restart_only: s.restart_only, format: s.format }
+}

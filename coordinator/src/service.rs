@@ -13,7 +13,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use confroll_common::{Format, net, secrets::redact_document};
+use confroll_common::{net, secrets::redact_document};
 use confroll_proto::v1::{
     self as pb,
     coordinator_client::CoordinatorClient,
@@ -286,7 +286,8 @@ impl Coordinator for CoordinatorServiceImpl {
         }
         // A stored version always parses; if it somehow does not, show nothing
         // rather than risk showing a secret.
-        let red = redact_document(&v.content, Format::Yaml, confroll_node::Config::secret_paths())
+        let (secrets, format) = self.replica.secrets_of(&service).await?;
+        let red = redact_document(&v.content, format, &secrets)
             .map_err(|e| Status::internal(format!("stored version {} cannot be redacted: {e}", v.version)))?;
         Ok(Response::new(pb::GetVersionResponse { info, content: red.text, redacted_secrets: red.redacted as u32 }))
     }
@@ -298,16 +299,17 @@ impl Coordinator for CoordinatorServiceImpl {
         self.authorize(&req, Need::Read)?;
         let r = req.into_inner();
         let service = service_name(&r.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (secrets, format) = self.replica.secrets_of(&service).await?;
         let mut docs = Vec::new();
         for v in [r.from_version, r.to_version] {
             let rec = self.replica.require_version(&service, v).await?;
             docs.push(
-                confroll_node::Config::parse(rec.content.as_bytes())
+                confroll_common::document::to_value(rec.content.as_bytes(), format)
                     .map_err(|e| Status::internal(format!("stored version {v} no longer parses: {e}")))?,
             );
         }
-        let d = confroll_node::diff::ConfigDiff::between(&docs[0], &docs[1]);
-        Ok(Response::new(pb::DiffVersionsResponse { diff: d.changes.iter().map(Into::into).collect() }))
+        let changes = confroll_common::diff::changes(&docs[0], &docs[1], &secrets);
+        Ok(Response::new(pb::DiffVersionsResponse { diff: changes.iter().map(Into::into).collect() }))
     }
 
     async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
@@ -414,9 +416,11 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let rec =
+        let mut rec =
             reported(r.node_id, r.agent_address, (r.version, r.sha256, r.healthy), r.cluster_id, r.config_cluster_id);
-        let id = self.replica.register(&r.service, rec).await?;
+        let schema = r.schema.map(crate::pb_impl::published_schema);
+        rec.schema = String::new();
+        let id = self.replica.register(&r.service, rec, schema).await?;
         Ok(Response::new(pb::RegisterResponse {
             registration_id: id,
             heartbeat_interval_ms: self.replica.options().heartbeat_interval.as_millis() as u64,
@@ -426,10 +430,23 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let rec =
+        let mut rec =
             reported(r.node_id, r.agent_address, (r.version, r.sha256, r.healthy), r.cluster_id, r.config_cluster_id);
+        rec.schema = r.schema_sha256;
         self.replica.heartbeat(&r.service, r.registration_id, rec).await?;
         Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn publish_schema(
+        &self,
+        req: Request<pb::PublishSchemaRequest>,
+    ) -> Result<Response<pb::PublishSchemaResponse>, Status> {
+        let caller = self.authorize(&req, Need::Operator)?;
+        let r = req.into_inner();
+        let schema = r.schema.ok_or_else(|| Status::invalid_argument("schema is required"))?;
+        let by = format!("{} {}", caller.role_name(), caller.fingerprint);
+        let schema_id = self.replica.publish_schema(&r.service, &by, crate::pb_impl::published_schema(schema)).await?;
+        Ok(Response::new(pb::PublishSchemaResponse { schema_id }))
     }
 
     async fn adopt_nodes(
@@ -460,7 +477,17 @@ fn reported(
     cluster_id: String,
     config_cluster_id: String,
 ) -> NodeRecord {
-    NodeRecord { id, address, version, sha256, healthy, last_seen: now_rfc3339(), cluster_id, config_cluster_id }
+    NodeRecord {
+        id,
+        address,
+        version,
+        sha256,
+        healthy,
+        last_seen: now_rfc3339(),
+        cluster_id,
+        config_cluster_id,
+        schema: String::new(),
+    }
 }
 
 /// Why the gRPC server stopped with an error (shared with the node agent).

@@ -80,6 +80,7 @@ async fn the_api_is_discoverable_and_callable_through_reflection() {
     let c1 = Coord::start(&store, "c1", dir.path(), &[]);
     assert_eq!(leader_of(&c1).await, "c1");
     let mut client = c1.client().await;
+    publish_node_schema(&client, "").await;
     client.submit_config(submit_req(&lite(30), "0s")).await.unwrap();
     wait_rollout_done(&c1, Duration::from_secs(20)).await;
 
@@ -172,7 +173,10 @@ async fn submits_are_checked_history_is_kept_and_rollback_works() {
 
     // Bad input: a clear error naming the cause; nothing stored.
     for (content, needle) in [
-        ("profile: lite\ncache: {ttl: 5s, size: 3}\n".to_owned(), "unknown field `size`"),
+        (
+            "profile: lite\ncache: {ttl: 5s, size: 3}\n".to_owned(),
+            "at `/cache`: Additional properties are not allowed ('size' was unexpected)",
+        ),
         ("profile: lite\nlog: {level: loud}\n".to_owned(), "`log.level` must be one of"),
         ("".to_owned(), "config is empty"),
         (format!("profile: lite\n# {}\n", "x".repeat(5 << 20)), "the limit is 4194304 bytes"),

@@ -27,6 +27,20 @@ pub struct Membership {
     pub ca_pem: Option<Vec<u8>>,
 }
 
+/// What this node publishes about its service's config at registration
+/// (its JSON Schema, restart-only paths and format), and the identity
+/// ([`confroll_common::schema_id`]) it sends with every heartbeat.
+pub fn published_schema() -> &'static (pb::ServiceSchema, String) {
+    static SCHEMA: std::sync::OnceLock<(pb::ServiceSchema, String)> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let json_schema = crate::Config::json_schema().to_string();
+        let restart_only: Vec<String> = crate::diff::RESTART_ONLY.iter().map(|p| (*p).to_owned()).collect();
+        let format = confroll_common::Format::Yaml.to_string();
+        let id = confroll_common::schema_id(&json_schema, &restart_only, &format);
+        (pb::ServiceSchema { json_schema, restart_only, format }, id)
+    })
+}
+
 async fn connect(url: &str, ca: Option<&[u8]>) -> Option<CoordinatorClient<Channel>> {
     let ep = net::endpoint(&net::with_scheme(url), ca).ok()?;
     Some(CoordinatorClient::new(ep.connect().await.ok()?))
@@ -66,6 +80,7 @@ impl Membership {
                     healthy: s.healthy,
                     cluster_id: s.cluster_id,
                     config_cluster_id: s.config_cluster_id,
+                    schema: Some(published_schema().0.clone()),
                 }))
                 .await;
             let reg = match reg {
@@ -96,6 +111,7 @@ impl Membership {
                         agent_address: self.agent_address.clone(),
                         cluster_id: s.cluster_id,
                         config_cluster_id: s.config_cluster_id,
+                        schema_sha256: published_schema().1.clone(),
                     }))
                     .await;
                 match hb {

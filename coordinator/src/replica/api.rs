@@ -10,11 +10,7 @@ use std::{
 };
 
 use confroll_common::sha256_hex;
-use confroll_node::{
-    Config,
-    diff::{ConfigDiff, FieldChange},
-    limits::check_size,
-};
+use confroll_common::{diff::FieldChange, limits::check_size};
 use rand::Rng;
 
 use super::{
@@ -28,6 +24,7 @@ use crate::{
         ClusterRecord, NodeRecord, Policy, PolicyOverrides, ServiceMeta, VersionRecord, VersionState, keys,
         now_rfc3339, service_name,
     },
+    schemas::ServiceSchemas,
     store::{Cond, Fence, Lock, LockAttempt, Op, StoreError, Term, now_ms},
 };
 
@@ -174,20 +171,22 @@ impl Replica {
         check_size(req.content.len()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let mut checks = Vec::new();
         let check = |name: &str, ok: bool, detail: String| Check { name: name.into(), ok, detail };
-        // 1. parse (types, unknown keys, business rules)
-        let config = Config::parse(req.content.as_bytes())
-            .map_err(|e| ApiError::InvalidArgument(format!("parse check failed: {e}")))?;
-        checks.push(check("parse", true, "valid YAML/JSON, types, keys and rules".into()));
-        // 2. JSON Schema of the node config
-        let doc: serde_json::Value = parse_yaml_document(&req.content)?;
-        let errors: Vec<String> =
-            self.inner.schema.iter_errors(&doc).map(|e| format!("at `{}`: {e}", e.instance_path())).collect();
-        if !errors.is_empty() {
-            return Err(ApiError::InvalidArgument(format!("schema check failed: {}", errors.join("; "))));
-        }
-        checks.push(check("schema", true, "matches the node config JSON Schema".into()));
-        // 3. dry run on one live node
+        // The schemas the service's live nodes published (see `schemas.rs`).
         let nodes = self.members(&service).await?;
+        let schemas = self.service_schemas(&service, &nodes).await?;
+        // 1. parse, in the service's format, within the shared limits
+        let doc =
+            schemas.parse(&req.content).map_err(|e| ApiError::InvalidArgument(format!("parse check failed: {e}")))?;
+        checks.push(check("parse", true, format!("valid {}", schemas.format())));
+        // 2. every live schema, every violation
+        let refusals = schemas.check(&doc);
+        if !refusals.is_empty() {
+            let each: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+            return Err(ApiError::InvalidArgument(format!("schema check failed: {}", each.join(" | "))));
+        }
+        let names: Vec<&str> = schemas.schemas.iter().map(|p| p.schema.short()).collect();
+        checks.push(check("schema", true, format!("matches the published schema(s) {}", names.join(", "))));
+        // 3. dry run on one live node (types the schema cannot say, business rules)
         let cluster_id = self.cluster_id().await?;
         let order = canary_order(&service, nodes.iter().filter(|n| n.healthy).map(|n| n.id.clone()));
         match order.first().and_then(|id| nodes.iter().find(|n| &n.id == id)) {
@@ -228,12 +227,10 @@ impl Replica {
             0 => None,
             v => self.version(&service, v).await.ok().flatten(),
         };
-        let diff = match &base {
-            Some(b) => match Config::parse(b.content.as_bytes()) {
-                Ok(old) => ConfigDiff::between(&old, &config).changes,
-                Err(_) => Vec::new(),
-            },
-            None => Vec::new(),
+        let diff = self.diff_and_restart_check(&service, &schemas, base.as_ref(), &doc).await;
+        let diff = match &lock {
+            Some((_, l, _)) => self.unlock_on_err(l, diff).await?,
+            None => diff?,
         };
         checks.push(check("diff", true, format!("{} field(s) changed against v{}", diff.len(), meta.stable_version)));
         let sha256 = sha256_hex(req.content.as_bytes());
@@ -313,6 +310,27 @@ impl Replica {
 
     /// `r`, after releasing `lock` when it is an error: a rollout that fails
     /// to start must not keep its service locked.
+    /// The changes from `base` (the stable version) to `doc`, redacted
+    /// with every kept schema's secret marks; refused when one touches a
+    /// restart-only path of any live schema.
+    async fn diff_and_restart_check(
+        &self,
+        service: &str,
+        schemas: &ServiceSchemas,
+        base: Option<&VersionRecord>,
+        doc: &serde_json::Value,
+    ) -> Result<Vec<FieldChange>, ApiError> {
+        let Some(base) = base else { return Ok(Vec::new()) };
+        // A stable version that no longer parses in today's format is not
+        // diffed (it was checked when it was submitted).
+        let Ok(old) = schemas.parse(&base.content) else { return Ok(Vec::new()) };
+        let (secrets, _) = self.secrets_of(service).await?;
+        let changes = confroll_common::diff::changes(&old, doc, &secrets);
+        confroll_common::diff::check_restart_only(&changes, &schemas.restart_only())
+            .map_err(|e| ApiError::InvalidArgument(format!("restart_only check failed: {e}")))?;
+        Ok(changes)
+    }
+
     async fn unlock_on_err<T>(&self, lock: &Lock, r: Result<T, ApiError>) -> Result<T, ApiError> {
         if r.is_err() {
             let _ = self.inner.store.unlock(lock).await;
@@ -525,16 +543,5 @@ impl Replica {
         let reason = if reason.is_empty() { "requested by an operator" } else { reason };
         let _ = h.abort.send(reason.to_owned());
         Ok(h.rollout_id.clone())
-    }
-}
-
-/// Parses a config document (YAML, or JSON when it starts with `{`) into a
-/// JSON value, for the schema check.
-fn parse_yaml_document(content: &str) -> Result<serde_json::Value, ApiError> {
-    if content.trim_start().starts_with('{') {
-        serde_json::from_str(content).map_err(|e| ApiError::InvalidArgument(format!("schema check: {e}")))
-    } else {
-        confroll_node::config::yaml_to_json(content)
-            .map_err(|e| ApiError::InvalidArgument(format!("schema check: {e}")))
     }
 }

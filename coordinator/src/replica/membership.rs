@@ -8,15 +8,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ApiError, Replica, records::encode};
+use super::{ApiError, PublishedSchema, Replica, records::encode};
 use crate::model::{NodeRecord, keys, service_name};
 
 impl Replica {
     /// Registers a node; returns its registration id.
-    pub async fn register(&self, service: &str, rec: NodeRecord) -> Result<u64, ApiError> {
+    /// With a schema, the node publishes it first (see `schemas.rs`); a
+    /// schema that is refused refuses the registration.
+    pub async fn register(
+        &self,
+        service: &str,
+        mut rec: NodeRecord,
+        schema: Option<PublishedSchema>,
+    ) -> Result<u64, ApiError> {
         let service = service_name(service)?;
         if rec.id.is_empty() || rec.address.is_empty() {
             return Err(ApiError::InvalidArgument("node_id and agent_address are required".into()));
+        }
+        if let Some(schema) = schema {
+            rec.schema = self.publish_schema(&service, &rec.id, schema).await?;
         }
         let key = keys::node(&service, &rec.id);
         let id = self.inner.store.register(&key, &encode(&rec), self.inner.opts.registration_ttl).await?;
@@ -36,6 +46,7 @@ impl Replica {
                         || (old.version, &old.sha256, old.healthy, &old.address)
                             != (rec.version, &rec.sha256, rec.healthy, &rec.address)
                         || (&old.cluster_id, &old.config_cluster_id) != (&rec.cluster_id, &rec.config_cluster_id)
+                        || old.schema != rec.schema
                 }
                 None => true,
             }

@@ -42,6 +42,7 @@ mod plan;
 mod push;
 mod reconcile;
 mod records;
+mod schemas;
 #[cfg(test)]
 mod tests;
 
@@ -52,10 +53,13 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use confroll_node::{Config, trust::PushKey};
+use confroll_common::trust::PushKey;
 use tokio_util::sync::CancellationToken;
 
-pub use self::api::{Check, Submit, SubmitOutcome};
+pub use self::{
+    api::{Check, Submit, SubmitOutcome},
+    schemas::PublishedSchema,
+};
 use self::{
     driver::Drivers,
     records::{decode, encode},
@@ -211,8 +215,8 @@ struct Inner {
     took_office: tokio::sync::Notify,
     /// Rollout drivers, by service (leader only).
     drivers: parking_lot::Mutex<Drivers>,
-    /// JSON Schema of the node config (`confroll-node schema`).
-    schema: jsonschema::Validator,
+    /// Schemas the nodes published, compiled once.
+    schemas: crate::schemas::SchemaCache,
     /// Last registration write per node (heartbeats rewrite only on change
     /// or every few seconds, so `last_seen` stays fresh without a write per beat).
     reg_writes: parking_lot::Mutex<HashMap<String, (Instant, NodeRecord)>>,
@@ -238,7 +242,6 @@ impl Replica {
 
     /// [`Replica::new`] that reaches nodes through `agents`.
     fn with_agents(opts: ReplicaOptions, store: Arc<dyn Store>, agents: Agents) -> Self {
-        let schema = jsonschema::validator_for(&Config::json_schema()).expect("the node config schema compiles");
         let metrics = CoordinatorMetrics::new(&opts.id);
         Self {
             inner: Arc::new(Inner {
@@ -250,7 +253,7 @@ impl Replica {
                 cluster: ArcSwapOption::empty(),
                 took_office: tokio::sync::Notify::new(),
                 drivers: Default::default(),
-                schema,
+                schemas: Default::default(),
                 reg_writes: Default::default(),
                 reconciling: Default::default(),
                 stable: Default::default(),

@@ -116,6 +116,7 @@ mod tests {
             last_seen: String::new(),
             cluster_id: cluster.into(),
             config_cluster_id: config_cluster.into(),
+            schema: String::new(),
         }
     }
 

@@ -198,6 +198,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::replica::PublishedSchema;
     use crate::{
         engine::RolloutState,
         replica::{ReplicaOptions, Submit},
@@ -249,6 +250,9 @@ mod tests {
             role: "anonymous".into(),
             credential: String::new(),
         };
+        // A schema kept from a node gone: submits are checked against it.
+        let schema = PublishedSchema { json_schema: r#"{"type": "object"}"#.into(), ..Default::default() };
+        replica.publish_schema("default", "gone", schema).await.unwrap();
         replica.submit(submit).await.unwrap();
         // No node is registered: the rollout ends at once.
         let deadline = Instant::now() + Duration::from_secs(20);

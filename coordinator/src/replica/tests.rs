@@ -299,13 +299,15 @@ async fn membership(node: Node, address: String, replicas: Vec<Replica>, stop: C
             last_seen: String::new(),
             cluster_id: node.cluster_id(),
             config_cluster_id: a.cluster_id.clone(),
+            schema: confroll_node::membership::published_schema().1.clone(),
         }
     };
+    let schema = || Some(crate::pb_impl::published_schema(confroll_node::membership::published_schema().0.clone()));
     let mut registration = None;
     while !stop.is_cancelled() {
         for r in &replicas {
             registration = match registration {
-                None => r.register(SERVICE, record(&node)).await.ok(),
+                None => r.register(SERVICE, record(&node), schema()).await.ok(),
                 Some(id) => match r.heartbeat(SERVICE, id, record(&node)).await {
                     Ok(()) => Some(id),
                     Err(ApiError::NotFound(_)) => None,

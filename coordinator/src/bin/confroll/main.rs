@@ -92,6 +92,19 @@ enum Cmd {
         #[arg(long)]
         from: String,
     },
+    /// Publish the service's config schema before any of its nodes runs
+    /// (nodes publish theirs when they register; a submit needs one).
+    PublishSchema {
+        /// JSON Schema file (draft 2020-12); `confroll-node schema` prints the
+        /// reference service's.
+        file: PathBuf,
+        /// Dotted paths whose change needs a restart.
+        #[arg(long, value_delimiter = ',')]
+        restart_only: Vec<String>,
+        /// The service's config format: yaml, json or toml.
+        #[arg(long, default_value = "yaml")]
+        format: String,
+    },
     /// Write a new Ed25519 push key pair: DIR/push.key (the coordinators'
     /// --push-key, keep it secret) and DIR/push.pub (the nodes' --trust-keys).
     Keygen {
@@ -352,6 +365,14 @@ async fn run() -> anyhow::Result<()> {
                     println!("  not yet (retried as they register): {f}");
                 }
             });
+        }
+        Cmd::PublishSchema { file, restart_only, format } => {
+            let json_schema =
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let schema = pb::ServiceSchema { json_schema, restart_only, format };
+            let req = pb::PublishSchemaRequest { service: ctx.service.clone(), schema: Some(schema) };
+            let r = ctx.client.publish_schema(ctx.req(req)).await.map_err(status_err)?.into_inner();
+            ctx.print(&r, || println!("schema {} published for service {}", r.schema_id, ctx.service));
         }
         Cmd::Keygen { .. } => unreachable!("handled before connecting"),
         Cmd::Rollback { version, watch } => {
