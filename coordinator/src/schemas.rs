@@ -40,7 +40,7 @@ use crate::model::SchemaRecord;
 pub const MAX_SCHEMA_BYTES: usize = 1024 * 1024;
 
 /// Most violations listed per refusing schema (the rest are counted).
-const MAX_LISTED: usize = 20;
+pub const MAX_LISTED: usize = 20;
 
 /// Why a published schema was refused (the registration is refused with it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
