@@ -73,6 +73,7 @@ impl From<&NodeRecord> for pb::NodeInfo {
             last_seen: n.last_seen.clone(),
             cluster_id: n.cluster_id.clone(),
             config_cluster_id: n.config_cluster_id.clone(),
+            schema_id: n.schema.clone(),
         }
     }
 }

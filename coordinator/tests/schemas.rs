@@ -105,6 +105,13 @@ async fn submits_are_checked_against_every_live_schema_and_secrets_stay_hidden()
     let e = client.submit_config(submit("rate_limit: 50\nburst: 3\n", true)).await.unwrap_err();
     let m = e.message();
     assert!(m.contains("published by n1") && !m.contains("published by n2"), "only the old schema refuses: {m}");
+    // Status says which node runs which schema.
+    let status = client.get_status(pb::GetStatusRequest { service: SERVICE.into() }).await.unwrap().into_inner();
+    let ids: std::collections::BTreeMap<String, String> =
+        status.nodes.into_iter().map(|n| (n.id, n.schema_id)).collect();
+    let id = |s: serde_json::Value| confroll_common::schema_id(&s.to_string(), &["listen".into()], "yaml");
+    assert_eq!(ids["n1"], id(schema_a()));
+    assert_eq!(ids["n2"], id(schema_b()));
     let ok = client.submit_config(submit("rate_limit: 50\n", true)).await.unwrap().into_inner();
     let schema_check = ok.checks.iter().find(|c| c.name == "schema").unwrap();
     assert!(schema_check.ok && schema_check.detail.contains(", "), "both schemas checked: {}", schema_check.detail);

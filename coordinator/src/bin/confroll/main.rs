@@ -535,10 +535,12 @@ fn print_status(r: &pb::GetStatusResponse) {
             n.version.to_string(),
             n.healthy.to_string(),
             cluster,
+            if n.schema_id.is_empty() { "-".to_owned() } else { n.schema_id.chars().take(12).collect() },
             n.last_seen.clone(),
         ]
     });
-    print!("{}", table(&["NODE", "ADDRESS", "VERSION", "HEALTHY", "CLUSTER", "LAST SEEN"], &[2], rows));
+    let headers = ["NODE", "ADDRESS", "VERSION", "HEALTHY", "CLUSTER", "SCHEMA", "LAST SEEN"];
+    print!("{}", table(&headers, &[2], rows));
 }
 
 /// A table whose columns are as wide as their widest cell (header
