@@ -548,6 +548,10 @@ async fn bench_failover(
             s.leader_id.strip_prefix('c')?.parse::<usize>().ok().map(|i| i - 1)
         })
         .await;
+        if it == 0 {
+            // No node of this service runs: its schema is published by hand.
+            common::publish_node_schema(&coords[idx].client().await, "failover").await;
+        }
         // The leader accepts writes before it is killed.
         let first = submit("failover", lite(10_000 + it as u64 * 2), &["100%"], "0s", "10ms");
         submit_until_accepted(&coords[idx].client().await, first).await;
