@@ -152,6 +152,9 @@ pub struct Published {
 pub struct ServiceSchemas {
     /// Every schema that must accept the document.
     pub schemas: Vec<Published>,
+    /// The secret marks of every schema kept for the service (live or
+    /// not): what a diff hides.
+    pub secrets: SecretPaths,
 }
 
 /// One schema's refusal of a document.
@@ -250,6 +253,7 @@ mod tests {
             "properties": {"rate": {"type": "integer"}, "burst": {"type": "integer"}}
         }));
         let s = ServiceSchemas {
+            secrets: SecretPaths::union([]),
             schemas: vec![
                 Published { schema: old.clone(), nodes: vec!["n1".into()] },
                 Published { schema: new.clone(), nodes: vec!["n2".into(), "n3".into()] },
@@ -272,6 +276,7 @@ mod tests {
         let props: serde_json::Map<String, Value> =
             (0..30).map(|i| (format!("f{i}"), json!({"type": "integer"}))).collect();
         let s = ServiceSchemas {
+            secrets: SecretPaths::union([]),
             schemas: vec![Published { schema: compiled(json!({"properties": props})), nodes: vec![] }],
         };
         let doc: serde_json::Map<String, Value> = (0..30).map(|i| (format!("f{i}"), json!("x"))).collect();
@@ -304,6 +309,7 @@ mod tests {
         let a = Arc::new(Compiled::new("a".repeat(64), a).unwrap());
         let b = compiled(json!({"type": "object"}));
         let s = ServiceSchemas {
+            secrets: SecretPaths::union([]),
             schemas: vec![Published { schema: a, nodes: vec![] }, Published { schema: b, nodes: vec![] }],
         };
         assert_eq!(s.restart_only(), ["listen", "server"]);

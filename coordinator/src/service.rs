@@ -416,10 +416,9 @@ impl Coordinator for CoordinatorServiceImpl {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.authorize(&req, Need::Node)?;
         let r = req.into_inner();
-        let mut rec =
+        let rec =
             reported(r.node_id, r.agent_address, (r.version, r.sha256, r.healthy), r.cluster_id, r.config_cluster_id);
         let schema = r.schema.map(crate::pb_impl::published_schema);
-        rec.schema = String::new();
         let id = self.replica.register(&r.service, rec, schema).await?;
         Ok(Response::new(pb::RegisterResponse {
             registration_id: id,

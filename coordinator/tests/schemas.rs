@@ -43,13 +43,14 @@ fn register(node: &str, schema: &serde_json::Value, format: &str) -> pb::Registe
         node_id: node.into(),
         agent_address: "127.0.0.1:1".into(),
         healthy: true,
-        schema: Some(pb::ServiceSchema {
-            json_schema: schema.to_string(),
-            restart_only: vec!["listen".into()],
-            format: format.into(),
-        }),
+        schema: Some(service_schema(schema, format)),
         ..Default::default()
     }
+}
+
+/// `schema`, with the restart-only path `listen`, in `format`.
+fn service_schema(schema: &serde_json::Value, format: &str) -> pb::ServiceSchema {
+    pb::ServiceSchema { json_schema: schema.to_string(), restart_only: vec!["listen".into()], format: format.into() }
 }
 
 fn submit(content: &str, dry_run: bool) -> pb::SubmitConfigRequest {
@@ -203,13 +204,7 @@ async fn an_operator_publishes_a_schema_before_the_nodes_and_toml_is_checked() {
     let ok = client.submit_config(toml("rate_limit = 5\nfeatures = [\"a\"]\n", true)).await.unwrap().into_inner();
     assert_eq!(ok.checks[0].detail, "valid toml");
     // Publishing the same schema again (a node of the new build) is no change.
-    let again = pb::PublishSchemaRequest {
-        service: "tomlsvc".into(),
-        schema: Some(pb::ServiceSchema {
-            json_schema: schema_a().to_string(),
-            restart_only: vec!["listen".into()],
-            format: "toml".into(),
-        }),
-    };
+    let again =
+        pb::PublishSchemaRequest { service: "tomlsvc".into(), schema: Some(service_schema(&schema_a(), "toml")) };
     assert_eq!(client.publish_schema(again).await.unwrap().into_inner().schema_id, id);
 }

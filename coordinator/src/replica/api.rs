@@ -227,7 +227,7 @@ impl Replica {
             0 => None,
             v => self.version(&service, v).await.ok().flatten(),
         };
-        let diff = self.diff_and_restart_check(&service, &schemas, base.as_ref(), &doc).await;
+        let diff = diff_and_restart_check(&schemas, base.as_ref(), &doc);
         let diff = match &lock {
             Some((_, l, _)) => self.unlock_on_err(l, diff).await?,
             None => diff?,
@@ -310,27 +310,6 @@ impl Replica {
 
     /// `r`, after releasing `lock` when it is an error: a rollout that fails
     /// to start must not keep its service locked.
-    /// The changes from `base` (the stable version) to `doc`, redacted
-    /// with every kept schema's secret marks; refused when one touches a
-    /// restart-only path of any live schema.
-    async fn diff_and_restart_check(
-        &self,
-        service: &str,
-        schemas: &ServiceSchemas,
-        base: Option<&VersionRecord>,
-        doc: &serde_json::Value,
-    ) -> Result<Vec<FieldChange>, ApiError> {
-        let Some(base) = base else { return Ok(Vec::new()) };
-        // A stable version that no longer parses in today's format is not
-        // diffed (it was checked when it was submitted).
-        let Ok(old) = schemas.parse(&base.content) else { return Ok(Vec::new()) };
-        let (secrets, _) = self.secrets_of(service).await?;
-        let changes = confroll_common::diff::changes(&old, doc, &secrets);
-        confroll_common::diff::check_restart_only(&changes, &schemas.restart_only())
-            .map_err(|e| ApiError::InvalidArgument(format!("restart_only check failed: {e}")))?;
-        Ok(changes)
-    }
-
     async fn unlock_on_err<T>(&self, lock: &Lock, r: Result<T, ApiError>) -> Result<T, ApiError> {
         if r.is_err() {
             let _ = self.inner.store.unlock(lock).await;
@@ -544,4 +523,22 @@ impl Replica {
         let _ = h.abort.send(reason.to_owned());
         Ok(h.rollout_id.clone())
     }
+}
+
+/// The changes from `base` (the stable version) to `doc`, redacted
+/// with every kept schema's secret marks; refused when one touches a
+/// restart-only path of any live schema.
+fn diff_and_restart_check(
+    schemas: &ServiceSchemas,
+    base: Option<&VersionRecord>,
+    doc: &serde_json::Value,
+) -> Result<Vec<FieldChange>, ApiError> {
+    let Some(base) = base else { return Ok(Vec::new()) };
+    // A stable version that no longer parses in today's format is not
+    // diffed (it was checked when it was submitted).
+    let Ok(old) = schemas.parse(&base.content) else { return Ok(Vec::new()) };
+    let changes = confroll_common::diff::changes(&old, doc, &schemas.secrets);
+    confroll_common::diff::check_restart_only(&changes, &schemas.restart_only())
+        .map_err(|e| ApiError::InvalidArgument(format!("restart_only check failed: {e}")))?;
+    Ok(changes)
 }

@@ -99,52 +99,38 @@ impl Replica {
 
     /// What a submit to `service` is checked with: the distinct schemas of
     /// its live `nodes`; with none live (or none publishing), the newest
-    /// kept schema. Refused when the service never had one.
+    /// kept schema. Refused when the service never had one. One read of the
+    /// kept schemas serves both this and the secret marks.
     pub(super) async fn service_schemas(
         &self,
         service: &str,
         nodes: &[NodeRecord],
     ) -> Result<ServiceSchemas, ApiError> {
-        let mut by_sha: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let kept = self.kept_schemas(service).await?;
+        let mut by_id: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for n in nodes.iter().filter(|n| !n.schema.is_empty()) {
-            by_sha.entry(n.schema.as_str()).or_default().push(n.id.clone());
+            by_id.entry(n.schema.as_str()).or_default().push(n.id.clone());
         }
         let mut schemas = Vec::new();
-        let mut kept = None;
-        for (sha, mut nodes) in by_sha {
-            let compiled = match self.inner.schemas.get(sha) {
-                Some(c) => Some(c),
-                None => {
-                    let all = match &kept {
-                        Some(k) => k,
-                        None => kept.insert(self.kept_schemas(service).await?),
-                    };
-                    all.iter().find(|c| c.sha256 == sha).cloned()
-                }
-            };
-            match compiled {
+        for (id, mut nodes) in by_id {
+            match kept.iter().find(|c| c.sha256 == id) {
                 Some(schema) => {
                     nodes.sort();
-                    schemas.push(Published { schema, nodes });
+                    schemas.push(Published { schema: schema.clone(), nodes });
                 }
-                None => tracing::warn!(%service, schema = %sha, ?nodes, "nodes name a config schema that is not kept"),
+                None => tracing::warn!(%service, schema = %id, ?nodes, "nodes name a config schema that is not kept"),
             }
         }
         if schemas.is_empty() {
-            let all = match kept {
-                Some(k) => k,
-                None => self.kept_schemas(service).await?,
+            let Some(newest) = kept.last() else {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "no node of service `{service}` has published its config schema yet: start one (a node publishes its schema when it registers), then submit"
+                )));
             };
-            match all.last() {
-                Some(newest) => schemas.push(Published { schema: newest.clone(), nodes: Vec::new() }),
-                None => {
-                    return Err(ApiError::FailedPrecondition(format!(
-                        "no node of service `{service}` has published its config schema yet: start one (a node publishes its schema when it registers), then submit"
-                    )));
-                }
-            }
+            schemas.push(Published { schema: newest.clone(), nodes: Vec::new() });
         }
-        Ok(ServiceSchemas { schemas })
+        let secrets = SecretPaths::union(kept.iter().map(|c| &c.secrets));
+        Ok(ServiceSchemas { schemas, secrets })
     }
 
     /// What to hide in `service`'s documents (the marks of every schema
