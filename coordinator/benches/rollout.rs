@@ -150,7 +150,7 @@ async fn fleet(replica: &Replica, service: &str, n: usize, content: &str) -> any
                     schema: String::new(),
                 },
                 Some(confroll_coordinator::pb_impl::published_schema(
-                    confroll_node::membership::published_schema().0.clone(),
+                    confroll_node::membership::published_schema::<confroll_node::Config>().0.clone(),
                 )),
             )
             .await

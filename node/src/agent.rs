@@ -28,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    config::Config,
     net::{self, MAX_MESSAGE_BYTES},
     node::{Node, Push, PushError},
     pb_impl::node_status,
+    service::ServiceConfig,
     trust::{AuthError, TrustedKeys},
 };
 
@@ -62,8 +64,8 @@ impl std::fmt::Debug for AgentTls {
 pub use confroll_common::net::ServeError;
 
 /// The `NodeAgent` implementation.
-pub struct NodeAgentServiceImpl {
-    node: Node,
+pub struct NodeAgentServiceImpl<C = Config> {
+    node: Node<C>,
     /// Checked before any request that changes or reads a candidate.
     auth: PushAuth,
     /// Cancelled when the server starts shutting down: it ends the open
@@ -72,17 +74,17 @@ pub struct NodeAgentServiceImpl {
     closing: CancellationToken,
 }
 
-impl NodeAgentServiceImpl {
+impl<C: ServiceConfig> NodeAgentServiceImpl<C> {
     /// Serves `node`, taking pushes as `auth` says; its push streams end
     /// when `closing` is cancelled.
-    pub fn new(node: Node, auth: PushAuth, closing: CancellationToken) -> Self {
+    pub fn new(node: Node<C>, auth: PushAuth, closing: CancellationToken) -> Self {
         Self { node, auth, closing }
     }
 }
 
 /// Refuses a request `verify` does not accept (nothing else happens).
-fn check(
-    node: &Node,
+fn check<C: ServiceConfig>(
+    node: &Node<C>,
     auth: &PushAuth,
     verify: impl FnOnce(&TrustedKeys) -> Result<(), AuthError>,
 ) -> Result<(), Status> {
@@ -108,9 +110,9 @@ impl From<PushError> for Status {
     }
 }
 
-impl NodeAgentServiceImpl {
+impl<C: ServiceConfig> NodeAgentServiceImpl<C> {
     /// One push, for both `Apply` and `ApplyStream`.
-    async fn apply_one(node: &Node, auth: &PushAuth, r: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {
+    async fn apply_one(node: &Node<C>, auth: &PushAuth, r: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {
         check(node, auth, |k| k.verify_apply(node.id(), &r, node.cluster_id().is_empty()))?;
         // Signed pushes bind the content through its checksum: one must be there.
         let hex64 = r.sha256.len() == 64 && r.sha256.bytes().all(|b| b.is_ascii_hexdigit());
@@ -146,7 +148,7 @@ impl NodeAgentServiceImpl {
 type ApplyResponses = Pin<Box<dyn Stream<Item = Result<pb::ApplyResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
-impl NodeAgent for NodeAgentServiceImpl {
+impl<C: ServiceConfig> NodeAgent for NodeAgentServiceImpl<C> {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         Ok(Response::new(Self::apply_one(&self.node, &self.auth, req.into_inner()).await?))
     }
@@ -222,8 +224,8 @@ impl NodeAgent for NodeAgentServiceImpl {
 /// `shutdown` resolves; in-flight RPCs finish first, and open push streams
 /// end once their current push is answered. Pushes must be signed by a key
 /// of `trust`.
-pub async fn run(
-    node: Node,
+pub async fn run<C: ServiceConfig>(
+    node: Node<C>,
     trust: Arc<TrustedKeys>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -232,8 +234,8 @@ pub async fn run(
 }
 
 /// [`run`] with any [`PushAuth`] and, with `tls`, over TLS.
-pub async fn serve(
-    node: Node,
+pub async fn serve<C: ServiceConfig>(
+    node: Node<C>,
     auth: PushAuth,
     tls: Option<AgentTls>,
     listener: TcpListener,
@@ -260,7 +262,7 @@ pub async fn serve(
         let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
         builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    net::with_health_and_reflection::<NodeAgentServer<NodeAgentServiceImpl>>(builder, &sets)
+    net::with_health_and_reflection::<NodeAgentServer<NodeAgentServiceImpl<C>>>(builder, &sets)
         .await?
         .add_service(
             NodeAgentServer::new(NodeAgentServiceImpl::new(node, auth, closing))

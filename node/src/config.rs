@@ -11,10 +11,9 @@ use std::{collections::BTreeMap, fmt, str::FromStr, time::Duration};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use confroll_common::{
-    document::{self, Format},
-    secrets::SecretPaths,
-};
+use confroll_common::{document::Format, secrets::SecretPaths};
+
+use crate::service::ServiceConfig;
 pub use confroll_common::{
     document::{ConfigError, MAX_CONFIG_BYTES, Violation, YamlError, scrub, yaml_to_json},
     secrets::redact_url,
@@ -348,17 +347,29 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+impl ServiceConfig for Config {
+    const FORMAT: Format = Format::Yaml;
+    const RESTART_ONLY: &'static [&'static str] = &["server", "profile", "storage"];
+
+    fn check(&self) -> Vec<Violation> {
+        self.violations()
+    }
+}
+
 impl Config {
     /// Parses and validates a document: size, UTF-8, syntax, types and
     /// unknown keys (with their path), then business rules.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let config: Config = document::parse(bytes, Format::Yaml)?;
-        config.validate()?;
-        Ok(config)
+        crate::service::parse(bytes)
     }
 
     /// Business rules that types cannot express. Lists every violation.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let v = self.violations();
+        if v.is_empty() { Ok(()) } else { Err(ConfigError::Rules(v)) }
+    }
+
+    fn violations(&self) -> Vec<Violation> {
         let mut v = Vec::new();
         let mut bad = |path: &str, message: String| {
             v.push(Violation { path: path.to_owned(), message });
@@ -444,7 +455,7 @@ impl Config {
                 bad("redis", "is required with `profile: standard` (use `profile: lite` to run without)".into());
             }
         }
-        if v.is_empty() { Ok(()) } else { Err(ConfigError::Rules(v)) }
+        v
     }
 
     /// The database section, when the database component is enabled.
@@ -486,13 +497,12 @@ impl Config {
 
     /// The JSON Schema of the config document (draft 2020-12).
     pub fn json_schema() -> serde_json::Value {
-        serde_json::to_value(schemars::schema_for!(Config)).unwrap_or_default()
+        crate::service::described::<Config>().schema.clone()
     }
 
     /// The secret fields marked in [`Config::json_schema`], found once.
     pub fn secret_paths() -> &'static SecretPaths {
-        static PATHS: std::sync::OnceLock<SecretPaths> = std::sync::OnceLock::new();
-        PATHS.get_or_init(|| SecretPaths::from_schema(&Config::json_schema()))
+        &crate::service::described::<Config>().secrets
     }
 }
 
@@ -544,7 +554,7 @@ mod tests {
         }
         let e = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&bomb).unwrap_err().to_string();
         assert!(e.contains("repetition limit exceeded"), "{e}");
-        assert!(document::is_structural_yaml_error(&e));
+        assert!(confroll_common::document::is_structural_yaml_error(&e));
     }
 
     #[test]

@@ -1,57 +1,57 @@
-//! Field-level diff between two configs, and what it implies: which
-//! components must reload, and whether a restart-only field changed.
+//! Field-level diff between two configs of a service, and what it implies:
+//! whether a restart-only field changed. Which components a diff affects
+//! is the node's business ([`crate::Component::paths`]).
 //!
 //! Values are compared unredacted (a password change must reload the pool)
-//! but rendered redacted (a password never reaches a diff).
+//! but rendered redacted (a secret never reaches a diff): the secret marks
+//! come from the config type's JSON Schema.
 
 pub use confroll_common::diff::FieldChange;
 use serde::Serialize;
 
 use crate::{
-    components::ComponentKind,
     config::{Config, ConfigError},
+    service::{ServiceConfig, described},
 };
 
-/// Fields whose change needs a process restart (listeners and profile are
-/// fixed at boot).
-pub const RESTART_ONLY: &[&str] = &["server", "profile", "storage"];
+/// Fields of the reference service whose change needs a process restart
+/// (listeners and profile are fixed at boot).
+pub const RESTART_ONLY: &[&str] = <Config as ServiceConfig>::RESTART_ONLY;
 
 /// The difference between a running config and a candidate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ConfigDiff {
-    /// Every changed leaf, sorted by path.
+    /// Every changed leaf, sorted by path; secret values hidden.
     pub changes: Vec<FieldChange>,
-    /// Components whose settings changed and which are enabled in the
-    /// candidate, in [`ComponentKind::ALL`] order.
-    pub affected: Vec<ComponentKind>,
+    /// The restart-only paths of the config type.
+    #[serde(skip)]
+    restart_only: &'static [&'static str],
 }
 
 impl ConfigDiff {
     /// Diffs `old` against `new`.
-    pub fn between(old: &Config, new: &Config) -> ConfigDiff {
-        let json = |c: &Config| serde_json::to_value(c).unwrap_or_default();
-        let changes = confroll_common::diff::changes(&json(old), &json(new), Config::secret_paths());
-        let affected = ComponentKind::ALL
-            .into_iter()
-            .filter(|k| changes.iter().any(|c| section(&c.path) == k.section()))
-            .filter(|k| k.enabled_in(new) || k.enabled_in(old))
-            .collect();
-        ConfigDiff { changes, affected }
+    pub fn between<C: ServiceConfig>(old: &C, new: &C) -> ConfigDiff {
+        let json = |c: &C| serde_json::to_value(c).unwrap_or_default();
+        let changes = confroll_common::diff::changes(&json(old), &json(new), &described::<C>().secrets);
+        ConfigDiff { changes, restart_only: C::RESTART_ONLY }
     }
 
     /// Refuses the change when it touches a restart-only field (the first one
     /// found, by path order).
     pub fn check_restart_only(&self) -> Result<(), ConfigError> {
-        let paths: Vec<String> = RESTART_ONLY.iter().map(|p| (*p).to_owned()).collect();
+        let paths: Vec<String> = self.restart_only.iter().map(|p| (*p).to_owned()).collect();
         confroll_common::diff::check_restart_only(&self.changes, &paths)
+    }
+
+    /// Whether any change is at, under or above one of `paths` (a whole
+    /// section added or removed counts for the fields in it).
+    pub fn touches(&self, paths: &[String]) -> bool {
+        use confroll_common::diff::is_under;
+        self.changes.iter().any(|c| paths.iter().any(|p| is_under(&c.path, p) || is_under(p, &c.path)))
     }
 
     /// True when nothing changed.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
     }
-}
-
-fn section(path: &str) -> &str {
-    path.split('.').next().unwrap_or(path)
 }

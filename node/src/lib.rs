@@ -3,13 +3,13 @@
 //! # Layout
 //!
 //! ```text
-//!  config.rs      the config model: parse (YAML/JSON), validate, redact, JSON Schema
-//!  diff.rs        field diff → affected components, restart-only refusal
+//!  config.rs      the reference service's config model (one ServiceConfig)
+//!  diff.rs        field diff with secrets hidden, restart-only refusal
 //!  pipeline.rs    the reload pipeline as a pure state machine (events in, commands out)
 //!  node.rs        the runtime: ArcSwap of the live config, executes pipeline commands,
 //!                 fencing-token check for pushes, state dir persistence
-//!  components/    logger (tracing reload), database (sqlx), redis (deadpool),
-//!                 llm (reqwest), plus Components: prepare / swap / retire / health
+//!  components/    ready-made components: logger (tracing reload), database
+//!                 (sqlx), redis (deadpool), llm (reqwest), metrics
 //!  metrics.rs     Prometheus registry with reloadable labels
 //!  state.rs       atomic persistence of the applied config and highest token
 //!  journal.rs     applies.jsonl: one line per apply attempt, in the node's own words
@@ -17,6 +17,9 @@
 //!  agent.rs       NodeAgent gRPC service (coordinator → node), reflection, health
 //!  http.rs        the reference service: /work, /healthz, /readyz, /metrics, status
 //!  pb_impl.rs     domain ↔ protobuf conversions (domain types never see prost)
+//!  service.rs     the SDK: ServiceConfig (a service's own config type), Component
+//!                 (its own reloadable parts), Slot (where handlers read them)
+//!  wiring.rs      agent port, registration, SIGHUP and file watch in one call
 //! ```
 //!
 //! What the coordinator shares with nodes (document formats and limits,
@@ -49,10 +52,15 @@ pub mod node;
 pub mod pb_impl;
 pub mod pipeline;
 pub mod report;
+pub mod service;
 pub mod state;
 pub mod triggers;
+pub mod wiring;
 
+pub use components::ComponentError;
 pub use config::{Config, ConfigError};
+pub use confroll_common::document::{Format, Violation};
 pub use confroll_common::{limits, net, secrets, trust};
-pub use node::{LiveConfig, Node, NodeOptions, Push, PushError, StartError};
+pub use node::{LiveConfig, Node, NodeBuilder, NodeOptions, Push, PushError, StartError};
 pub use report::{ReloadReport, ReloadStatus, Trigger};
+pub use service::{Component, ServiceConfig, Slot};

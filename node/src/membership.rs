@@ -11,7 +11,7 @@ use confroll_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::{net, node::Node};
+use crate::{net, node::Node, service::ServiceConfig};
 
 /// Where and how to register.
 #[derive(Debug, Clone)]
@@ -30,15 +30,8 @@ pub struct Membership {
 /// What this node publishes about its service's config at registration
 /// (its JSON Schema, restart-only paths and format), and the identity
 /// ([`confroll_common::schema_id`]) it sends with every heartbeat.
-pub fn published_schema() -> &'static (pb::ServiceSchema, String) {
-    static SCHEMA: std::sync::OnceLock<(pb::ServiceSchema, String)> = std::sync::OnceLock::new();
-    SCHEMA.get_or_init(|| {
-        let json_schema = crate::Config::json_schema().to_string();
-        let restart_only: Vec<String> = crate::diff::RESTART_ONLY.iter().map(|p| (*p).to_owned()).collect();
-        let format = confroll_common::Format::Yaml.to_string();
-        let id = confroll_common::schema_id(&json_schema, &restart_only, &format);
-        (pb::ServiceSchema { json_schema, restart_only, format }, id)
-    })
+pub fn published_schema<C: ServiceConfig>() -> &'static (pb::ServiceSchema, String) {
+    &crate::service::described::<C>().published
 }
 
 async fn connect(url: &str, ca: Option<&[u8]>) -> Option<CoordinatorClient<Channel>> {
@@ -55,7 +48,7 @@ impl Membership {
     }
 
     /// Registers and heartbeats until `shutdown`.
-    pub async fn run(self, node: Node, shutdown: CancellationToken) {
+    pub async fn run<C: ServiceConfig>(self, node: Node<C>, shutdown: CancellationToken) {
         let mut next = 0usize;
         let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
@@ -80,7 +73,7 @@ impl Membership {
                     healthy: s.healthy,
                     cluster_id: s.cluster_id,
                     config_cluster_id: s.config_cluster_id,
-                    schema: Some(published_schema().0.clone()),
+                    schema: Some(published_schema::<C>().0.clone()),
                 }))
                 .await;
             let reg = match reg {
@@ -111,7 +104,7 @@ impl Membership {
                         agent_address: self.agent_address.clone(),
                         cluster_id: s.cluster_id,
                         config_cluster_id: s.config_cluster_id,
-                        schema_sha256: published_schema().1.clone(),
+                        schema_sha256: published_schema::<C>().1.clone(),
                     }))
                     .await;
                 match hb {
@@ -140,7 +133,7 @@ struct Report {
     config_cluster_id: String,
 }
 
-async fn state(node: &Node) -> Report {
+async fn state<C: ServiceConfig>(node: &Node<C>) -> Report {
     let live = node.config();
     let healthy = node.health().await.healthy;
     Report {

@@ -128,10 +128,6 @@ impl NodeMetrics {
         Arc::new(m)
     }
 
-    pub(crate) fn set_settings(&self, s: MetricsConfig) {
-        self.settings.store(Arc::new(s));
-    }
-
     pub(crate) fn swap_settings(&self, s: Arc<MetricsConfig>) -> Arc<MetricsConfig> {
         self.settings.swap(s)
     }

@@ -13,6 +13,7 @@
 //! ```
 
 use std::{
+    any::{Any, TypeId},
     collections::{BTreeMap, HashMap, VecDeque},
     path::PathBuf,
     sync::{
@@ -26,14 +27,16 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
     components::{
-        ComponentError, ComponentKind, Components, Database, Grace, Instance, LlmClient, LogTarget, Logger, RedisPool,
+        ComponentError, DatabaseComponent, Grace, LlmClient, LlmComponent, LogTarget, Logger, RedisComponent,
+        RedisPool, database::Database,
     },
-    config::{Config, ConfigError, MAX_CONFIG_BYTES, scrub},
+    config::{Config, ConfigError, LogConfig, MAX_CONFIG_BYTES, scrub},
     diff::{ConfigDiff, FieldChange},
     journal::{self, Journal},
     metrics::NodeMetrics,
-    pipeline::{Command, ComponentStatus, DiffSummary, Event, Failure, Machine, Outcome, Phase},
+    pipeline::{Command, ComponentId, ComponentStatus, DiffSummary, Event, Failure, Machine, Outcome, Phase},
     report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
+    service::{self, Component, Erased, ServiceConfig, Slot, Slotted, Staged},
     state::{Fencing, PersistedConfig, StateDir},
 };
 
@@ -81,9 +84,9 @@ impl NodeOptions {
 /// The config that runs now. Readers get it with [`Node::config`] (a cheap
 /// `ArcSwap` load) and keep the `Arc` for as long as their request lasts.
 #[derive(Debug)]
-pub struct LiveConfig {
+pub struct LiveConfig<C = Config> {
     /// The parsed config.
-    pub config: Config,
+    pub config: C,
     /// Version: pushed by the coordinator, or one more than the last for a
     /// local reload.
     pub version: u64,
@@ -101,7 +104,7 @@ pub struct LiveConfig {
     pub cluster_id: String,
 }
 
-impl LiveConfig {
+impl<C> LiveConfig<C> {
     /// `applied_at` as RFC 3339 with milliseconds (status, state dir, API).
     pub fn applied_at_rfc3339(&self) -> String {
         humantime::format_rfc3339_millis(self.applied_at).to_string()
@@ -237,8 +240,8 @@ pub struct Validation {
     pub errors: Vec<String>,
     /// Changes against the running config.
     pub diff: Vec<FieldChange>,
-    /// Components that would reload.
-    pub affected: Vec<ComponentKind>,
+    /// Components that would reload, by name.
+    pub affected: Vec<&'static str>,
 }
 
 /// Health of each enabled component.
@@ -271,17 +274,28 @@ enum Source {
     Bytes(Vec<u8>, Option<String>),
 }
 
-/// A handle to a running node; cheap to clone.
-#[derive(Clone)]
-pub struct Node {
-    inner: Arc<Inner>,
+/// A handle to a running node of a service with config `C`; cheap to clone.
+pub struct Node<C = Config> {
+    inner: Arc<Inner<C>>,
 }
 
-struct Inner {
+impl<C> Clone for Node<C> {
+    fn clone(&self) -> Self {
+        Node { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<C> {
     opts: NodeOptions,
     /// The live config. Stored by the apply phase and by rollbacks only.
-    live: ArcSwap<LiveConfig>,
-    components: Components,
+    live: ArcSwap<LiveConfig<C>>,
+    /// The service's components, in registration (and report) order; a
+    /// [`ComponentId`] is an index into it.
+    components: Vec<Box<dyn Erased<C>>>,
+    /// Each component's slot, by the component's type ([`Node::slot`]).
+    slots: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    /// Tracing reload handles (driven by a logger component, if any).
+    logger: Arc<Logger>,
     metrics: Arc<NodeMetrics>,
     /// Held for a whole reload, so reloads never overlap; also orders the
     /// fencing-token check against the pipeline it guards.
@@ -305,11 +319,74 @@ struct Inner {
     version_tx: tokio::sync::watch::Sender<u64>,
 }
 
-impl Node {
-    /// Boots a node: from the state dir's last applied config when there is
-    /// one, else from the config file (or `initial_config`). A config file
-    /// edited while the node was down is applied right after boot.
+impl Node<Config> {
+    /// Boots a node of the reference service, with its five components
+    /// ([`crate::components::reference_components`]). See
+    /// [`NodeBuilder::start`].
     pub async fn start(opts: NodeOptions) -> Result<Node, StartError> {
+        let grace = opts.grace;
+        let mut b = Node::<Config>::builder(opts)?;
+        crate::components::reference_components(&mut b, grace);
+        b.start().await
+    }
+
+    /// The live PostgreSQL pool (`None` with `profile: lite`).
+    pub fn database(&self) -> Option<Arc<Database>> {
+        self.slot::<DatabaseComponent<Config>>()?.get()
+    }
+
+    /// The live Redis pool (`None` with `profile: lite`).
+    pub fn redis(&self) -> Option<Arc<RedisPool>> {
+        self.slot::<RedisComponent<Config>>()?.get()
+    }
+
+    /// The live LLM client (`None` without an `llm` section).
+    pub fn llm(&self) -> Option<Arc<LlmClient>> {
+        self.slot::<LlmComponent<Config>>()?.get()
+    }
+}
+
+/// Puts a node together: its options, then its components, then
+/// [`NodeBuilder::start`].
+pub struct NodeBuilder<C> {
+    opts: NodeOptions,
+    logger: Arc<Logger>,
+    dispatch: tracing::Dispatch,
+    metrics: Arc<NodeMetrics>,
+    components: Vec<Box<dyn Erased<C>>>,
+    slots: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+}
+
+impl<C: ServiceConfig> NodeBuilder<C> {
+    /// The node's tracing reload handles, for a
+    /// [`LoggerComponent`](crate::components::LoggerComponent).
+    pub fn logger(&self) -> &Arc<Logger> {
+        &self.logger
+    }
+
+    /// The node's metrics, for a
+    /// [`MetricsComponent`](crate::components::MetricsComponent) or the
+    /// service's own series.
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// Adds a component; returns the slot its live instance is read from.
+    /// Components are reported, and prepared results ordered, in the order
+    /// they are added.
+    pub fn component<R: Component<C>>(&mut self, component: R) -> Slot<R::Instance> {
+        let (erased, slot) = Slotted::new(component);
+        self.components.push(Box::new(erased));
+        self.slots.insert(TypeId::of::<R>(), Box::new(slot.clone()));
+        slot
+    }
+
+    /// Boots the node: from the state dir's last applied config when there
+    /// is one, else from the config file (or `initial_config`). A config
+    /// file edited while the node was down is applied right after boot.
+    /// Each component's boot instance is built under the reload timeout.
+    pub async fn start(self) -> Result<Node<C>, StartError> {
+        let NodeBuilder { opts, logger, dispatch, metrics, components, slots } = self;
         let state = opts.state_dir.as_ref().map(StateDir::open).transpose().map_err(StartError::State)?;
         let persisted = match &state {
             Some(s) => s.load_config().map_err(StartError::State)?,
@@ -332,12 +409,14 @@ impl Node {
             (None, None, Some(b)) => (b.clone(), 1, Trigger::Api, None, String::new()),
             (None, None, None) => return Err(StartError::NoConfig),
         };
-        let config = Config::parse(&content)?;
-        let metrics = NodeMetrics::new(&opts.id, &opts.service);
-        let (logger, dispatch) =
-            Logger::new(&config.log, opts.log_target).map_err(|e| StartError::Component(e.into()))?;
-        let components =
-            Components::boot(&config, logger, metrics.clone(), opts.grace).map_err(StartError::Component)?;
+        let config: C = service::parse(&content)?;
+        let timeout = opts.reload_timeout;
+        for c in &components {
+            match tokio::time::timeout(timeout, c.boot(&config)).await {
+                Ok(r) => r.map_err(StartError::Component)?,
+                Err(_) => return Err(StartError::Component(ComponentError::PrepareTimedOut(timeout))),
+            }
+        }
         metrics.config_version.set(version as i64);
         let applied = LiveConfig {
             sha256: sha256_hex(&content),
@@ -352,6 +431,8 @@ impl Node {
             inner: Arc::new(Inner {
                 live: ArcSwap::from_pointee(applied),
                 components,
+                slots,
+                logger,
                 metrics,
                 reload_lock: tokio::sync::Mutex::new(()),
                 fencing: std::sync::Mutex::new(fencing),
@@ -378,6 +459,29 @@ impl Node {
         tracing::info!(node = %node.id(), version, "node started");
         Ok(node)
     }
+}
+
+impl<C: ServiceConfig> Node<C> {
+    /// A builder for a node of service config `C`: add its components, then
+    /// start it.
+    pub fn builder(opts: NodeOptions) -> Result<NodeBuilder<C>, StartError> {
+        let metrics = NodeMetrics::new(&opts.id, &opts.service);
+        let (logger, dispatch) =
+            Logger::new(&LogConfig::default(), opts.log_target).map_err(|e| StartError::Component(e.into()))?;
+        Ok(NodeBuilder {
+            opts,
+            logger: Arc::new(logger),
+            dispatch,
+            metrics,
+            components: Vec::new(),
+            slots: HashMap::new(),
+        })
+    }
+
+    /// The slot of the component of type `R` added to this node, if any.
+    pub fn slot<R: Component<C>>(&self) -> Option<Slot<R::Instance>> {
+        self.inner.slots.get(&TypeId::of::<R>())?.downcast_ref::<Slot<R::Instance>>().cloned()
+    }
 
     /// Node id.
     pub fn id(&self) -> &str {
@@ -391,13 +495,13 @@ impl Node {
 
     /// The live config: a wait-free `ArcSwap` load. Keep the `Arc` for the
     /// whole request so one request sees one config.
-    pub fn config(&self) -> Arc<LiveConfig> {
+    pub fn config(&self) -> Arc<LiveConfig<C>> {
         self.inner.live.load_full()
     }
 
     /// A short borrow of the live config (cheapest read; do not hold it
     /// across an `.await`).
-    pub fn config_guard(&self) -> arc_swap::Guard<Arc<LiveConfig>> {
+    pub fn config_guard(&self) -> arc_swap::Guard<Arc<LiveConfig<C>>> {
         self.inner.live.load()
     }
 
@@ -407,24 +511,9 @@ impl Node {
         self.inner.version_tx.subscribe()
     }
 
-    /// The live PostgreSQL pool (`None` with `profile: lite`).
-    pub fn database(&self) -> Option<Arc<Database>> {
-        self.inner.components.database.load_full()
-    }
-
-    /// The live Redis pool (`None` with `profile: lite`).
-    pub fn redis(&self) -> Option<Arc<RedisPool>> {
-        self.inner.components.redis.load_full()
-    }
-
-    /// The live LLM client (`None` without an `llm` section).
-    pub fn llm(&self) -> Option<Arc<LlmClient>> {
-        self.inner.components.llm.load_full()
-    }
-
-    /// Logger component (settings in force).
+    /// The node's tracing reload handles (settings in force).
     pub fn logger(&self) -> &Logger {
-        &self.inner.components.logger
+        &self.inner.logger
     }
 
     /// Metrics of this node.
@@ -643,12 +732,13 @@ impl Node {
     /// config (restart-only fields included). Changes nothing.
     pub fn validate(&self, content: &[u8]) -> Validation {
         let live = self.config();
-        match Config::parse(content) {
+        match service::parse::<C>(content) {
             Err(e) => Validation { errors: vec![e.to_string()], ..Default::default() },
             Ok(c) => {
                 let d = ConfigDiff::between(&live.config, &c);
                 let errors = d.check_restart_only().err().map(|e| e.to_string()).into_iter().collect();
-                Validation { errors, affected: d.affected, diff: d.changes }
+                let affected = self.affected(&d, &live.config, &c).into_iter().map(|id| self.name(id)).collect();
+                Validation { errors, affected, diff: d.changes }
             }
         }
     }
@@ -656,15 +746,15 @@ impl Node {
     /// Health of every enabled component.
     pub async fn health(&self) -> Health {
         let live = self.config();
-        let kinds: Vec<ComponentKind> = ComponentKind::ALL.into_iter().filter(|k| k.enabled_in(&live.config)).collect();
-        let checks = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
-        let components: Vec<ComponentHealth> = kinds
+        let ids: Vec<ComponentId> = self.ids().filter(|k| self.component(*k).enabled(&live.config)).collect();
+        let checks = futures::future::join_all(ids.iter().map(|k| self.checked_health(*k))).await;
+        let components: Vec<ComponentHealth> = ids
             .iter()
             .zip(checks)
             .map(|(k, r)| ComponentHealth {
-                component: k.as_str(),
+                component: self.name(*k),
                 healthy: r.is_ok(),
-                critical: k.is_critical_in(&live.config),
+                critical: self.component(*k).critical(&live.config),
                 error: r.err().map(|e| e.to_string()),
             })
             .collect();
@@ -674,12 +764,37 @@ impl Node {
     /// Closes pools (shutdown). Waits for the reload in progress, if any.
     pub async fn close(&self) {
         let _g = self.inner.reload_lock.lock().await;
-        self.inner.components.close().await;
+        for c in &self.inner.components {
+            c.close().await;
+        }
     }
 
-    async fn checked_health(&self, kind: ComponentKind) -> Result<(), ComponentError> {
+    fn ids(&self) -> impl Iterator<Item = ComponentId> + use<C> {
+        (0..self.inner.components.len()).map(ComponentId)
+    }
+
+    fn component(&self, id: ComponentId) -> &dyn Erased<C> {
+        self.inner.components[id.0].as_ref()
+    }
+
+    /// A component's name, for reports, health and metric labels.
+    fn name(&self, id: ComponentId) -> &'static str {
+        self.component(id).name()
+    }
+
+    /// Components whose paths `d` touches and which `old` or `new` runs.
+    fn affected(&self, d: &ConfigDiff, old: &C, new: &C) -> Vec<ComponentId> {
+        self.ids()
+            .filter(|k| {
+                let c = self.component(*k);
+                d.touches(c.paths()) && (c.enabled(new) || c.enabled(old))
+            })
+            .collect()
+    }
+
+    async fn checked_health(&self, id: ComponentId) -> Result<(), ComponentError> {
         let t = self.inner.opts.reload_timeout;
-        match tokio::time::timeout(t, self.inner.components.health(kind)).await {
+        match tokio::time::timeout(t, self.component(id).health()).await {
             Ok(r) => r,
             Err(_) => Err(ComponentError::HealthTimedOut(t)),
         }
@@ -689,7 +804,7 @@ impl Node {
     async fn run(&self, mut source: Source, origin: Option<Origin>, trigger: Trigger) -> ReloadReport {
         let started = Instant::now();
         let prev = self.config();
-        let mut run = Run::default();
+        let mut run = Run::new();
         let (mut machine, first) = Machine::start();
         let mut queue: VecDeque<Command> = first.into();
         let outcome = loop {
@@ -714,7 +829,7 @@ impl Node {
     }
 
     /// Makes `a` the live config: gauge, `ArcSwap`, version watchers.
-    fn set_live(&self, a: Arc<LiveConfig>) {
+    fn set_live(&self, a: Arc<LiveConfig<C>>) {
         let v = a.version;
         self.inner.metrics.config_version.set(v as i64);
         self.inner.live.store(a);
@@ -725,12 +840,11 @@ impl Node {
         &self,
         cmd: Command,
         source: &mut Source,
-        prev: &Arc<LiveConfig>,
+        prev: &Arc<LiveConfig<C>>,
         origin: Option<&Origin>,
         trigger: Trigger,
-        run: &mut Run,
+        run: &mut Run<C>,
     ) -> Option<Event> {
-        let c = &self.inner.components;
         match cmd {
             Command::Load => {
                 let r = match source {
@@ -746,7 +860,7 @@ impl Node {
                     run.bytes = b;
                 })))
             }
-            Command::Validate => Some(Event::Validated(match Config::parse(&run.bytes) {
+            Command::Validate => Some(Event::Validated(match service::parse::<C>(&run.bytes) {
                 Ok(cfg) => {
                     run.config = Some(cfg);
                     Ok(())
@@ -759,17 +873,18 @@ impl Node {
             Command::Diff => {
                 let cfg = run.config.as_ref()?;
                 let d = ConfigDiff::between(&prev.config, cfg);
-                let restart_only = d.check_restart_only();
-                run.diff = d.changes;
-                if let Err(e) = restart_only {
+                if let Err(e) = d.check_restart_only() {
+                    run.diff = d.changes;
                     run.error_type = Some("restart_only");
                     return Some(Event::Diffed(Err(Failure(e.to_string()))));
                 }
                 let same_bytes = run.sha.as_deref() == Some(prev.sha256.as_str());
                 let unchanged =
                     same_bytes && origin.is_none_or(|o| o.version == prev.version && o.cluster_id == prev.cluster_id);
-                let critical = ComponentKind::ALL.into_iter().filter(|k| k.is_critical_in(cfg)).collect();
-                Some(Event::Diffed(Ok(DiffSummary { unchanged, affected: d.affected, critical })))
+                let affected = self.affected(&d, &prev.config, cfg);
+                run.diff = d.changes;
+                let critical = self.ids().filter(|k| self.component(*k).critical(cfg)).collect();
+                Some(Event::Diffed(Ok(DiffSummary { unchanged, affected, critical })))
             }
             Command::Apply => {
                 let config = run.config.take()?;
@@ -788,12 +903,12 @@ impl Node {
             Command::Prepare(kinds) => {
                 let live = self.config();
                 let timeout = self.inner.opts.reload_timeout;
-                let secrets = live.config.secrets();
+                let secrets = service::secret_values(&live.config);
                 let results = futures::future::join_all(kinds.iter().map(|k| {
                     let live = live.clone();
                     async move {
                         let t = Instant::now();
-                        let r = match tokio::time::timeout(timeout, c.prepare(*k, &live.config)).await {
+                        let r = match tokio::time::timeout(timeout, self.component(*k).prepare(&live.config)).await {
                             Ok(r) => r,
                             Err(_) => Err(ComponentError::PrepareTimedOut(timeout)),
                         };
@@ -804,7 +919,11 @@ impl Node {
                 let mut events = Vec::new();
                 for (k, r, took) in results {
                     run.component_times.insert(k, took);
-                    self.inner.metrics.component_duration.with_label_values(&[k.as_str()]).observe(took.as_secs_f64());
+                    self.inner
+                        .metrics
+                        .component_duration
+                        .with_label_values(&[self.name(k)])
+                        .observe(took.as_secs_f64());
                     match r {
                         Ok(inst) => {
                             run.staged.insert(k, inst);
@@ -818,7 +937,7 @@ impl Node {
             Command::Commit(kinds) => {
                 for k in kinds {
                     if let Some(inst) = run.staged.remove(&k) {
-                        run.previous.insert(k, c.swap(inst));
+                        run.previous.insert(k, self.component(k).swap(inst));
                     }
                 }
                 None
@@ -826,13 +945,13 @@ impl Node {
             Command::Discard(kinds) => {
                 for k in kinds {
                     if let Some(inst) = run.staged.remove(&k) {
-                        c.retire(inst);
+                        self.component(k).retire(inst);
                     }
                 }
                 None
             }
             Command::CheckHealth(kinds) => {
-                let secrets = self.config().config.secrets();
+                let secrets = service::secret_values(&self.config().config);
                 let results = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
                 Some(Event::Checked(
                     kinds
@@ -846,6 +965,7 @@ impl Node {
                 self.set_live(prev.clone());
                 for k in kinds {
                     if let Some(inst) = run.previous.remove(&k) {
+                        let c = self.component(k);
                         c.retire(c.swap(inst));
                     }
                 }
@@ -854,7 +974,7 @@ impl Node {
             Command::Retire(kinds) => {
                 for k in kinds {
                     if let Some(inst) = run.previous.remove(&k) {
-                        c.retire(inst);
+                        self.component(k).retire(inst);
                     }
                 }
                 None
@@ -865,19 +985,19 @@ impl Node {
 
     fn report(
         &self,
-        prev: &LiveConfig,
+        prev: &LiveConfig<C>,
         trigger: Trigger,
         outcome: Outcome,
         total: Duration,
         machine: &Machine,
-        run: Run,
+        run: Run<C>,
     ) -> ReloadReport {
         let m = &self.inner.metrics;
         let (status, error) = match &outcome {
             Outcome::Applied { degraded } if degraded.is_empty() => (ReloadStatus::Applied, None),
             Outcome::Applied { degraded } => {
                 m.errors_total.with_label_values(&["component"]).inc();
-                let e = degraded.iter().map(|(k, e)| format!("{}: {e}", k.as_str())).collect::<Vec<_>>().join("; ");
+                let e = degraded.iter().map(|(k, e)| format!("{}: {e}", self.name(*k))).collect::<Vec<_>>().join("; ");
                 (ReloadStatus::Degraded, Some(format!("non-critical component kept its previous instance: {e}")))
             }
             Outcome::Unchanged => (ReloadStatus::Unchanged, None),
@@ -890,7 +1010,7 @@ impl Node {
                 m.rollbacks_total.with_label_values(&[reason.as_str()]).inc();
                 (
                     ReloadStatus::RolledBack,
-                    Some(format!("rolled back: {} {} failed: {error}", component.as_str(), reason.as_str())),
+                    Some(format!("rolled back: {} {} failed: {error}", self.name(*component), reason.as_str())),
                 )
             }
         };
@@ -919,7 +1039,7 @@ impl Node {
             .statuses()
             .iter()
             .map(|(k, s)| ComponentReport {
-                component: k.as_str(),
+                component: self.name(*k),
                 status: s.as_str(),
                 ms: run.component_times.get(k).map_or(0.0, ms),
                 error: match s {
@@ -965,7 +1085,7 @@ impl Node {
     }
 
     /// Persists the live config (and the file's checksum) to the state dir.
-    fn persist(&self, live: &LiveConfig) {
+    fn persist(&self, live: &LiveConfig<C>) {
         let Some(state) = &self.inner.state else { return };
         let p = PersistedConfig {
             version: live.version,
@@ -1043,20 +1163,35 @@ pub fn adoption(current: &Fencing, from: &str, to: &str, token: u64) -> Result<O
 }
 
 /// Scratch state of one pipeline run.
-#[derive(Default)]
-struct Run {
+struct Run<C> {
     bytes: Vec<u8>,
     sha: Option<String>,
-    config: Option<Config>,
+    config: Option<C>,
     diff: Vec<FieldChange>,
     /// Prepared, not yet swapped.
-    staged: HashMap<ComponentKind, Instance>,
+    staged: HashMap<ComponentId, Staged>,
     /// Replaced by a commit; restored by a rollback, drained by a retire.
-    previous: HashMap<ComponentKind, Instance>,
+    previous: HashMap<ComponentId, Staged>,
     phases: BTreeMap<Phase, Duration>,
-    component_times: HashMap<ComponentKind, Duration>,
+    component_times: HashMap<ComponentId, Duration>,
     /// Label for `errors_total{type}` when the machine rejects.
     error_type: Option<&'static str>,
+}
+
+impl<C> Run<C> {
+    fn new() -> Self {
+        Run {
+            bytes: Vec::new(),
+            sha: None,
+            config: None,
+            diff: Vec::new(),
+            staged: HashMap::new(),
+            previous: HashMap::new(),
+            phases: BTreeMap::new(),
+            component_times: HashMap::new(),
+            error_type: None,
+        }
+    }
 }
 
 fn ms(d: &Duration) -> f64 {

@@ -40,7 +40,7 @@ impl From<Validation> for pb::ValidateResponse {
             valid: v.errors.is_empty(),
             errors: v.errors,
             diff: v.diff.iter().map(Into::into).collect(),
-            affected_components: v.affected.iter().map(|k| k.as_str().to_owned()).collect(),
+            affected_components: v.affected.iter().map(|k| (*k).to_owned()).collect(),
         }
     }
 }
@@ -63,7 +63,7 @@ impl From<&Health> for pb::HealthResponse {
 }
 
 /// The node's status message.
-pub fn node_status(node: &Node, healthy: bool) -> pb::NodeStatus {
+pub fn node_status<C: crate::ServiceConfig>(node: &Node<C>, healthy: bool) -> pb::NodeStatus {
     let live = node.config();
     pb::NodeStatus {
         node_id: node.id().into(),

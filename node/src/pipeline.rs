@@ -16,19 +16,22 @@
 //! roll back, what "degraded" means) be unit-tested without sockets or sleeps.
 //!
 //! Failure policy:
-//! * a critical component (database, redis; the llm with `required: true`,
-//!   see [`ComponentKind::is_critical_in`]) that fails to prepare, or fails
+//! * a critical component (see [`crate::Component::critical`]; in the
+//!   reference service database, redis and the llm with `required: true`) that fails to prepare, or fails
 //!   the health check after the swap, rolls the node back: the previous config
 //!   is stored again and every component swapped by this reload gets its
 //!   previous instance back;
-//! * a non-critical component (logger, metrics, an optional llm) that fails keeps its
+//! * a non-critical component (reference: logger, metrics, an optional llm) that fails keeps its
 //!   previous instance and settings; the new config stays applied and the
 //!   reload ends `degraded`, with the failure in the report and in
 //!   `confroll_config_reload_errors_total{type="component"}`.
 
 use std::collections::BTreeMap;
 
-use crate::components::ComponentKind;
+/// A component of the node running the pipeline: its index in registration
+/// order (which is also report order). Names live with the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ComponentId(pub usize);
 
 /// The six phases (plus rollback, which is timed apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -108,9 +111,9 @@ pub enum Event {
     /// The diff finished.
     Diffed(Result<DiffSummary, Failure>),
     /// Each prepared component, in any order.
-    Prepared(Vec<(ComponentKind, Result<(), Failure>)>),
+    Prepared(Vec<(ComponentId, Result<(), Failure>)>),
     /// Each health-checked component, in any order.
-    Checked(Vec<(ComponentKind, Result<(), Failure>)>),
+    Checked(Vec<(ComponentId, Result<(), Failure>)>),
 }
 
 /// What the diff phase found, as far as the decisions need it.
@@ -119,10 +122,10 @@ pub struct DiffSummary {
     /// Same content and same version: nothing to do.
     pub unchanged: bool,
     /// Components to rebuild.
-    pub affected: Vec<ComponentKind>,
+    pub affected: Vec<ComponentId>,
     /// Components the candidate makes critical (always health-checked; a
     /// failure of one rolls the run back).
-    pub critical: Vec<ComponentKind>,
+    pub critical: Vec<ComponentId>,
 }
 
 /// What the machine asks the runtime to do.
@@ -138,19 +141,19 @@ pub enum Command {
     Apply,
     /// Build and check new instances of these components, in parallel, under
     /// the reload timeout. Nothing is swapped yet.
-    Prepare(Vec<ComponentKind>),
+    Prepare(Vec<ComponentId>),
     /// Swap these prepared instances in, keeping the previous ones.
-    Commit(Vec<ComponentKind>),
+    Commit(Vec<ComponentId>),
     /// Close these prepared instances without ever having used them.
-    Discard(Vec<ComponentKind>),
+    Discard(Vec<ComponentId>),
     /// Health-check these components.
-    CheckHealth(Vec<ComponentKind>),
+    CheckHealth(Vec<ComponentId>),
     /// Store the previous config again and swap the previous instances of
     /// these (committed) components back in; close the new ones.
-    RollBack(Vec<ComponentKind>),
+    RollBack(Vec<ComponentId>),
     /// The reload succeeded: drain the previous instances of these
     /// components in the background (grace period).
-    Retire(Vec<ComponentKind>),
+    Retire(Vec<ComponentId>),
     /// The run is over.
     Finish(Outcome),
 }
@@ -177,7 +180,7 @@ pub enum Outcome {
     /// their previous instance.
     Applied {
         /// Failed non-critical components and why.
-        degraded: Vec<(ComponentKind, String)>,
+        degraded: Vec<(ComponentId, String)>,
     },
     /// The candidate is what already runs.
     Unchanged,
@@ -193,7 +196,7 @@ pub enum Outcome {
         /// `component` (failed to prepare) or `health` (failed after swap).
         reason: RollbackReason,
         /// First failing critical component.
-        component: ComponentKind,
+        component: ComponentId,
         /// Why it failed.
         error: String,
     },
@@ -259,13 +262,13 @@ enum State {
 pub struct Machine {
     state: State,
     /// Critical components to health-check, decided by the diff.
-    critical: Vec<ComponentKind>,
+    critical: Vec<ComponentId>,
     /// Components swapped in by this run (rolled back on critical failure).
-    committed: Vec<ComponentKind>,
+    committed: Vec<ComponentId>,
     /// Non-critical components that failed (the run ends degraded).
-    degraded: Vec<(ComponentKind, String)>,
+    degraded: Vec<(ComponentId, String)>,
     /// Per-component result, reported at the end.
-    statuses: BTreeMap<ComponentKind, ComponentStatus>,
+    statuses: BTreeMap<ComponentId, ComponentStatus>,
 }
 
 impl Machine {
@@ -282,7 +285,7 @@ impl Machine {
     }
 
     /// Per-component results so far.
-    pub fn statuses(&self) -> &BTreeMap<ComponentKind, ComponentStatus> {
+    pub fn statuses(&self) -> &BTreeMap<ComponentId, ComponentStatus> {
         &self.statuses
     }
 
@@ -327,10 +330,7 @@ impl Machine {
     }
 
     /// The first (in component order) critical component that failed, and why.
-    fn first_critical_failure(
-        &self,
-        results: &[(ComponentKind, Result<(), Failure>)],
-    ) -> Option<(ComponentKind, String)> {
+    fn first_critical_failure(&self, results: &[(ComponentId, Result<(), Failure>)]) -> Option<(ComponentId, String)> {
         results
             .iter()
             .find_map(|(k, r)| r.as_ref().err().filter(|_| self.critical.contains(k)).map(|e| (*k, e.0.clone())))
@@ -349,9 +349,9 @@ impl Machine {
         vec![Command::Apply, Command::Prepare(d.affected)]
     }
 
-    fn on_prepared(&mut self, mut results: Vec<(ComponentKind, Result<(), Failure>)>) -> Vec<Command> {
+    fn on_prepared(&mut self, mut results: Vec<(ComponentId, Result<(), Failure>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
-        let ok: Vec<ComponentKind> = results.iter().filter(|(_, r)| r.is_ok()).map(|(k, _)| *k).collect();
+        let ok: Vec<ComponentId> = results.iter().filter(|(_, r)| r.is_ok()).map(|(k, _)| *k).collect();
         let critical_failure = self.first_critical_failure(&results);
         for (k, r) in &results {
             if let Err(e) = r {
@@ -391,7 +391,7 @@ impl Machine {
         cmds
     }
 
-    fn on_checked(&mut self, mut results: Vec<(ComponentKind, Result<(), Failure>)>) -> Vec<Command> {
+    fn on_checked(&mut self, mut results: Vec<(ComponentId, Result<(), Failure>)>) -> Vec<Command> {
         results.sort_by_key(|(k, _)| *k);
         let critical_failure = self.first_critical_failure(&results);
         if let Some((component, error)) = critical_failure {
@@ -426,14 +426,23 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ComponentKind::*;
+
+    // The reference service's components, in registration order.
+    #[allow(non_upper_case_globals)]
+    const Logger: ComponentId = ComponentId(0);
+    #[allow(non_upper_case_globals)]
+    const Database: ComponentId = ComponentId(1);
+    #[allow(non_upper_case_globals)]
+    const Redis: ComponentId = ComponentId(2);
+    #[allow(non_upper_case_globals)]
+    const Llm: ComponentId = ComponentId(3);
 
     fn to_diff(m: &mut Machine) {
         assert_eq!(m.step(Event::Loaded(Ok(()))), vec![Command::Validate]);
         assert_eq!(m.step(Event::Validated(Ok(()))), vec![Command::Diff]);
     }
 
-    fn diff(affected: &[ComponentKind]) -> DiffSummary {
+    fn diff(affected: &[ComponentId]) -> DiffSummary {
         DiffSummary { unchanged: false, affected: affected.to_vec(), critical: vec![Database, Redis] }
     }
 

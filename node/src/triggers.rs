@@ -13,10 +13,10 @@ use std::{path::PathBuf, time::Duration};
 use notify::{RecursiveMode, Watcher};
 use tokio_util::sync::CancellationToken;
 
-use crate::{node::Node, report::Trigger};
+use crate::{node::Node, report::Trigger, service::ServiceConfig};
 
 /// Reloads from the config file on every SIGHUP until `shutdown`.
-pub async fn sighup(node: Node, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn sighup<C: ServiceConfig>(node: Node<C>, shutdown: CancellationToken) -> std::io::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
@@ -32,8 +32,8 @@ pub async fn sighup(node: Node, shutdown: CancellationToken) -> std::io::Result<
 
 /// Watches the config file and reloads when its content changes, `debounce`
 /// after the last event, until `shutdown`.
-pub async fn watch_file(
-    node: Node,
+pub async fn watch_file<C: ServiceConfig>(
+    node: Node<C>,
     path: PathBuf,
     debounce: Duration,
     shutdown: CancellationToken,

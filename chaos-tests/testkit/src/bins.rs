@@ -88,6 +88,27 @@ pub fn ensure_built(packages: &[&str]) -> Result<PathBuf, BinError> {
     Ok(bin_dir())
 }
 
+/// Builds example `name` of `package` once per process and returns its
+/// path (`target/<profile>/examples/<name>`).
+pub fn ensure_example(package: &str, name: &str) -> Result<PathBuf, BinError> {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let mut done = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("{package}/{name}");
+    if !done.contains(&key) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", package, "--example", name]);
+        if is_release(&bin_dir()) {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => done.push(key),
+            outcome => return Err(BinError::Build { packages: vec![key], outcome }),
+        }
+    }
+    Ok(bin_dir().join("examples").join(name))
+}
+
 fn is_release(dir: &Path) -> bool {
     dir.ends_with("release")
 }

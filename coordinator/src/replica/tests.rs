@@ -299,10 +299,14 @@ async fn membership(node: Node, address: String, replicas: Vec<Replica>, stop: C
             last_seen: String::new(),
             cluster_id: node.cluster_id(),
             config_cluster_id: a.cluster_id.clone(),
-            schema: confroll_node::membership::published_schema().1.clone(),
+            schema: confroll_node::membership::published_schema::<confroll_node::Config>().1.clone(),
         }
     };
-    let schema = || Some(crate::pb_impl::published_schema(confroll_node::membership::published_schema().0.clone()));
+    let schema = || {
+        Some(crate::pb_impl::published_schema(
+            confroll_node::membership::published_schema::<confroll_node::Config>().0.clone(),
+        ))
+    };
     let mut registration = None;
     while !stop.is_cancelled() {
         for r in &replicas {

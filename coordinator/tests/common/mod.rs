@@ -520,7 +520,7 @@ pub fn lite(ttl_secs: u32) -> String {
 /// nodes do when they register: for tests that submit before any node
 /// registered (a submit needs a schema to be checked against).
 pub async fn publish_node_schema(client: &CoordinatorClient<Channel>, service: &str) {
-    let schema = confroll_node::membership::published_schema().0.clone();
+    let schema = confroll_node::membership::published_schema::<confroll_node::Config>().0.clone();
     let req = pb::PublishSchemaRequest { service: service.into(), schema: Some(schema) };
     client.clone().publish_schema(req).await.expect("the reference schema is published");
 }

@@ -1,17 +1,17 @@
-//! The swappable components and the one place that knows how to build,
-//! swap, health-check and drain each of them.
+//! Ready-made [`Component`]s a service opts into: the logger (tracing
+//! reload), a PostgreSQL pool (sqlx), a Redis pool (deadpool), an
+//! OpenAI-style LLM client (reqwest) and the metrics settings.
 //!
-//! Every component lives behind its own `ArcSwap` slot. Request handlers take
-//! an `Arc` to the instance they start with (`load_full`) and keep it until
-//! they finish, so a swap never pulls an instance out from under in-flight
-//! work. The previous instance is drained in the background: we wait until
-//! nobody but us holds it (or the grace period ends), then close it.
+//! Each one is told where its section lives in the service's config type
+//! (an accessor function and the section's path), so any config that embeds
+//! [`LogConfig`], [`DatabaseConfig`], [`RedisConfig`], [`LlmConfig`] or
+//! [`MetricsConfig`] can use them. The reference service
+//! ([`reference_components`]) registers all five.
 //!
 //! ```text
-//!   prepare(kind, cfg) ──▶ Instance (built and checked, not yet visible)
-//!   swap(Instance)     ──▶ previous Instance      (atomic; requests see the new one)
-//!   retire(previous)   ──▶ background drain, then close (also for an
-//!                          instance a rollback takes out again)
+//!   prepare(cfg)      ──▶ Instance (built and checked, not yet visible)
+//!   swap (the node)   ──▶ previous Instance   (atomic; requests see the new one)
+//!   retire (the node) ──▶ background drain for `grace`, then close
 //! ```
 
 pub mod database;
@@ -21,12 +21,10 @@ pub mod redis;
 
 use std::{sync::Arc, time::Duration};
 
-use arc_swap::ArcSwapOption;
-use serde::Serialize;
-
 use crate::{
-    config::{Config, MetricsConfig},
+    config::{Config, DatabaseConfig, LlmConfig, LogConfig, MetricsConfig, RedisConfig},
     metrics::NodeMetrics,
+    service::Component,
 };
 pub use database::{Database, DatabaseError};
 pub use llm::{LlmBuildError, LlmClient, LlmHealthError};
@@ -59,6 +57,15 @@ pub enum ComponentError {
     /// The health check took longer than the reload timeout. Retryable.
     #[error("health check timed out after {0:?}")]
     HealthTimedOut(Duration),
+    /// A service's own component failed (see [`ComponentError::fatal`] and
+    /// [`ComponentError::retryable`]).
+    #[error("{source}")]
+    Service {
+        /// The component's own error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Whether trying again later may succeed.
+        retryable: bool,
+    },
 }
 
 impl ComponentError {
@@ -71,78 +78,18 @@ impl ComponentError {
             ComponentError::Redis(e) => e.is_retryable(),
             ComponentError::LlmHealth(e) => e.is_retryable(),
             ComponentError::PrepareTimedOut(_) | ComponentError::HealthTimedOut(_) => true,
-        }
-    }
-}
-
-/// The hot-reloadable components.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ComponentKind {
-    /// Log level and format.
-    Logger,
-    /// PostgreSQL pool. Critical.
-    Database,
-    /// Redis pool. Critical.
-    Redis,
-    /// LLM HTTP client.
-    Llm,
-    /// Metrics collection and labels.
-    Metrics,
-}
-
-impl ComponentKind {
-    /// Every component, in reload-report order.
-    pub const ALL: [ComponentKind; 5] = [
-        ComponentKind::Logger,
-        ComponentKind::Database,
-        ComponentKind::Redis,
-        ComponentKind::Llm,
-        ComponentKind::Metrics,
-    ];
-
-    /// Lower-case name used in reports and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ComponentKind::Logger => "logger",
-            ComponentKind::Database => "database",
-            ComponentKind::Redis => "redis",
-            ComponentKind::Llm => "llm",
-            ComponentKind::Metrics => "metrics",
+            ComponentError::Service { retryable, .. } => *retryable,
         }
     }
 
-    /// The config section that drives the component.
-    pub fn section(self) -> &'static str {
-        match self {
-            ComponentKind::Logger => "log",
-            ComponentKind::Database => "database",
-            ComponentKind::Redis => "redis",
-            ComponentKind::Llm => "llm",
-            ComponentKind::Metrics => "metrics",
-        }
+    /// A failure that needs other settings first (a bad value).
+    pub fn fatal(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ComponentError::Service { source: e.into(), retryable: false }
     }
 
-    /// Whether `config` makes this component critical: enabled, and the node
-    /// cannot serve without it. A critical component that fails rolls the
-    /// reload back and makes the node unhealthy. The database and Redis always
-    /// are; the LLM endpoint is when its section says `required: true`.
-    pub fn is_critical_in(self, config: &Config) -> bool {
-        match self {
-            ComponentKind::Database | ComponentKind::Redis => self.enabled_in(config),
-            ComponentKind::Llm => config.llm.as_ref().is_some_and(|l| l.required),
-            ComponentKind::Logger | ComponentKind::Metrics => false,
-        }
-    }
-
-    /// Whether `config` runs this component at all.
-    pub fn enabled_in(self, config: &Config) -> bool {
-        match self {
-            ComponentKind::Logger | ComponentKind::Metrics => true,
-            ComponentKind::Database => config.database_enabled().is_some(),
-            ComponentKind::Redis => config.redis_enabled().is_some(),
-            ComponentKind::Llm => config.llm.is_some(),
-        }
+    /// A failure that may pass on its own (a dependency down or slow).
+    pub fn retryable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ComponentError::Service { source: e.into(), retryable: true }
     }
 }
 
@@ -162,143 +109,228 @@ impl Default for Grace {
     }
 }
 
-/// One built instance of a component (`None`: the component is disabled).
-pub(crate) enum Instance {
-    Logger(Arc<crate::config::LogConfig>),
-    Database(Option<Arc<Database>>),
-    Redis(Option<Arc<RedisPool>>),
-    Llm(Option<Arc<LlmClient>>),
-    Metrics(Arc<MetricsConfig>),
+/// Reads a section of the service config.
+pub type Section<C, T> = fn(&C) -> Option<&T>;
+
+/// Log level and format, applied through the node's tracing reload handles.
+pub struct LoggerComponent<C> {
+    logger: Arc<Logger>,
+    path: String,
+    get: fn(&C) -> &LogConfig,
 }
 
-/// The live components of a node.
-pub struct Components {
-    /// Tracing reload handles.
-    pub(crate) logger: Logger,
-    /// Live PostgreSQL pool; `None` when disabled (`profile: lite`).
-    pub(crate) database: ArcSwapOption<Database>,
-    /// Live Redis pool; `None` when disabled.
-    pub(crate) redis: ArcSwapOption<RedisPool>,
-    /// Live LLM client; `None` when no `llm` section.
-    pub(crate) llm: ArcSwapOption<LlmClient>,
-    /// Registry and its reloadable settings.
-    pub(crate) metrics: Arc<NodeMetrics>,
-    /// Drain periods.
-    pub(crate) grace: Grace,
+impl<C> LoggerComponent<C> {
+    /// Drives `logger` (the node's: [`crate::NodeBuilder::logger`]) from the
+    /// section at `path`.
+    pub fn new(logger: Arc<Logger>, path: &str, get: fn(&C) -> &LogConfig) -> Self {
+        Self { logger, path: path.into(), get }
+    }
 }
 
-impl Components {
-    /// Builds every component for boot. Pools connect lazily so a node can
-    /// start (and report not-ready) while its database is down.
-    pub(crate) fn boot(
-        config: &Config,
-        logger: Logger,
-        metrics: Arc<NodeMetrics>,
-        grace: Grace,
-    ) -> Result<Self, ComponentError> {
-        let database = config.database_enabled().map(Database::lazy).transpose()?.map(Arc::new);
-        let redis = config.redis_enabled().map(RedisPool::build).transpose()?.map(Arc::new);
-        let llm = config.llm.as_ref().map(LlmClient::new).transpose()?.map(Arc::new);
-        metrics.set_settings(config.metrics.clone());
-        Ok(Self {
-            logger,
-            database: ArcSwapOption::new(database),
-            redis: ArcSwapOption::new(redis),
-            llm: ArcSwapOption::new(llm),
-            metrics,
-            grace,
-        })
-    }
+impl<C: Send + Sync + 'static> Component<C> for LoggerComponent<C> {
+    type Instance = LogConfig;
 
-    /// Builds and checks a new instance for `config`, without exposing it.
-    pub(crate) async fn prepare(&self, kind: ComponentKind, config: &Config) -> Result<Instance, ComponentError> {
-        Ok(match kind {
-            ComponentKind::Logger => {
-                Logger::check(&config.log)?;
-                Instance::Logger(Arc::new(config.log.clone()))
-            }
-            ComponentKind::Database => match config.database_enabled() {
-                None => Instance::Database(None),
-                Some(db) => Instance::Database(Some(Arc::new(Database::connect(db).await?))),
-            },
-            ComponentKind::Redis => match config.redis_enabled() {
-                None => Instance::Redis(None),
-                Some(r) => Instance::Redis(Some(Arc::new(RedisPool::connect(r).await?))),
-            },
-            ComponentKind::Llm => Instance::Llm(config.llm.as_ref().map(LlmClient::new).transpose()?.map(Arc::new)),
-            ComponentKind::Metrics => Instance::Metrics(Arc::new(config.metrics.clone())),
-        })
+    fn name(&self) -> &'static str {
+        "logger"
     }
-
-    /// Makes `instance` live; returns the one it replaced.
-    pub(crate) fn swap(&self, instance: Instance) -> Instance {
-        match instance {
-            Instance::Logger(s) => Instance::Logger(self.logger.set(s)),
-            Instance::Database(p) => Instance::Database(self.database.swap(p)),
-            Instance::Redis(p) => Instance::Redis(self.redis.swap(p)),
-            Instance::Llm(c) => Instance::Llm(self.llm.swap(c)),
-            Instance::Metrics(s) => Instance::Metrics(self.metrics.swap_settings(s)),
-        }
+    fn paths(&self) -> Vec<String> {
+        vec![self.path.clone()]
     }
-
-    /// Drains a replaced instance in the background, then closes it.
-    pub(crate) fn retire(&self, instance: Instance) {
-        match instance {
-            Instance::Database(Some(p)) => drain(p, self.grace.database, |p| async move { p.close().await }),
-            Instance::Redis(Some(p)) => drain(p, self.grace.redis, |p| async move { p.close() }),
-            // In-flight LLM calls own an Arc to their client; it is freed when
-            // the last one finishes. Logger and metrics hold no resources.
-            _ => {}
-        }
+    async fn prepare(&self, config: &C) -> Result<LogConfig, ComponentError> {
+        let settings = (self.get)(config);
+        Logger::check(settings)?;
+        Ok(settings.clone())
     }
-
-    /// Health of the live instance of `kind`.
-    pub(crate) async fn health(&self, kind: ComponentKind) -> Result<(), ComponentError> {
-        match kind {
-            ComponentKind::Logger | ComponentKind::Metrics => Ok(()),
-            ComponentKind::Database => match self.database.load_full() {
-                Some(db) => Ok(db.check().await?),
-                None => Ok(()),
-            },
-            ComponentKind::Redis => match self.redis.load_full() {
-                Some(r) => Ok(r.ping().await?),
-                None => Ok(()),
-            },
-            ComponentKind::Llm => match self.llm.load_full() {
-                Some(c) => Ok(c.health().await?),
-                None => Ok(()),
-            },
-        }
-    }
-
-    /// Closes every pool now (shutdown).
-    pub(crate) async fn close(&self) {
-        if let Some(db) = self.database.swap(None) {
-            db.close().await;
-        }
-        if let Some(r) = self.redis.swap(None) {
-            r.close();
+    fn swapped(&self, live: Option<&Arc<LogConfig>>) {
+        if let Some(s) = live {
+            self.logger.set(s.clone());
         }
     }
 }
 
-/// Waits until nobody else holds `item` (every in-flight request that took it
-/// has finished) or `grace` runs out, then runs `close`.
-fn drain<T, F, Fut>(item: Arc<T>, grace: Duration, close: F)
-where
-    T: Send + Sync + 'static,
-    F: FnOnce(Arc<T>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + grace;
-        while Arc::strong_count(&item) > 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+/// A PostgreSQL pool (sqlx). Critical when enabled: the node cannot serve
+/// without it.
+pub struct DatabaseComponent<C> {
+    path: String,
+    get: Section<C, DatabaseConfig>,
+    grace: Duration,
+}
+
+impl<C> DatabaseComponent<C> {
+    /// A pool from the section `get` returns (`None`: disabled) at `path`;
+    /// a retired pool drains for `grace`.
+    pub fn new(path: &str, get: Section<C, DatabaseConfig>, grace: Duration) -> Self {
+        Self { path: path.into(), get, grace }
+    }
+}
+
+impl<C: Send + Sync + 'static> Component<C> for DatabaseComponent<C> {
+    type Instance = Database;
+
+    fn name(&self) -> &'static str {
+        "database"
+    }
+    fn paths(&self) -> Vec<String> {
+        vec![self.path.clone()]
+    }
+    fn enabled(&self, config: &C) -> bool {
+        (self.get)(config).is_some()
+    }
+    fn critical(&self, _: &C) -> bool {
+        true
+    }
+    /// Connects lazily, so a node boots (not ready) while its database is down.
+    async fn boot(&self, config: &C) -> Result<Database, ComponentError> {
+        Ok(Database::lazy(section(self.get, config)?)?)
+    }
+    async fn prepare(&self, config: &C) -> Result<Database, ComponentError> {
+        Ok(Database::connect(section(self.get, config)?).await?)
+    }
+    async fn health(&self, live: &Database) -> Result<(), ComponentError> {
+        Ok(live.check().await?)
+    }
+    fn grace(&self) -> Duration {
+        self.grace
+    }
+    async fn close(&self, retired: Arc<Database>) {
+        retired.close().await;
+    }
+}
+
+/// A Redis pool (deadpool-redis). Critical when enabled.
+pub struct RedisComponent<C> {
+    path: String,
+    get: Section<C, RedisConfig>,
+    grace: Duration,
+}
+
+impl<C> RedisComponent<C> {
+    /// A pool from the section `get` returns (`None`: disabled) at `path`;
+    /// a retired pool drains for `grace`.
+    pub fn new(path: &str, get: Section<C, RedisConfig>, grace: Duration) -> Self {
+        Self { path: path.into(), get, grace }
+    }
+}
+
+impl<C: Send + Sync + 'static> Component<C> for RedisComponent<C> {
+    type Instance = RedisPool;
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    fn paths(&self) -> Vec<String> {
+        vec![self.path.clone()]
+    }
+    fn enabled(&self, config: &C) -> bool {
+        (self.get)(config).is_some()
+    }
+    fn critical(&self, _: &C) -> bool {
+        true
+    }
+    async fn boot(&self, config: &C) -> Result<RedisPool, ComponentError> {
+        Ok(RedisPool::build(section(self.get, config)?)?)
+    }
+    async fn prepare(&self, config: &C) -> Result<RedisPool, ComponentError> {
+        Ok(RedisPool::connect(section(self.get, config)?).await?)
+    }
+    async fn health(&self, live: &RedisPool) -> Result<(), ComponentError> {
+        Ok(live.ping().await?)
+    }
+    fn grace(&self) -> Duration {
+        self.grace
+    }
+    async fn close(&self, retired: Arc<RedisPool>) {
+        retired.close();
+    }
+}
+
+/// An OpenAI-style LLM client. Critical only when its section says
+/// `required: true`; otherwise a failure leaves the node degraded.
+pub struct LlmComponent<C> {
+    path: String,
+    get: Section<C, LlmConfig>,
+}
+
+impl<C> LlmComponent<C> {
+    /// A client from the section `get` returns (`None`: disabled) at `path`.
+    pub fn new(path: &str, get: Section<C, LlmConfig>) -> Self {
+        Self { path: path.into(), get }
+    }
+}
+
+impl<C: Send + Sync + 'static> Component<C> for LlmComponent<C> {
+    type Instance = LlmClient;
+
+    fn name(&self) -> &'static str {
+        "llm"
+    }
+    fn paths(&self) -> Vec<String> {
+        vec![self.path.clone()]
+    }
+    fn enabled(&self, config: &C) -> bool {
+        (self.get)(config).is_some()
+    }
+    fn critical(&self, config: &C) -> bool {
+        (self.get)(config).is_some_and(|l| l.required)
+    }
+    // In-flight calls own an Arc to their client; it is freed when the last
+    // one finishes, so no grace and no close.
+    async fn prepare(&self, config: &C) -> Result<LlmClient, ComponentError> {
+        Ok(LlmClient::new(section(self.get, config)?)?)
+    }
+    async fn health(&self, live: &LlmClient) -> Result<(), ComponentError> {
+        Ok(live.health().await?)
+    }
+}
+
+/// Metrics collection and extra labels, applied to the node's registry.
+pub struct MetricsComponent<C> {
+    metrics: Arc<NodeMetrics>,
+    path: String,
+    get: fn(&C) -> &MetricsConfig,
+}
+
+impl<C> MetricsComponent<C> {
+    /// Drives `metrics` (the node's: [`crate::NodeBuilder::metrics`]) from
+    /// the section at `path`.
+    pub fn new(metrics: Arc<NodeMetrics>, path: &str, get: fn(&C) -> &MetricsConfig) -> Self {
+        Self { metrics, path: path.into(), get }
+    }
+}
+
+impl<C: Send + Sync + 'static> Component<C> for MetricsComponent<C> {
+    type Instance = MetricsConfig;
+
+    fn name(&self) -> &'static str {
+        "metrics"
+    }
+    fn paths(&self) -> Vec<String> {
+        vec![self.path.clone()]
+    }
+    async fn prepare(&self, config: &C) -> Result<MetricsConfig, ComponentError> {
+        Ok((self.get)(config).clone())
+    }
+    fn swapped(&self, live: Option<&Arc<MetricsConfig>>) {
+        if let Some(s) = live {
+            self.metrics.swap_settings(s.clone());
         }
-        let holders = Arc::strong_count(&item) - 1;
-        if holders > 0 {
-            tracing::warn!(holders, "grace period over; closing a retired component still in use");
-        }
-        close(item).await;
-    });
+    }
+}
+
+/// The section of an enabled component (the node calls `boot` and
+/// `prepare` only when `enabled` said yes).
+fn section<C, T>(get: Section<C, T>, config: &C) -> Result<&T, ComponentError> {
+    get(config).ok_or_else(|| ComponentError::fatal("internal: the section of an enabled component is missing"))
+}
+
+/// Registers the reference service's five components, in report order:
+/// logger, database, redis, llm, metrics.
+pub fn reference_components(b: &mut crate::NodeBuilder<Config>, grace: Grace) {
+    let logger = LoggerComponent::new(b.logger().clone(), "log", |c: &Config| &c.log);
+    b.component(logger);
+    b.component(DatabaseComponent::new("database", Config::database_enabled, grace.database));
+    b.component(RedisComponent::new("redis", Config::redis_enabled, grace.redis));
+    b.component(LlmComponent::new("llm", |c: &Config| c.llm.as_ref()));
+    let metrics = MetricsComponent::new(b.metrics().clone(), "metrics", |c: &Config| &c.metrics);
+    b.component(metrics);
 }
