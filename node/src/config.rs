@@ -484,15 +484,7 @@ impl Config {
     /// The config as JSON with every URL password replaced by `***`: the only
     /// form that reaches logs, diffs and status.
     pub fn redacted_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        for (section, key) in SECRET_FIELDS {
-            if let Some(s) = v.get_mut(*section).and_then(|s| s.get_mut(*key))
-                && let Some(raw) = s.as_str()
-            {
-                *s = serde_json::Value::String(redact_url(raw));
-            }
-        }
-        v
+        crate::service::redacted_json(self)
     }
 
     /// The JSON Schema of the config document (draft 2020-12).
@@ -505,9 +497,6 @@ impl Config {
         &crate::service::described::<Config>().secrets
     }
 }
-
-/// Fields that hold URLs which may carry a password.
-pub const SECRET_FIELDS: &[(&str, &str)] = &[("database", "url"), ("redis", "url"), ("llm", "endpoint")];
 
 fn check_url(bad: &mut impl FnMut(&str, String), path: &str, url: &SecretUrl, schemes: &[&str]) {
     match url::Url::parse(url.expose()) {

@@ -1,4 +1,7 @@
-//! The reference service's HTTP side.
+//! The reference service's HTTP side. The status routes (`/healthz`,
+//! `/readyz`, `/metrics`, `/api/v2/config/status`) serve any service
+//! ([`status_routes`]); `/work` and `/api/v2/llm/chat` are the reference
+//! service's own.
 //!
 //! | route | what |
 //! |---|---|
@@ -21,7 +24,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::{node::Node, report::ReloadReport};
+use crate::{node::Node, report::ReloadReport, service::ServiceConfig};
 
 /// Answer of `GET /work`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -63,15 +66,23 @@ pub struct StatusReply {
     pub last_reload: Option<ReloadReport>,
 }
 
-/// Builds the router.
+/// Builds the reference service's router.
 pub fn router(node: Node) -> Router {
     Router::new()
         .route("/work", get(work))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v2/config/status", get(status))
         .route("/api/v2/llm/chat", post(chat))
+        .with_state(node.clone())
+        .merge(status_routes(node))
+}
+
+/// The routes every node serves, whatever its config type: liveness,
+/// readiness, metrics and the config status (secrets redacted).
+pub fn status_routes<C: ServiceConfig>(node: Node<C>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<C>))
+        .route("/metrics", get(metrics::<C>))
+        .route("/api/v2/config/status", get(status::<C>))
         .with_state(node)
 }
 
@@ -134,20 +145,20 @@ async fn work(State(node): State<Node>) -> Response {
     }
 }
 
-async fn readyz(State(node): State<Node>) -> Response {
+async fn readyz<C: ServiceConfig>(State(node): State<Node<C>>) -> Response {
     let h = node.health().await;
     let code = if h.healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(h)).into_response()
 }
 
-async fn metrics(State(node): State<Node>) -> Response {
+async fn metrics<C: ServiceConfig>(State(node): State<Node<C>>) -> Response {
     match node.metrics().render() {
         Some(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         None => Failure(StatusCode::NOT_FOUND, "metrics are disabled (metrics.enabled: false)".into()).into_response(),
     }
 }
 
-async fn status(State(node): State<Node>) -> Json<StatusReply> {
+async fn status<C: ServiceConfig>(State(node): State<Node<C>>) -> Json<StatusReply> {
     let live = node.config();
     Json(StatusReply {
         node: node.id().into(),
@@ -159,7 +170,7 @@ async fn status(State(node): State<Node>) -> Json<StatusReply> {
         highest_fencing_token: node.highest_token(),
         cluster_id: node.cluster_id(),
         config_cluster_id: live.cluster_id.clone(),
-        config: live.config.redacted_json(),
+        config: crate::service::redacted_json(&live.config),
         last_reload: node.last_report().as_deref().cloned(),
     })
 }

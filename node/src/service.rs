@@ -111,6 +111,14 @@ pub fn secret_values<C: ServiceConfig>(config: &C) -> Vec<String> {
     described::<C>().secrets.secret_values(&doc)
 }
 
+/// `config` as JSON with every value its schema marks secret hidden: the
+/// only form that reaches status and logs.
+pub fn redacted_json<C: ServiceConfig>(config: &C) -> serde_json::Value {
+    let mut doc = serde_json::to_value(config).unwrap_or_default();
+    described::<C>().secrets.redact(&mut doc);
+    doc
+}
+
 /// A reloadable component of a service with config `C`.
 ///
 /// The node keeps the live instance in a [`Slot`]; request handlers read it

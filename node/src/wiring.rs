@@ -4,7 +4,8 @@
 //! [`serve`] next to its own servers.
 //!
 //! ```text
-//!   serve(node, Wiring { agent, membership, sighup, watch }, shutdown)
+//!   serve(node, Wiring { status, agent, membership, sighup, watch }, shutdown)
+//!     ├─ http::status_routes /healthz /readyz /metrics /api/v2/config/status
 //!     ├─ agent::serve        NodeAgent gRPC (signed pushes, health, reflection)
 //!     ├─ Membership::run     register + heartbeat (publishes the config schema)
 //!     ├─ triggers::sighup    SIGHUP → reload from the file
@@ -52,6 +53,10 @@ pub struct NodeArgs {
     /// Bearer token file (a `node` role credential) for the coordinators.
     #[arg(long)]
     pub coordinator_token_file: Option<PathBuf>,
+    /// HTTP address of the status routes (`/healthz`, `/readyz`,
+    /// `/metrics`, `/api/v2/config/status`); none without it.
+    #[arg(long)]
+    pub status_listen: Option<SocketAddr>,
 }
 
 impl NodeArgs {
@@ -79,7 +84,12 @@ impl NodeArgs {
             token,
             ca_pem: None,
         });
+        let status = match self.status_listen {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
         Ok(Wiring {
+            status,
             agent: Some((TcpListener::bind(self.agent_listen).await?, PushAuth::Signed(keys.clone()))),
             agent_tls: None,
             membership,
@@ -111,6 +121,8 @@ pub fn shutdown_on_signals() -> CancellationToken {
 /// Which doors a node opens and whom it registers with.
 #[derive(Default)]
 pub struct Wiring {
+    /// Listener of the status routes ([`crate::http::status_routes`]).
+    pub status: Option<TcpListener>,
     /// The NodeAgent listener and who may push through it. Without it the
     /// node only reloads locally (file, SIGHUP, [`Node::apply`]).
     pub agent: Option<(TcpListener, PushAuth)>,
@@ -168,6 +180,11 @@ pub async fn serve<C: ServiceConfig>(
         agent_address = Some(format!("{scheme}://{}", listener.local_addr()?));
         let (n, s, tls) = (node.clone(), stop.clone(), wiring.agent_tls);
         tasks.spawn(async move { Ok(agent::serve(n, auth, tls, listener, s.cancelled_owned()).await?) });
+    }
+    if let Some(listener) = wiring.status {
+        let (routes, s) = (crate::http::status_routes(node.clone()), stop.clone());
+        tasks
+            .spawn(async move { Ok(axum::serve(listener, routes).with_graceful_shutdown(s.cancelled_owned()).await?) });
     }
     if let Some(mut m) = wiring.membership {
         if m.agent_address.is_empty() {

@@ -106,7 +106,7 @@ fn check_doc(bytes: &[u8]) -> Option<Config> {
     // password string into a field that is not secret, such as
     // `server.host`: that value is the author's choice, shown as written.)
     let redacted = config.redacted_json();
-    let secret_fields: Vec<String> = confroll_node::config::SECRET_FIELDS
+    let secret_fields: Vec<String> = [("database", "url"), ("redis", "url"), ("llm", "endpoint")]
         .iter()
         .map(|(section, key)| redacted[*section][*key].to_string())
         .collect();

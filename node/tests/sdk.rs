@@ -209,3 +209,26 @@ fn the_published_schema_carries_format_restart_only_and_secret_marks() {
     let e = parse::<Cfg>(b"greeting = 1\n").unwrap_err().to_string();
     assert!(e.contains("greeting"), "{e}");
 }
+
+#[tokio::test]
+async fn the_status_routes_serve_any_service_with_its_secrets_hidden() {
+    let (node, _, _, _) = start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = confroll_node::http::status_routes(node.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, routes).await });
+    let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
+    let status: serde_json::Value = get("/api/v2/config/status").await.unwrap().json().await.unwrap();
+    assert_eq!(status["config"]["limit"], 10);
+    assert_eq!(status["config"]["token"], "<redacted>");
+    assert!(!status.to_string().contains(TOKEN));
+    let ready = get("/readyz").await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let health: serde_json::Value = ready.json().await.unwrap();
+    let names: Vec<&str> =
+        health["components"].as_array().unwrap().iter().map(|c| c["component"].as_str().unwrap()).collect();
+    assert_eq!(names, ["limiter", "greeter"]);
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("confroll_config_version"), "{metrics}");
+    server.abort();
+}
