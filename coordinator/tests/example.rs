@@ -101,11 +101,7 @@ async fn rollout_of(
 #[tokio::test]
 async fn the_example_service_hot_reloads_rolls_out_and_is_rolled_back_on_a_failed_health_check() {
     let _serial = serial().await;
-    let store = Backing::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let c = Coord::start(&store, "c1", dir.path(), &[]);
-    let mut client = c.client().await;
-    leader_via(&client).await;
+    let (_store, dir, c, mut client) = solo().await;
     // The quota store: a listener the limiter's health check connects to,
     // and an address nobody listens on.
     let quota = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -133,10 +129,6 @@ async fn the_example_service_hot_reloads_rolls_out_and_is_rolled_back_on_a_faile
     // 2. Refused at submit, nothing stored: a wrong type (the published JSON
     //    Schema, at its pointer), a business rule and a restart-only field
     //    (the node's dry run).
-    let versions = |mut client: pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>| async move {
-        let r = pb::ListVersionsRequest { service: SERVICE.into() };
-        client.list_versions(r).await.unwrap().into_inner().versions.len()
-    };
     let wrong_type = doc(10, good, "x", false).replace("rate_limit = 10", "rate_limit = \"fast\"");
     let e = client.submit_config(submit(&wrong_type)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
@@ -146,7 +138,7 @@ async fn the_example_service_hot_reloads_rolls_out_and_is_rolled_back_on_a_faile
     let moved = doc(10, good, "x", false).replace("listen_port = 8080", "listen_port = 9090");
     let e = client.submit_config(submit(&moved)).await.unwrap_err();
     assert!(e.message().contains("listen_port") && e.message().contains("restart"), "{}", e.message());
-    assert_eq!(versions(client.clone()).await, 0, "refused submits store nothing");
+    assert_eq!(count_versions(&client, SERVICE).await, 0, "refused submits store nothing");
 
     // 3. A rollout from the coordinator reaches both nodes.
     let v1 = doc(200, good, "one", false);

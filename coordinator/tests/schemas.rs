@@ -60,15 +60,7 @@ fn submit(content: &str, dry_run: bool) -> pb::SubmitConfigRequest {
 #[tokio::test]
 async fn submits_are_checked_against_every_live_schema_and_secrets_stay_hidden() {
     let _serial = serial().await;
-    let store = Backing::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let c = Coord::start(&store, "c1", dir.path(), &[]);
-    let mut client = c.client().await;
-    leader_via(&client).await;
-    let versions = |mut client: pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>| async move {
-        let r = pb::ListVersionsRequest { service: SERVICE.into() };
-        client.list_versions(r).await.unwrap().into_inner().versions.len()
-    };
+    let (_store, _dir, c, mut client) = solo().await;
 
     // No node ever published a schema: nothing to check against.
     let e = client.submit_config(submit("rate_limit: 5\n", false)).await.unwrap_err();
@@ -95,7 +87,7 @@ async fn submits_are_checked_against_every_live_schema_and_secrets_stay_hidden()
     for needle in ["schema check failed", "published by n1", "at `/rate_limit`", "bogus", "at `/features/1`"] {
         assert!(m.contains(needle), "`{needle}` missing from: {m}");
     }
-    assert_eq!(versions(client.clone()).await, 0, "nothing stored");
+    assert_eq!(count_versions(&client, SERVICE).await, 0, "nothing stored");
 
     // Mixed schemas during an upgrade: n2 runs the next build.
     client.register(register("n2", &schema_b(), "yaml")).await.unwrap();
@@ -116,7 +108,7 @@ async fn submits_are_checked_against_every_live_schema_and_secrets_stay_hidden()
     let ok = client.submit_config(submit("rate_limit: 50\n", true)).await.unwrap().into_inner();
     let schema_check = ok.checks.iter().find(|c| c.name == "schema").unwrap();
     assert!(schema_check.ok && schema_check.detail.contains(", "), "both schemas checked: {}", schema_check.detail);
-    assert_eq!(versions(client.clone()).await, 0, "dry runs store nothing");
+    assert_eq!(count_versions(&client, SERVICE).await, 0, "dry runs store nothing");
 
     // Secrets: stored as written, shown redacted, never logged.
     let secret = "s3cr3t-T0ken-value";
@@ -176,11 +168,7 @@ async fn submits_are_checked_against_every_live_schema_and_secrets_stay_hidden()
 #[tokio::test]
 async fn an_operator_publishes_a_schema_before_the_nodes_and_toml_is_checked() {
     let _serial = serial().await;
-    let store = Backing::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let c = Coord::start(&store, "c1", dir.path(), &[]);
-    let mut client = c.client().await;
-    leader_via(&client).await;
+    let (_store, dir, c, mut client) = solo().await;
     let file = dir.path().join("schema.json");
     std::fs::write(&file, schema_a().to_string()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_confroll"))

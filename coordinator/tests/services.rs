@@ -20,11 +20,7 @@ async fn rollout_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_services_roll_out_at_the_same_time_without_touching_each_other() {
     let _serial = serial().await;
-    let store = Backing::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let c = Coord::start(&store, "c1", dir.path(), &[]);
-    let mut client = c.client().await;
-    leader_via(&client).await;
+    let (_store, dir, c, mut client) = solo().await;
     let cfg = dir.path().join("base.yaml");
     std::fs::write(&cfg, lite(30)).unwrap();
     let mut nodes = Vec::new();

@@ -535,6 +535,23 @@ pub fn submit_req(content: &str, bake: &str) -> pb::SubmitConfigRequest {
     }
 }
 
+/// One coordinator replica on its own single-member store, with a leader:
+/// (store, dir, replica, client).
+pub async fn solo() -> (Backing, tempfile::TempDir, Coord, CoordinatorClient<Channel>) {
+    let store = Backing::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coord::start(&store, "c1", dir.path(), &[]);
+    let client = c.client().await;
+    leader_via(&client).await;
+    (store, dir, c, client)
+}
+
+/// How many versions `service` has stored.
+pub async fn count_versions(client: &CoordinatorClient<Channel>, service: &str) -> usize {
+    let r = pb::ListVersionsRequest { service: service.into() };
+    client.clone().list_versions(r).await.unwrap().into_inner().versions.len()
+}
+
 /// Waits until `n` nodes are registered.
 pub async fn wait_registered(c: &Coord, n: usize) {
     let what = format!("{n} registered nodes");

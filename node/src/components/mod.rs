@@ -19,7 +19,7 @@ pub mod llm;
 pub mod logger;
 pub mod redis;
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use crate::{
     config::{Config, DatabaseConfig, LlmConfig, LogConfig, MetricsConfig, RedisConfig},
@@ -148,27 +148,84 @@ impl<C: Send + Sync + 'static> Component<C> for LoggerComponent<C> {
     }
 }
 
-/// A PostgreSQL pool (sqlx). Critical when enabled: the node cannot serve
+/// A connection pool the node can run as a critical component: built
+/// lazily at boot (so a node boots, not ready, while the server is down),
+/// connected and checked on reload, drained, then closed.
+pub trait Pool: Send + Sync + Sized + 'static {
+    /// Its config section.
+    type Settings: Send + Sync + 'static;
+    /// Component name.
+    const NAME: &'static str;
+    /// A pool that connects on first use.
+    fn lazy(settings: &Self::Settings) -> Result<Self, ComponentError>;
+    /// A pool with a connection made and checked.
+    fn connect(settings: &Self::Settings) -> impl Future<Output = Result<Self, ComponentError>> + Send;
+    /// One round trip on a pooled connection.
+    fn check(&self) -> impl Future<Output = Result<(), ComponentError>> + Send;
+    /// Closes every connection.
+    fn shut(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl Pool for Database {
+    type Settings = DatabaseConfig;
+    const NAME: &'static str = "database";
+    fn lazy(settings: &DatabaseConfig) -> Result<Self, ComponentError> {
+        Ok(Database::lazy(settings)?)
+    }
+    async fn connect(settings: &DatabaseConfig) -> Result<Self, ComponentError> {
+        Ok(Database::connect(settings).await?)
+    }
+    async fn check(&self) -> Result<(), ComponentError> {
+        Ok(Database::check(self).await?)
+    }
+    async fn shut(&self) {
+        self.close().await;
+    }
+}
+
+impl Pool for RedisPool {
+    type Settings = RedisConfig;
+    const NAME: &'static str = "redis";
+    fn lazy(settings: &RedisConfig) -> Result<Self, ComponentError> {
+        Ok(RedisPool::build(settings)?)
+    }
+    async fn connect(settings: &RedisConfig) -> Result<Self, ComponentError> {
+        Ok(RedisPool::connect(settings).await?)
+    }
+    async fn check(&self) -> Result<(), ComponentError> {
+        Ok(self.ping().await?)
+    }
+    async fn shut(&self) {
+        self.close();
+    }
+}
+
+/// A [`Pool`] as a component. Critical when enabled: the node cannot serve
 /// without it.
-pub struct DatabaseComponent<C> {
+pub struct PoolComponent<C, P: Pool> {
     path: String,
-    get: Section<C, DatabaseConfig>,
+    get: Section<C, P::Settings>,
     grace: Duration,
 }
 
-impl<C> DatabaseComponent<C> {
+/// A PostgreSQL pool (sqlx; reload: new pool + `SELECT 1`).
+pub type DatabaseComponent<C> = PoolComponent<C, Database>;
+/// A Redis pool (deadpool-redis; reload: new pool + `PING`).
+pub type RedisComponent<C> = PoolComponent<C, RedisPool>;
+
+impl<C, P: Pool> PoolComponent<C, P> {
     /// A pool from the section `get` returns (`None`: disabled) at `path`;
     /// a retired pool drains for `grace`.
-    pub fn new(path: &str, get: Section<C, DatabaseConfig>, grace: Duration) -> Self {
+    pub fn new(path: &str, get: Section<C, P::Settings>, grace: Duration) -> Self {
         Self { path: path.into(), get, grace }
     }
 }
 
-impl<C: Send + Sync + 'static> Component<C> for DatabaseComponent<C> {
-    type Instance = Database;
+impl<C: Send + Sync + 'static, P: Pool> Component<C> for PoolComponent<C, P> {
+    type Instance = P;
 
     fn name(&self) -> &'static str {
-        "database"
+        P::NAME
     }
     fn paths(&self) -> Vec<String> {
         vec![self.path.clone()]
@@ -179,68 +236,20 @@ impl<C: Send + Sync + 'static> Component<C> for DatabaseComponent<C> {
     fn critical(&self, _: &C) -> bool {
         true
     }
-    /// Connects lazily, so a node boots (not ready) while its database is down.
-    async fn boot(&self, config: &C) -> Result<Database, ComponentError> {
-        Ok(Database::lazy(section(self.get, config)?)?)
+    async fn boot(&self, config: &C) -> Result<P, ComponentError> {
+        P::lazy(section(self.get, config)?)
     }
-    async fn prepare(&self, config: &C) -> Result<Database, ComponentError> {
-        Ok(Database::connect(section(self.get, config)?).await?)
+    async fn prepare(&self, config: &C) -> Result<P, ComponentError> {
+        P::connect(section(self.get, config)?).await
     }
-    async fn health(&self, live: &Database) -> Result<(), ComponentError> {
-        Ok(live.check().await?)
-    }
-    fn grace(&self) -> Duration {
-        self.grace
-    }
-    async fn close(&self, retired: Arc<Database>) {
-        retired.close().await;
-    }
-}
-
-/// A Redis pool (deadpool-redis). Critical when enabled.
-pub struct RedisComponent<C> {
-    path: String,
-    get: Section<C, RedisConfig>,
-    grace: Duration,
-}
-
-impl<C> RedisComponent<C> {
-    /// A pool from the section `get` returns (`None`: disabled) at `path`;
-    /// a retired pool drains for `grace`.
-    pub fn new(path: &str, get: Section<C, RedisConfig>, grace: Duration) -> Self {
-        Self { path: path.into(), get, grace }
-    }
-}
-
-impl<C: Send + Sync + 'static> Component<C> for RedisComponent<C> {
-    type Instance = RedisPool;
-
-    fn name(&self) -> &'static str {
-        "redis"
-    }
-    fn paths(&self) -> Vec<String> {
-        vec![self.path.clone()]
-    }
-    fn enabled(&self, config: &C) -> bool {
-        (self.get)(config).is_some()
-    }
-    fn critical(&self, _: &C) -> bool {
-        true
-    }
-    async fn boot(&self, config: &C) -> Result<RedisPool, ComponentError> {
-        Ok(RedisPool::build(section(self.get, config)?)?)
-    }
-    async fn prepare(&self, config: &C) -> Result<RedisPool, ComponentError> {
-        Ok(RedisPool::connect(section(self.get, config)?).await?)
-    }
-    async fn health(&self, live: &RedisPool) -> Result<(), ComponentError> {
-        Ok(live.ping().await?)
+    async fn health(&self, live: &P) -> Result<(), ComponentError> {
+        live.check().await
     }
     fn grace(&self) -> Duration {
         self.grace
     }
-    async fn close(&self, retired: Arc<RedisPool>) {
-        retired.close();
+    async fn close(&self, retired: Arc<P>) {
+        retired.shut().await;
     }
 }
 
