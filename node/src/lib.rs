@@ -6,8 +6,10 @@
 //!  config.rs      the reference service's config model (one ServiceConfig)
 //!  diff.rs        field diff with secrets hidden, restart-only refusal
 //!  pipeline.rs    the reload pipeline as a pure state machine (events in, commands out)
-//!  node.rs        the runtime: ArcSwap of the live config, executes pipeline commands,
-//!                 fencing-token check for pushes, state dir persistence
+//!  node/          the runtime: ArcSwap of the live config, executes pipeline commands,
+//!                 fencing-token check for pushes, state dir persistence;
+//!                 builder.rs: NodeBuilder (options, components, boot)
+//!  fencing.rs     the fencing rules as pure functions (cluster, token, sequence, deadline)
 //!  components/    ready-made components: logger (tracing reload), database
 //!                 (sqlx), redis (deadpool), llm (reqwest), metrics
 //!  metrics.rs     Prometheus registry with reloadable labels
@@ -44,6 +46,7 @@ pub mod agent;
 pub mod components;
 pub mod config;
 pub mod diff;
+pub mod fencing;
 pub mod http;
 pub mod journal;
 pub mod membership;

@@ -26,20 +26,21 @@ use std::{
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
-    components::{
-        ComponentError, DatabaseComponent, Grace, LlmClient, LlmComponent, LogTarget, Logger, RedisComponent,
-        RedisPool, database::Database,
-    },
-    config::{Config, ConfigError, LogConfig, MAX_CONFIG_BYTES, scrub},
+    components::{ComponentError, Grace, LogTarget, Logger},
+    config::{Config, ConfigError, MAX_CONFIG_BYTES, scrub},
     diff::{ConfigDiff, FieldChange},
     journal::{self, Journal},
     metrics::NodeMetrics,
     pipeline::{Command, ComponentId, ComponentStatus, DiffSummary, Event, Failure, Machine, Outcome, Phase},
     report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
-    service::{self, Component, Erased, ServiceConfig, Slot, Slotted, Staged},
+    service::{self, Component, Erased, ServiceConfig, Slot, Staged},
     state::{Fencing, PersistedConfig, StateDir},
 };
 
+mod builder;
+
+pub use crate::fencing::{adoption, expired, fence};
+pub use builder::NodeBuilder;
 pub use confroll_common::{DEFAULT_SERVICE, sha256_hex};
 
 /// How to start a node.
@@ -319,165 +320,7 @@ struct Inner<C> {
     version_tx: tokio::sync::watch::Sender<u64>,
 }
 
-impl Node<Config> {
-    /// Boots a node of the reference service, with its five components
-    /// ([`crate::components::reference_components`]). See
-    /// [`NodeBuilder::start`].
-    pub async fn start(opts: NodeOptions) -> Result<Node, StartError> {
-        let grace = opts.grace;
-        let mut b = Node::<Config>::builder(opts)?;
-        crate::components::reference_components(&mut b, grace);
-        b.start().await
-    }
-
-    /// The live PostgreSQL pool (`None` with `profile: lite`).
-    pub fn database(&self) -> Option<Arc<Database>> {
-        self.slot::<DatabaseComponent<Config>>()?.get()
-    }
-
-    /// The live Redis pool (`None` with `profile: lite`).
-    pub fn redis(&self) -> Option<Arc<RedisPool>> {
-        self.slot::<RedisComponent<Config>>()?.get()
-    }
-
-    /// The live LLM client (`None` without an `llm` section).
-    pub fn llm(&self) -> Option<Arc<LlmClient>> {
-        self.slot::<LlmComponent<Config>>()?.get()
-    }
-}
-
-/// Puts a node together: its options, then its components, then
-/// [`NodeBuilder::start`].
-pub struct NodeBuilder<C> {
-    opts: NodeOptions,
-    logger: Arc<Logger>,
-    dispatch: tracing::Dispatch,
-    metrics: Arc<NodeMetrics>,
-    components: Vec<Box<dyn Erased<C>>>,
-    slots: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
-}
-
-impl<C: ServiceConfig> NodeBuilder<C> {
-    /// The node's tracing reload handles, for a
-    /// [`LoggerComponent`](crate::components::LoggerComponent).
-    pub fn logger(&self) -> &Arc<Logger> {
-        &self.logger
-    }
-
-    /// The node's metrics, for a
-    /// [`MetricsComponent`](crate::components::MetricsComponent) or the
-    /// service's own series.
-    pub fn metrics(&self) -> &Arc<NodeMetrics> {
-        &self.metrics
-    }
-
-    /// Adds a component; returns the slot its live instance is read from.
-    /// Components are reported, and prepared results ordered, in the order
-    /// they are added.
-    pub fn component<R: Component<C>>(&mut self, component: R) -> Slot<R::Instance> {
-        let (erased, slot) = Slotted::new(component);
-        self.components.push(Box::new(erased));
-        self.slots.insert(TypeId::of::<R>(), Box::new(slot.clone()));
-        slot
-    }
-
-    /// Boots the node: from the state dir's last applied config when there
-    /// is one, else from the config file (or `initial_config`). A config
-    /// file edited while the node was down is applied right after boot.
-    /// Each component's boot instance is built under the reload timeout.
-    pub async fn start(self) -> Result<Node<C>, StartError> {
-        let NodeBuilder { opts, logger, dispatch, metrics, components, slots } = self;
-        let state = opts.state_dir.as_ref().map(StateDir::open).transpose().map_err(StartError::State)?;
-        let persisted = match &state {
-            Some(s) => s.load_config().map_err(StartError::State)?,
-            None => None,
-        };
-        let fencing = match &state {
-            Some(s) => s.load_fencing().map_err(StartError::State)?,
-            None => Fencing::default(),
-        };
-        let journal = state.as_ref().map(|s| Journal::open(s.path())).transpose().map_err(StartError::State)?;
-        let file_bytes = match &opts.config_path {
-            Some(p) => Some(read_limited(p).await.map_err(|source| StartError::Read { path: p.clone(), source })?),
-            None => None,
-        };
-        let (content, version, source, file_sha, cluster_id) = match (&persisted, &file_bytes, &opts.initial_config) {
-            (Some(p), _, _) => {
-                (p.content.clone().into_bytes(), p.version, Trigger::Boot, p.file_sha256.clone(), p.cluster_id.clone())
-            }
-            (None, Some(b), _) => (b.clone(), 1, Trigger::File, Some(sha256_hex(b)), String::new()),
-            (None, None, Some(b)) => (b.clone(), 1, Trigger::Api, None, String::new()),
-            (None, None, None) => return Err(StartError::NoConfig),
-        };
-        let config: C = service::parse(&content)?;
-        let timeout = opts.reload_timeout;
-        for c in &components {
-            match tokio::time::timeout(timeout, c.boot(&config)).await {
-                Ok(r) => r.map_err(StartError::Component)?,
-                Err(_) => return Err(StartError::Component(ComponentError::PrepareTimedOut(timeout))),
-            }
-        }
-        metrics.config_version.set(version as i64);
-        let applied = LiveConfig {
-            sha256: sha256_hex(&content),
-            content: String::from_utf8(content).unwrap_or_default(),
-            config,
-            version,
-            applied_at: SystemTime::now(),
-            source,
-            cluster_id,
-        };
-        let node = Node {
-            inner: Arc::new(Inner {
-                live: ArcSwap::from_pointee(applied),
-                components,
-                slots,
-                logger,
-                metrics,
-                reload_lock: tokio::sync::Mutex::new(()),
-                fencing: std::sync::Mutex::new(fencing),
-                last_report: ArcSwapOption::empty(),
-                reload_seq: AtomicU64::new(0),
-                file_sha: ArcSwapOption::new(file_sha.map(Arc::new)),
-                state,
-                journal,
-                dispatch,
-                version_tx: tokio::sync::watch::Sender::new(version),
-                opts,
-            }),
-        };
-        if persisted.is_none() {
-            node.persist(&node.config());
-        }
-        // The file changed while we were down: apply it now.
-        if let (Some(_), Some(b)) = (&persisted, &file_bytes)
-            && node.inner.file_sha.load().as_deref().map(String::as_str) != Some(&sha256_hex(b))
-        {
-            let report = node.reload_from_file(Trigger::File).await;
-            tracing::info!(status = report.status.as_str(), "applied config file changed while the node was down");
-        }
-        tracing::info!(node = %node.id(), version, "node started");
-        Ok(node)
-    }
-}
-
 impl<C: ServiceConfig> Node<C> {
-    /// A builder for a node of service config `C`: add its components, then
-    /// start it.
-    pub fn builder(opts: NodeOptions) -> Result<NodeBuilder<C>, StartError> {
-        let metrics = NodeMetrics::new(&opts.id, &opts.service);
-        let (logger, dispatch) =
-            Logger::new(&LogConfig::default(), opts.log_target).map_err(|e| StartError::Component(e.into()))?;
-        Ok(NodeBuilder {
-            opts,
-            logger: Arc::new(logger),
-            dispatch,
-            metrics,
-            components: Vec::new(),
-            slots: HashMap::new(),
-        })
-    }
-
     /// The slot of the component of type `R` added to this node, if any.
     pub fn slot<R: Component<C>>(&self) -> Option<Slot<R::Instance>> {
         self.inner.slots.get(&TypeId::of::<R>())?.downcast_ref::<Slot<R::Instance>>().cloned()
@@ -1109,59 +952,6 @@ struct Origin {
     cluster_id: String,
 }
 
-/// The fencing rule, as a pure function: the state after accepting `push`
-/// under `current`, or why it is refused.
-///
-/// * A node that obeys no cluster yet is bound by the first push (its
-///   legacy token, if any, still applies).
-/// * A push of another cluster is refused: only `adopt` moves a node.
-/// * Within the cluster: a lower token is a deposed leader; under the same
-///   token, a lower sequence is a push overtaken on its way (or a replay).
-pub fn fence(current: &Fencing, push: &Push) -> Result<Fencing, PushError> {
-    if !current.cluster_id.is_empty() && push.cluster_id != current.cluster_id {
-        return Err(PushError::OtherCluster { ours: current.cluster_id.clone(), theirs: push.cluster_id.clone() });
-    }
-    if push.fencing_token < current.token {
-        return Err(PushError::StaleToken { token: push.fencing_token, highest: current.token });
-    }
-    let same_token = push.fencing_token == current.token;
-    if same_token && push.sequence != 0 && push.sequence < current.sequence {
-        return Err(PushError::Superseded { sequence: push.sequence, latest: current.sequence });
-    }
-    Ok(Fencing {
-        cluster_id: push.cluster_id.clone(),
-        token: push.fencing_token,
-        sequence: if same_token { current.sequence.max(push.sequence) } else { push.sequence },
-        retired_clusters: current.retired_clusters.clone(),
-    })
-}
-
-/// The deadline rule, as a pure function: `Some` when `push`, arriving at
-/// `received_ms`, came too late.
-pub fn expired(push: &Push, received_ms: u64) -> Option<PushError> {
-    (push.expires_at_ms != 0 && received_ms > push.expires_at_ms)
-        .then_some(PushError::Expired { received_ms, expires_at_ms: push.expires_at_ms })
-}
-
-/// The adoption rule, as a pure function: the state after moving from
-/// cluster `from` to `to` (`None`: already there), or why not.
-pub fn adoption(current: &Fencing, from: &str, to: &str, token: u64) -> Result<Option<Fencing>, PushError> {
-    if current.cluster_id == to {
-        return Ok(None);
-    }
-    if current.cluster_id != from {
-        return Err(PushError::OtherCluster { ours: current.cluster_id.clone(), theirs: from.to_owned() });
-    }
-    if to.is_empty() || current.retired_clusters.iter().any(|c| c == to) {
-        return Err(PushError::RetiredCluster(to.to_owned()));
-    }
-    let mut retired = current.retired_clusters.clone();
-    if !from.is_empty() {
-        retired.push(from.to_owned());
-    }
-    Ok(Some(Fencing { cluster_id: to.to_owned(), token, sequence: 0, retired_clusters: retired }))
-}
-
 /// Scratch state of one pipeline run.
 struct Run<C> {
     bytes: Vec<u8>,
@@ -1223,83 +1013,4 @@ async fn read_limited(path: &PathBuf) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(buf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn push(cluster: &str, token: u64, sequence: u64) -> Push {
-        Push {
-            service: String::new(),
-            version: 1,
-            content: Vec::new(),
-            sha256: String::new(),
-            fencing_token: token,
-            rollout_id: String::new(),
-            sequence,
-            cluster_id: cluster.into(),
-            issued_at_ms: 0,
-            expires_at_ms: 0,
-        }
-    }
-
-    fn state(cluster: &str, token: u64, sequence: u64) -> Fencing {
-        Fencing { cluster_id: cluster.into(), token, sequence, retired_clusters: Vec::new() }
-    }
-
-    #[test]
-    fn a_push_arriving_after_its_deadline_expires() {
-        let p = Push { expires_at_ms: 10_000, ..push("c1", 1, 1) };
-        assert!(expired(&p, 9_999).is_none());
-        assert!(expired(&p, 10_000).is_none(), "the deadline itself is still in time");
-        assert!(matches!(expired(&p, 10_001), Some(PushError::Expired { received_ms: 10_001, expires_at_ms: 10_000 })));
-        // No deadline (an older coordinator): never expires.
-        assert!(expired(&push("c1", 1, 1), u64::MAX).is_none());
-    }
-
-    #[test]
-    fn the_first_push_binds_a_node_and_other_clusters_are_refused() {
-        let fresh = Fencing::default();
-        assert_eq!(fence(&fresh, &push("a", 5, 1)).unwrap(), state("a", 5, 1));
-        // A node from before cluster ids keeps its token under the first cluster.
-        let legacy = state("", 9, 0);
-        assert!(matches!(fence(&legacy, &push("a", 5, 1)), Err(PushError::StaleToken { token: 5, highest: 9 })));
-        assert_eq!(fence(&legacy, &push("a", 9, 1)).unwrap(), state("a", 9, 1));
-        // Another cluster's push is refused whatever its token.
-        let bound = state("a", 5, 3);
-        for p in [push("b", 2, 1), push("b", u64::MAX, 1), push("", 6, 1)] {
-            assert!(matches!(fence(&bound, &p), Err(PushError::OtherCluster { .. })), "{p:?}");
-        }
-    }
-
-    #[test]
-    fn within_a_cluster_tokens_and_sequences_only_grow() {
-        let s = state("a", 5, 3);
-        assert!(matches!(fence(&s, &push("a", 4, 9)), Err(PushError::StaleToken { .. })));
-        assert!(matches!(fence(&s, &push("a", 5, 2)), Err(PushError::Superseded { sequence: 2, latest: 3 })));
-        assert_eq!(fence(&s, &push("a", 5, 3)).unwrap(), s, "a retry of the last push");
-        assert_eq!(fence(&s, &push("a", 5, 0)).unwrap(), s, "unordered pushes keep the sequence");
-        assert_eq!(fence(&s, &push("a", 5, 7)).unwrap(), state("a", 5, 7));
-        assert_eq!(fence(&s, &push("a", 6, 1)).unwrap(), state("a", 6, 1), "a new leader starts its own sequence");
-    }
-
-    #[test]
-    fn adoption_moves_forward_only_from_the_current_cluster() {
-        let s = state("a", 50, 3);
-        let moved = adoption(&s, "a", "b", 2).unwrap().unwrap();
-        assert_eq!(
-            moved,
-            Fencing { cluster_id: "b".into(), token: 2, sequence: 0, retired_clusters: vec!["a".into()] }
-        );
-        // The new cluster's tokens start again; the old one's are refused.
-        assert!(fence(&moved, &push("b", 2, 1)).is_ok());
-        assert!(matches!(fence(&moved, &push("a", 999, 1)), Err(PushError::OtherCluster { .. })));
-        assert_eq!(adoption(&moved, "a", "b", 3).unwrap(), None, "already there");
-        assert!(matches!(adoption(&moved, "x", "c", 1), Err(PushError::OtherCluster { .. })), "from must match");
-        assert!(matches!(adoption(&moved, "b", "a", 1), Err(PushError::RetiredCluster(_))), "never back");
-        assert!(matches!(adoption(&moved, "b", "", 1), Err(PushError::RetiredCluster(_))));
-        // A node bound to no cluster yet can be adopted from the empty id.
-        assert_eq!(adoption(&Fencing::default(), "", "b", 1).unwrap().unwrap().retired_clusters, Vec::<String>::new());
-    }
 }
