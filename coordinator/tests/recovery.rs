@@ -51,6 +51,7 @@ async fn rebuild_then_adopt(first: Backing, second: Backing, replicas: usize) {
     let c1 = &coords[0];
     let client = c1.client().await;
     let old = cluster_id(&client).await;
+    wait_registered(c1, 2).await;
     submit_until_accepted(&client, submit_req(&lite(31), "0s")).await;
     wait_rollout_done(c1, Duration::from_secs(20)).await;
     let v2 = submit_until_accepted(&client, submit_req(&lite(32), "0s")).await;

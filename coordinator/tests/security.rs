@@ -79,6 +79,9 @@ async fn only_the_coordinator_group_can_push_and_replays_are_refused() {
     let mut n1 = NodeProc::start("n1", &cfg, dir.path(), &[&c1], &[]);
     let n2 = NodeProc::start("n2", &cfg, dir.path(), &[&c1], &[]);
     let client = c1.client().await;
+    // Both registered first: a submit is accepted as soon as one node has
+    // published the schema, and a later node is only caught up afterwards.
+    wait_registered(&c1, 2).await;
     submit_until_accepted(&client, submit_req(&lite(31), "0s")).await;
     assert_eq!(wait_rollout_done(&c1, Duration::from_secs(20)).await.state, "SUCCEEDED");
     let cluster = cluster_id(&client).await;
