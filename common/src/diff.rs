@@ -27,23 +27,40 @@ pub struct FieldChange {
 /// the secrets of `secrets` hidden. Objects are walked; arrays and scalars
 /// are leaves (an empty object is a leaf too).
 pub fn changes(old: &Value, new: &Value, secrets: &SecretPaths) -> Vec<FieldChange> {
-    let (a, b) = (flatten(old), flatten(new));
+    let ((a, dotted_a), (b, dotted_b)) = (flatten(old), flatten(new));
+    let changed: Vec<&String> =
+        a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).filter(|p| a.get(*p) != b.get(*p)).collect();
+    // No changed field can be or hold a secret (decidable from the dotted
+    // paths when no key has a dot of its own): render the values as they are.
+    let plain =
+        !(dotted_a || dotted_b) && changed.iter().all(|p| !secrets.may_touch(&p.split('.').collect::<Vec<_>>()));
+    if plain {
+        let mut out: Vec<FieldChange> = changed
+            .into_iter()
+            .map(|path| FieldChange {
+                path: path.clone(),
+                old: a.get(path).map(|v| v.to_string()),
+                new: b.get(path).map(|v| v.to_string()),
+            })
+            .collect();
+        out.sort_by(|l, r| l.path.cmp(&r.path));
+        return out;
+    }
     let redacted = |v: &Value| {
         let mut v = v.clone();
         secrets.redact(&mut v);
-        flatten(&v)
+        v
     };
-    let (ra, rb) = (redacted(old), redacted(new));
-    let mut out = Vec::new();
-    for path in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
-        if a.get(path) != b.get(path) {
-            out.push(FieldChange {
-                path: path.clone(),
-                old: a.get(path).map(|_| render(ra.get(path))),
-                new: b.get(path).map(|_| render(rb.get(path))),
-            });
-        }
-    }
+    let (ro, rn) = (redacted(old), redacted(new));
+    let ((ra, _), (rb, _)) = (flatten(&ro), flatten(&rn));
+    let mut out: Vec<FieldChange> = changed
+        .into_iter()
+        .map(|path| FieldChange {
+            path: path.clone(),
+            old: a.get(path).map(|_| render(ra.get(path).copied())),
+            new: b.get(path).map(|_| render(rb.get(path).copied())),
+        })
+        .collect();
     out.sort_by(|l, r| l.path.cmp(&r.path));
     out
 }
@@ -79,23 +96,26 @@ fn render(v: Option<&Value>) -> String {
     v.map_or_else(|| Value::String(crate::secrets::REDACTED.into()).to_string(), Value::to_string)
 }
 
-fn flatten(v: &Value) -> BTreeMap<String, Value> {
-    fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+/// Every leaf of `v` by dotted path, borrowed; and whether a key has a dot
+/// of its own (then a dotted path does not say which keys it crosses).
+fn flatten(v: &Value) -> (BTreeMap<String, &Value>, bool) {
+    fn walk<'a>(prefix: &str, v: &'a Value, out: &mut BTreeMap<String, &'a Value>, dotted: &mut bool) {
         match v {
             Value::Object(map) if !map.is_empty() => {
                 for (k, v) in map {
+                    *dotted |= k.contains('.');
                     let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                    walk(&p, v, out);
+                    walk(&p, v, out, dotted);
                 }
             }
             other => {
-                out.insert(prefix.to_owned(), other.clone());
+                out.insert(prefix.to_owned(), other);
             }
         }
     }
-    let mut out = BTreeMap::new();
-    walk("", v, &mut out);
-    out
+    let (mut out, mut dotted) = (BTreeMap::new(), false);
+    walk("", v, &mut out, &mut dotted);
+    (out, dotted)
 }
 
 #[cfg(test)]
@@ -126,6 +146,28 @@ mod tests {
         assert_eq!((c[1].old.as_deref(), c[1].new.as_deref()), (Some("[1]"), None));
         assert_eq!((c[2].old.as_deref(), c[2].new.as_deref()), (None, Some("3")));
         assert!(changes(&old, &old, &secrets()).is_empty());
+    }
+
+    #[test]
+    fn secrets_stay_hidden_whichever_way_a_change_is_rendered() {
+        let nested = SecretPaths::from_schema(&json!({"properties": {
+            "vault": {"additionalProperties": {"properties": {"pw": {"writeOnly": true}}}},
+            "secret_tree": {"writeOnly": true}
+        }}));
+        // Only non-secret fields changed: rendered as they are.
+        let old = json!({"vault": {"k": {"pw": "P1"}}, "a": 1});
+        let c = changes(&old, &json!({"vault": {"k": {"pw": "P1"}}, "a": 2}), &nested);
+        assert_eq!((c[0].old.as_deref(), c[0].new.as_deref()), (Some("1"), Some("2")));
+        // A key with a dot of its own: `vault.x.y.pw` does not say which keys
+        // it crosses, so the documents are redacted.
+        let c = changes(&json!({"vault": {"x.y": {"pw": "P1"}}}), &json!({"vault": {"x.y": {"pw": "P2"}}}), &nested);
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(!text.contains("P1") && !text.contains("P2") && text.contains("vault.x.y.pw"), "{text}");
+        // A whole secret object added, and a field inside it changed.
+        let c = changes(&json!({}), &json!({"secret_tree": {"a": "S1"}}), &nested);
+        assert!(!serde_json::to_string(&c).unwrap().contains("S1"));
+        let c = changes(&json!({"secret_tree": {"a": "S1"}}), &json!({"secret_tree": {"a": "S2"}}), &nested);
+        assert!(!serde_json::to_string(&c).unwrap().contains("S2"));
     }
 
     #[test]

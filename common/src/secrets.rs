@@ -190,6 +190,21 @@ impl SecretPaths {
         changed
     }
 
+    /// Whether the value at the path `keys` (object keys from the root) may
+    /// be, hold or lie inside a secret value: one path is a prefix of the
+    /// other. Conservative: a `**` step matches anything, and everything may
+    /// be secret when the schema walk was not complete.
+    pub fn may_touch(&self, keys: &[&str]) -> bool {
+        fn overlaps(segments: &[Segment], keys: &[&str]) -> bool {
+            match (segments.split_first(), keys.split_first()) {
+                (None, _) | (_, None) | (Some((Segment::AnyDepth, _)), _) => true,
+                (Some((Segment::Any, rest)), Some((_, more))) => overlaps(rest, more),
+                (Some((Segment::Key(k), rest)), Some((key, more))) => k == key && overlaps(rest, more),
+            }
+        }
+        !self.complete || self.paths.iter().any(|p| overlaps(&p.segments, keys))
+    }
+
     /// The raw secrets in `doc`: the password (decoded, and as written when
     /// that differs) of each url-password value, the whole text of other
     /// secret values (every string and number inside a secret object or
