@@ -468,17 +468,10 @@ impl Config {
         self.redis.as_ref().filter(|_| self.profile == Profile::Standard)
     }
 
-    /// Every secret in the config, so error texts can be scrubbed of them.
+    /// Every secret in the config (from the schema's marks), so error texts
+    /// can be scrubbed of them.
     pub fn secrets(&self) -> Vec<String> {
-        [
-            self.database.as_ref().and_then(|d| d.url.secret()),
-            self.redis.as_ref().and_then(|r| r.url.secret()),
-            self.llm.as_ref().and_then(|l| l.endpoint.secret()),
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|s| !s.is_empty())
-        .collect()
+        crate::service::secret_values(self)
     }
 
     /// The config as JSON with every URL password replaced by `***`: the only

@@ -10,13 +10,9 @@ pub use confroll_common::diff::FieldChange;
 use serde::Serialize;
 
 use crate::{
-    config::{Config, ConfigError},
+    config::ConfigError,
     service::{ServiceConfig, described},
 };
-
-/// Fields of the reference service whose change needs a process restart
-/// (listeners and profile are fixed at boot).
-pub const RESTART_ONLY: &[&str] = <Config as ServiceConfig>::RESTART_ONLY;
 
 /// The difference between a running config and a candidate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

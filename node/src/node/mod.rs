@@ -635,6 +635,16 @@ impl<C: ServiceConfig> Node<C> {
             .collect()
     }
 
+    /// Retires the instances of `kinds` taken out of `from` (prepared ones
+    /// never used, or ones a commit replaced).
+    fn retire_from(&self, from: &mut HashMap<ComponentId, Staged>, kinds: Vec<ComponentId>) {
+        for k in kinds {
+            if let Some(inst) = from.remove(&k) {
+                self.component(k).retire(inst);
+            }
+        }
+    }
+
     async fn checked_health(&self, id: ComponentId) -> Result<(), ComponentError> {
         let t = self.inner.opts.reload_timeout;
         match tokio::time::timeout(t, self.component(id).health()).await {
@@ -731,6 +741,9 @@ impl<C: ServiceConfig> Node<C> {
             }
             Command::Apply => {
                 let config = run.config.take()?;
+                // Once per run: the prepare and health errors of this
+                // candidate are scrubbed of its secrets.
+                run.secrets = service::secret_values(&config);
                 let next = Arc::new(LiveConfig {
                     config,
                     version: origin.map_or(prev.version + 1, |o| o.version),
@@ -746,7 +759,6 @@ impl<C: ServiceConfig> Node<C> {
             Command::Prepare(kinds) => {
                 let live = self.config();
                 let timeout = self.inner.opts.reload_timeout;
-                let secrets = service::secret_values(&live.config);
                 let results = futures::future::join_all(kinds.iter().map(|k| {
                     let live = live.clone();
                     async move {
@@ -772,7 +784,7 @@ impl<C: ServiceConfig> Node<C> {
                             run.staged.insert(k, inst);
                             events.push((k, Ok(())));
                         }
-                        Err(e) => events.push((k, Err(Failure(scrub(&e.to_string(), &secrets))))),
+                        Err(e) => events.push((k, Err(Failure(scrub(&e.to_string(), &run.secrets))))),
                     }
                 }
                 Some(Event::Prepared(events))
@@ -786,21 +798,16 @@ impl<C: ServiceConfig> Node<C> {
                 None
             }
             Command::Discard(kinds) => {
-                for k in kinds {
-                    if let Some(inst) = run.staged.remove(&k) {
-                        self.component(k).retire(inst);
-                    }
-                }
+                self.retire_from(&mut run.staged, kinds);
                 None
             }
             Command::CheckHealth(kinds) => {
-                let secrets = service::secret_values(&self.config().config);
                 let results = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
                 Some(Event::Checked(
                     kinds
                         .into_iter()
                         .zip(results)
-                        .map(|(k, r)| (k, r.map_err(|e| Failure(scrub(&e.to_string(), &secrets)))))
+                        .map(|(k, r)| (k, r.map_err(|e| Failure(scrub(&e.to_string(), &run.secrets)))))
                         .collect(),
                 ))
             }
@@ -815,11 +822,7 @@ impl<C: ServiceConfig> Node<C> {
                 None
             }
             Command::Retire(kinds) => {
-                for k in kinds {
-                    if let Some(inst) = run.previous.remove(&k) {
-                        self.component(k).retire(inst);
-                    }
-                }
+                self.retire_from(&mut run.previous, kinds);
                 None
             }
             Command::Finish(_) => None,
@@ -958,6 +961,8 @@ struct Run<C> {
     sha: Option<String>,
     config: Option<C>,
     diff: Vec<FieldChange>,
+    /// The applied candidate's secret values (error scrubbing).
+    secrets: Vec<String>,
     /// Prepared, not yet swapped.
     staged: HashMap<ComponentId, Staged>,
     /// Replaced by a commit; restored by a rollback, drained by a retire.
@@ -975,6 +980,7 @@ impl<C> Run<C> {
             sha: None,
             config: None,
             diff: Vec::new(),
+            secrets: Vec::new(),
             staged: HashMap::new(),
             previous: HashMap::new(),
             phases: BTreeMap::new(),
