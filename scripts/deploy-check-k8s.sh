@@ -102,8 +102,12 @@ printf -- '-----BEGIN PRIVATE KEY-----\ntest\n-----END PRIVATE KEY-----\n' >"$d/
 printf -- '-----BEGIN PUBLIC KEY-----\ntest\n-----END PUBLIC KEY-----\n' >"$d/push.pub"
 check "kubectl kustomize: a private overlay replacing the placeholder secrets" render "$d" "$TMP/private.yaml"
 
+# The sidecar example (confroll-agent next to nginx), rendered on its own.
+SIDECAR=$K8S/examples/nginx-sidecar
+check "kubectl kustomize $SIDECAR" render "$SIDECAR" "$TMP/sidecar.yaml"
+
 RENDERED=()
-for f in embedded etcd embedded-tls etcd-tls private; do
+for f in embedded etcd embedded-tls etcd-tls private sidecar; do
   [ -s "$TMP/$f.yaml" ] && RENDERED+=("$TMP/$f.yaml")
 done
 
@@ -560,9 +564,73 @@ EOF
 
 for f in "${RENDERED[@]}"; do
   n=$(basename "$f" .yaml)
-  [ "$n" = private ] && continue
+  { [ "$n" = private ] || [ "$n" = sidecar ]; } && continue
   if ! asserts "$f" "$n"; then FAILED=1; fi
 done
+
+# sidecar_asserts FILE: what the nginx + confroll-agent example promises.
+sidecar_asserts() {
+  "$VENV/bin/python" - "$1" <<'EOF'
+import sys
+import yaml
+
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+errs = []
+sts = by.get(("StatefulSet", "web"))
+if not sts:
+    sys.exit("no StatefulSet web")
+spec = sts["spec"]["template"]["spec"]
+cs = {c["name"]: c for c in spec["containers"]}
+every = spec["containers"] + spec.get("initContainers", [])
+vols = {v["name"]: v for v in spec.get("volumes", [])}
+if spec.get("shareProcessNamespace") is not True:
+    errs.append("shareProcessNamespace is not true (the agent signals nginx)")
+if set(cs) != {"nginx", "agent"}:
+    errs.append(f"containers {sorted(cs)}, not nginx and agent")
+args = dict(a.split("=", 1) for a in cs.get("agent", {}).get("args", []) if "=" in a)
+conf_dir = args.get("--dir")
+mounts = {m["mountPath"]: m["name"] for c in every for m in c.get("volumeMounts", [])}
+if "emptyDir" not in vols.get(mounts.get(conf_dir), {}):
+    errs.append(f"--dir {conf_dir} is not on an emptyDir")
+for c in spec["containers"]:
+    for m in c.get("volumeMounts", []):
+        if m["mountPath"] == conf_dir and "configMap" in vols.get(m["name"], {}):
+            errs.append(f"{c['name']}: the config dir is a ConfigMap (a change would need a restart)")
+if not args.get("--pid-file", "").startswith("/run/nginx/"):
+    errs.append(f"--pid-file {args.get('--pid-file')} is not on the shared run volume")
+for c in every:
+    for kind in ("requests", "limits"):
+        for r in ("cpu", "memory"):
+            if not c.get("resources", {}).get(kind, {}).get(r):
+                errs.append(f"{c['name']}: no resources.{kind}.{r}")
+    s = c.get("securityContext", {})
+    for k, v in (("runAsNonRoot", True), ("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
+        if s.get(k) is not v:
+            errs.append(f"{c['name']}: {k} is {s.get(k)!r}")
+    caps = s.get("capabilities", {})
+    if "ALL" not in caps.get("drop", []) or caps.get("add"):
+        errs.append(f"{c['name']}: capabilities are not drop ALL, add nothing")
+pod_uid = spec.get("securityContext", {}).get("runAsUser")
+uids = {c["name"]: c.get("securityContext", {}).get("runAsUser", pod_uid) for c in spec["containers"]}
+if len(set(uids.values())) != 1 or 0 in uids.values() or None in uids.values():
+    errs.append(f"nginx and the agent run as {uids}: one non-root user, so SIGHUP needs no capability")
+if spec.get("automountServiceAccountToken") is not False:
+    errs.append("automountServiceAccountToken is not false")
+for v in vols.values():
+    src = v.get("secret")
+    if src and {i["key"] for i in src.get("items") or [{"key": "*"}]} - {"node", "push.pub"}:
+        errs.append(f"volume {v['name']} projects more than the node token and push.pub")
+np = by.get(("NetworkPolicy", "web"))
+rules = (np or {}).get("spec", {}).get("ingress", [])
+agent_from = [r for r in rules if any(p.get("port") == 9090 for p in r.get("ports", []))]
+if not agent_from or any(not r.get("from") for r in agent_from):
+    errs.append("the agent port 9090 is open to more than the coordinators")
+if errs:
+    sys.exit("\n".join(errs))
+EOF
+}
+[ -s "$TMP/sidecar.yaml" ] && check "sidecar example: shared process namespace, config on an emptyDir (no ConfigMap), one non-root user, restricted containers, agent port for coordinators only" sidecar_asserts "$TMP/sidecar.yaml"
 
 # The private overlay: the Secrets keep their names and hold the files.
 check_private() {
@@ -619,6 +687,12 @@ if [ -n "$BIN_DIR" ]; then
     check "$o: every node flag is known to $BIN_DIR/confroll-node" \
       check_flags "$BIN_DIR/confroll-node" "$TMP/$o.yaml" node
   done
+  if [ -x "$BIN_DIR/confroll-agent" ]; then
+    check "sidecar: every agent flag is known to $BIN_DIR/confroll-agent" \
+      check_flags "$BIN_DIR/confroll-agent" "$TMP/sidecar.yaml" agent
+  else
+    check "sidecar: $BIN_DIR/confroll-agent is built" false
+  fi
   check "$BIN_DIR/confroll-node validate $K8S/base/node/config.yaml" \
     "$BIN_DIR/confroll-node" validate "$K8S/base/node/config.yaml"
 else

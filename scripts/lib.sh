@@ -21,6 +21,10 @@ ensure_packages() {
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v curl >/dev/null 2>&1 || need+=(curl)
+  # confroll-agent's end-to-end tests (coordinator/tests/sidecar.rs): a real nginx (the light
+  # build: the core modules only) and python3 for the second program.
+  command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
   # The chaos suite: namespaces and veth (iproute2), fault rules (nftables),
   # running PostgreSQL as its own user (setpriv, util-linux).
   command -v ip >/dev/null 2>&1 || need+=(iproute2)

@@ -37,6 +37,11 @@ pub enum Format {
     Json,
     /// TOML.
     Toml,
+    /// Opaque text (an nginx.conf, an HAProxy config, anything): checked
+    /// for size, UTF-8 and emptiness only, and seen by the schema check, the
+    /// diff and redaction as one JSON string. What `confroll-agent`
+    /// publishes for a program whose config confroll does not parse.
+    Text,
 }
 
 impl Format {
@@ -46,6 +51,7 @@ impl Format {
             Format::Yaml => "yaml",
             Format::Json => "json",
             Format::Toml => "toml",
+            Format::Text => "text",
         }
     }
 
@@ -56,6 +62,7 @@ impl Format {
             Format::Yaml => Syntax::Yaml,
             Format::Json => Syntax::Json,
             Format::Toml => Syntax::Toml,
+            Format::Text => Syntax::Text,
         }
     }
 }
@@ -68,7 +75,7 @@ impl fmt::Display for Format {
 
 /// A format name that is not `yaml`, `json` or `toml`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown config format `{0}` (expected yaml, json or toml)")]
+#[error("unknown config format `{0}` (expected yaml, json, toml or text)")]
 pub struct UnknownFormat(pub String);
 
 impl FromStr for Format {
@@ -80,6 +87,7 @@ impl FromStr for Format {
             "" | "yaml" | "yml" => Ok(Format::Yaml),
             "json" => Ok(Format::Json),
             "toml" => Ok(Format::Toml),
+            "text" | "txt" => Ok(Format::Text),
             _ => Err(UnknownFormat(s.to_owned())),
         }
     }
@@ -94,6 +102,8 @@ pub enum Syntax {
     Json,
     /// TOML.
     Toml,
+    /// Opaque text.
+    Text,
 }
 
 impl Syntax {
@@ -103,6 +113,7 @@ impl Syntax {
             Syntax::Yaml => "YAML",
             Syntax::Json => "JSON",
             Syntax::Toml => "TOML",
+            Syntax::Text => "text",
         }
     }
 }
@@ -239,6 +250,7 @@ fn checked_text(bytes: &[u8], format: Format) -> Result<(&str, Syntax), ConfigEr
         Syntax::Json => limits::check_json(text)?,
         Syntax::Yaml => limits::check_yaml(text)?,
         Syntax::Toml => limits::check_toml(text)?,
+        Syntax::Text => {}
     }
     Ok((text, syntax))
 }
@@ -253,6 +265,8 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8], format: Format) -> Result<T, Con
         Syntax::Yaml => parse_yaml(text),
         Syntax::Json => parse_json(text),
         Syntax::Toml => parse_toml(text),
+        Syntax::Text => T::deserialize(serde_json::Value::String(text.to_owned()))
+            .map_err(|e| ConfigError::Syntax { format: syntax.name(), message: e.to_string() }),
     }
 }
 
@@ -274,6 +288,7 @@ fn value_of(text: &str, syntax: Syntax) -> Result<Value, ConfigError> {
             let table: toml::Table = toml::from_str(text).map_err(|e| syntax_error(toml_message(&e)))?;
             Ok(toml_to_json(toml::Value::Table(table)))
         }
+        Syntax::Text => Ok(Value::String(text.to_owned())),
     }
 }
 
@@ -285,6 +300,10 @@ pub fn render(value: &Value, syntax: Syntax) -> Result<String, RenderError> {
         Syntax::Json => serde_json::to_string_pretty(value).map_err(|e| err(e.to_string())),
         Syntax::Yaml => serde_yaml_ng::to_string(value).map_err(|e| err(e.to_string())),
         Syntax::Toml => toml::to_string_pretty(value).map_err(|e| err(e.to_string())),
+        Syntax::Text => match value {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(err("only a string is written as text".into())),
+        },
     }
 }
 

@@ -195,7 +195,7 @@ impl<C: ServiceConfig> NodeAgent for NodeAgentServiceImpl<C> {
         if matches!(self.auth, PushAuth::Signed(_)) && !ours.is_empty() && r.cluster_id != ours {
             return Err(PushError::OtherCluster { ours, theirs: r.cluster_id }.into());
         }
-        Ok(Response::new(self.node.validate(&r.content).into()))
+        Ok(Response::new(self.node.validate(&r.content).await.into()))
     }
 
     async fn adopt(&self, req: Request<pb::AdoptRequest>) -> Result<Response<pb::AdoptResponse>, Status> {

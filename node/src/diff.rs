@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     config::ConfigError,
-    service::{ServiceConfig, described},
+    service::{Described, ServiceConfig, described},
 };
 
 /// The difference between a running config and a candidate.
@@ -21,29 +21,34 @@ pub struct ConfigDiff {
     pub changes: Vec<FieldChange>,
     /// The restart-only paths of the config type.
     #[serde(skip)]
-    restart_only: &'static [&'static str],
+    restart_only: Vec<String>,
 }
 
 impl ConfigDiff {
     /// Diffs `old` against `new`.
     pub fn between<C: ServiceConfig>(old: &C, new: &C) -> ConfigDiff {
+        Self::described(described::<C>(), old, new)
+    }
+
+    /// Diffs `old` against `new`, documents that `described` describes
+    /// (secret marks, restart-only paths).
+    pub fn described<C: Serialize>(described: &Described, old: &C, new: &C) -> ConfigDiff {
         let json = |c: &C| serde_json::to_value(c).unwrap_or_default();
-        let changes = confroll_common::diff::changes(&json(old), &json(new), &described::<C>().secrets);
-        ConfigDiff { changes, restart_only: C::RESTART_ONLY }
+        let changes = confroll_common::diff::changes(&json(old), &json(new), &described.secrets);
+        ConfigDiff { changes, restart_only: described.restart_only.clone() }
     }
 
     /// Refuses the change when it touches a restart-only field (the first one
     /// found, by path order).
     pub fn check_restart_only(&self) -> Result<(), ConfigError> {
-        let paths: Vec<String> = self.restart_only.iter().map(|p| (*p).to_owned()).collect();
-        confroll_common::diff::check_restart_only(&self.changes, &paths)
+        confroll_common::diff::check_restart_only(&self.changes, &self.restart_only)
     }
 
     /// Whether any change is at, under or above one of `paths` (a whole
     /// section added or removed counts for the fields in it).
     pub fn touches(&self, paths: &[String]) -> bool {
         use confroll_common::diff::is_under;
-        self.changes.iter().any(|c| paths.iter().any(|p| is_under(&c.path, p) || is_under(p, &c.path)))
+        self.changes.iter().any(|c| paths.iter().any(|p| p.is_empty() || is_under(&c.path, p) || is_under(p, &c.path)))
     }
 
     /// True when nothing changed.

@@ -170,7 +170,7 @@ async fn status<C: ServiceConfig>(State(node): State<Node<C>>) -> Json<StatusRep
         highest_fencing_token: node.highest_token(),
         cluster_id: node.cluster_id(),
         config_cluster_id: live.cluster_id.clone(),
-        config: crate::service::redacted_json(&live.config),
+        config: node.codec().redacted_json(&live.config),
         last_reload: node.last_report().as_deref().cloned(),
     })
 }

@@ -19,7 +19,8 @@
 //!  agent.rs       NodeAgent gRPC service (coordinator → node), reflection, health
 //!  http.rs        the reference service: /work, /healthz, /readyz, /metrics, status
 //!  pb_impl.rs     domain ↔ protobuf conversions (domain types never see prost)
-//!  service.rs     the SDK: ServiceConfig (a service's own config type), Component
+//!  service.rs     the SDK: ServiceConfig (a service's own config type), Codec (how
+//!                 documents are read, when only known at run time), Component
 //!                 (its own reloadable parts), Slot (where handlers read them)
 //!  wiring.rs      agent port, registration, SIGHUP and file watch in one call
 //! ```
@@ -66,4 +67,4 @@ pub use confroll_common::document::{Format, Violation};
 pub use confroll_common::{limits, net, secrets, trust};
 pub use node::{LiveConfig, Node, NodeBuilder, NodeOptions, Push, PushError, StartError};
 pub use report::{ReloadReport, ReloadStatus, Trigger};
-pub use service::{Component, ServiceConfig, Slot};
+pub use service::{Codec, Component, ServiceConfig, Slot};

@@ -27,9 +27,10 @@ pub struct Membership {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-/// What this node publishes about its service's config at registration
-/// (its JSON Schema, restart-only paths and format), and the identity
-/// ([`confroll_common::schema_id`]) it sends with every heartbeat.
+/// What a node of config type `C` publishes about its service's config at
+/// registration (its JSON Schema, restart-only paths and format), and the
+/// identity ([`confroll_common::schema_id`]) it sends with every heartbeat.
+/// A node with its own [`crate::Codec`] publishes that one's.
 pub fn published_schema<C: ServiceConfig>() -> &'static (pb::ServiceSchema, String) {
     &crate::service::described::<C>().published
 }
@@ -73,7 +74,7 @@ impl Membership {
                     healthy: s.healthy,
                     cluster_id: s.cluster_id,
                     config_cluster_id: s.config_cluster_id,
-                    schema: Some(published_schema::<C>().0.clone()),
+                    schema: Some(node.codec().described().published.0.clone()),
                 }))
                 .await;
             let reg = match reg {
@@ -104,7 +105,7 @@ impl Membership {
                         agent_address: self.agent_address.clone(),
                         cluster_id: s.cluster_id,
                         config_cluster_id: s.config_cluster_id,
-                        schema_sha256: published_schema::<C>().1.clone(),
+                        schema_sha256: node.codec().described().published.1.clone(),
                     }))
                     .await;
                 match hb {

@@ -79,13 +79,94 @@ pub fn parse<C: ServiceConfig>(bytes: &[u8]) -> Result<C, ConfigError> {
 }
 
 /// What a node knows of its config type, derived once per type.
+#[derive(Clone)]
 pub struct Described {
     /// The JSON Schema (draft 2020-12).
     pub schema: serde_json::Value,
     /// The secret fields marked in it.
     pub secrets: SecretPaths,
+    /// Dotted paths whose change needs a restart.
+    pub restart_only: Vec<String>,
     /// What the node publishes at registration, and its id.
     pub published: (pb::ServiceSchema, String),
+}
+
+impl Described {
+    /// The description of documents in `format` checked by `schema`.
+    pub fn new(schema: serde_json::Value, restart_only: Vec<String>, format: Format) -> Described {
+        let secrets = SecretPaths::from_schema(&schema);
+        let json_schema = schema.to_string();
+        let format = format.to_string();
+        let id = confroll_common::schema_id(&json_schema, &restart_only, &format);
+        let published = (pb::ServiceSchema { json_schema, restart_only: restart_only.clone(), format }, id);
+        Described { schema, secrets, restart_only, published }
+    }
+}
+
+/// A document parser of a [`Codec`].
+type Parser<C> = dyn Fn(&[u8]) -> Result<C, ConfigError> + Send + Sync;
+
+/// How a node reads its documents and what it says about them: the parser,
+/// the schema it publishes, the secret marks and the restart-only paths.
+///
+/// [`Codec::of`] derives it from `C`'s [`ServiceConfig`] impl (what every
+/// node built with [`crate::Node::builder`] uses). A node whose format and
+/// schema are only known at run time (the `confroll-agent` sidecar: opaque
+/// text, a file bundle, or a schema given on its command line) builds one
+/// with [`Codec::new`] and gives it to
+/// [`crate::NodeBuilder::codec`].
+pub struct Codec<C> {
+    parse: Arc<Parser<C>>,
+    described: Arc<Described>,
+}
+
+impl<C> Clone for Codec<C> {
+    fn clone(&self) -> Self {
+        Codec { parse: self.parse.clone(), described: self.described.clone() }
+    }
+}
+
+impl<C: ServiceConfig> Codec<C> {
+    /// `C`'s own: [`parse`] and [`described`].
+    pub fn of() -> Codec<C> {
+        Codec { parse: Arc::new(parse::<C>), described: Arc::new(described::<C>().clone()) }
+    }
+}
+
+impl<C: Serialize> Codec<C> {
+    /// A codec that parses with `parse` and publishes `described`.
+    pub fn new(
+        described: Described,
+        parse: impl Fn(&[u8]) -> Result<C, ConfigError> + Send + Sync + 'static,
+    ) -> Codec<C> {
+        Codec { parse: Arc::new(parse), described: Arc::new(described) }
+    }
+
+    /// Parses and checks a document.
+    pub fn parse(&self, bytes: &[u8]) -> Result<C, ConfigError> {
+        (self.parse)(bytes)
+    }
+
+    /// The schema, secret marks and published form.
+    pub fn described(&self) -> &Described {
+        &self.described
+    }
+
+    /// The raw secret values in `config` (for scrubbing error texts).
+    pub fn secret_values(&self, config: &C) -> Vec<String> {
+        if self.described.secrets.is_empty() {
+            return Vec::new();
+        }
+        let doc = serde_json::to_value(config).unwrap_or_default();
+        self.described.secrets.secret_values(&doc)
+    }
+
+    /// `config` as JSON with every secret value hidden.
+    pub fn redacted_json(&self, config: &C) -> serde_json::Value {
+        let mut doc = serde_json::to_value(config).unwrap_or_default();
+        self.described.secrets.redact(&mut doc);
+        doc
+    }
 }
 
 /// The schema, secret paths and published form of `C`, computed on first use.
@@ -94,14 +175,9 @@ pub fn described<C: ServiceConfig>() -> &'static Described {
     let mut all = ALL.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     all.entry(TypeId::of::<C>()).or_insert_with(|| {
         let schema = serde_json::to_value(schemars::schema_for!(C)).unwrap_or_default();
-        let secrets = SecretPaths::from_schema(&schema);
-        let json_schema = schema.to_string();
         let restart_only: Vec<String> = C::RESTART_ONLY.iter().map(|p| (*p).to_owned()).collect();
-        let format = C::FORMAT.to_string();
-        let id = confroll_common::schema_id(&json_schema, &restart_only, &format);
-        let published = (pb::ServiceSchema { json_schema, restart_only, format }, id);
         // One per config type for the life of the process.
-        Box::leak(Box::new(Described { schema, secrets, published }))
+        Box::leak(Box::new(Described::new(schema, restart_only, C::FORMAT)))
     })
 }
 
@@ -159,6 +235,25 @@ pub trait Component<C>: Send + Sync + 'static {
     /// Builds and checks a new instance for `config`, without making it
     /// visible. Bounded by the node's reload timeout.
     fn prepare(&self, config: &C) -> impl Future<Output = Result<Self::Instance, ComponentError>> + Send;
+
+    /// A dry-run check of `config` deeper than parsing (a program's own
+    /// config test, say), run by [`crate::Node::validate`] (what the
+    /// coordinator's submit check calls on the canary) for the components
+    /// the candidate affects. Changes nothing. Bounded by the reload timeout.
+    fn check(&self, _config: &C) -> impl Future<Output = Result<(), ComponentError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Puts the instance now in its slot into effect outside the process,
+    /// for components whose state lives elsewhere (files a program reads,
+    /// a program to signal): called after the swap of a reload, and again
+    /// after a rollback swapped the previous instance back. A failure after
+    /// a reload counts as a failed health check (a critical component rolls
+    /// the reload back, which activates the previous instance again).
+    /// Bounded by the reload timeout.
+    fn activate(&self, _live: Option<Arc<Self::Instance>>) -> impl Future<Output = Result<(), ComponentError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Live health of the instance in service. Bounded by the reload timeout.
     fn health(&self, _live: &Self::Instance) -> impl Future<Output = Result<(), ComponentError>> + Send {
@@ -219,6 +314,8 @@ pub(crate) trait Erased<C>: Send + Sync {
     fn prepare<'a>(&'a self, config: &'a C) -> BoxFuture<'a, Result<Staged, ComponentError>>;
     fn swap(&self, staged: Staged) -> Staged;
     fn retire(&self, staged: Staged);
+    fn check<'a>(&'a self, config: &'a C) -> BoxFuture<'a, Result<(), ComponentError>>;
+    fn activate(&self) -> BoxFuture<'_, Result<(), ComponentError>>;
     fn health(&self) -> BoxFuture<'_, Result<(), ComponentError>>;
     fn close(&self) -> BoxFuture<'_, ()>;
 }
@@ -306,6 +403,19 @@ impl<C: Sync + 'static, R: Component<C>> Erased<C> for Slotted<C, R> {
             }
             component.close(item).await;
         });
+    }
+
+    fn check<'a>(&'a self, config: &'a C) -> BoxFuture<'a, Result<(), ComponentError>> {
+        Box::pin(async move {
+            match self.component.enabled(config) {
+                true => self.component.check(config).await,
+                false => Ok(()),
+            }
+        })
+    }
+
+    fn activate(&self) -> BoxFuture<'_, Result<(), ComponentError>> {
+        Box::pin(self.component.activate(self.slot.get()))
     }
 
     fn health(&self) -> BoxFuture<'_, Result<(), ComponentError>> {

@@ -246,7 +246,7 @@ async fn secrets_never_reach_diffs_or_status() {
         assert!(!text.contains("first-secret") && !text.contains("second-secret"), "secret leaked: {text}");
     }
     assert!(status.contains("postgres:***@"), "{status}");
-    let v = s.node.validate(cfg.yaml().replace("second-secret", "third-secret").as_bytes());
+    let v = s.node.validate(cfg.yaml().replace("second-secret", "third-secret").as_bytes()).await;
     assert!(!format!("{v:?}").contains("third-secret"));
 }
 

@@ -190,7 +190,7 @@ async fn bad_input_is_refused_with_every_violation_and_changes_nothing() {
     assert_eq!(node.config().version, 1);
     assert_eq!(limiter.get().unwrap().n, 10);
     // The dry run says the same without running anything.
-    let v = node.validate(doc("hello", 20, "other-token", 8080).as_bytes());
+    let v = node.validate(doc("hello", 20, "other-token", 8080).as_bytes()).await;
     assert!(v.errors.is_empty(), "{:?}", v.errors);
     assert_eq!(v.affected, ["limiter"]);
     let shown = format!("{:?}", v.diff);
@@ -231,4 +231,72 @@ async fn the_status_routes_serve_any_service_with_its_secrets_hidden() {
     let metrics = get("/metrics").await.unwrap().text().await.unwrap();
     assert!(metrics.contains("confroll_config_version"), "{metrics}");
     server.abort();
+}
+
+/// A component whose state lives outside the process (what
+/// `confroll-agent` does with a program's files): the dry run runs its
+/// `check`, and its `activate` puts an instance into effect, after a swap
+/// and again after a rollback.
+struct Outside {
+    /// What is "in effect" outside: every activation, in order.
+    effects: Arc<parking_lot::Mutex<Vec<u32>>>,
+}
+
+impl Component<Cfg> for Outside {
+    type Instance = u32;
+    fn name(&self) -> &'static str {
+        "outside"
+    }
+    fn paths(&self) -> Vec<String> {
+        vec![String::new()]
+    }
+    fn critical(&self, _: &Cfg) -> bool {
+        true
+    }
+    async fn check(&self, c: &Cfg) -> Result<(), ComponentError> {
+        match c.limit {
+            13 => Err(ComponentError::fatal("the outside check refuses 13")),
+            _ => Ok(()),
+        }
+    }
+    async fn prepare(&self, c: &Cfg) -> Result<u32, ComponentError> {
+        Ok(c.limit)
+    }
+    async fn activate(&self, live: Option<Arc<u32>>) -> Result<(), ComponentError> {
+        let n = *live.unwrap();
+        self.effects.lock().push(n);
+        match n {
+            666 => Err(ComponentError::retryable("the program did not take 666")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_component_with_outside_state_is_checked_activated_and_restored() {
+    let mut opts = NodeOptions::new("sdk-2");
+    opts.initial_config = Some(doc("hello", 10, TOKEN, 8080).into_bytes());
+    let mut b = Node::<Cfg>::builder(opts).unwrap();
+    let effects = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let slot = b.component(Outside { effects: effects.clone() });
+    let node = b.start().await.unwrap();
+
+    // The dry run runs the component's check and names it.
+    let v = node.validate(doc("hello", 13, TOKEN, 8080).as_bytes()).await;
+    assert_eq!(v.errors, ["outside: the outside check refuses 13"]);
+    assert!(effects.lock().is_empty(), "a dry run changes nothing");
+
+    // A reload activates the new instance.
+    let r = node.apply(doc("hello", 20, TOKEN, 8080)).await;
+    assert_eq!(r.status, ReloadStatus::Applied, "{r:?}");
+    assert_eq!(*effects.lock(), [20]);
+
+    // An activation that fails rolls back, and the previous instance is
+    // put into effect again.
+    let r = node.apply(doc("hello", 666, TOKEN, 8080)).await;
+    assert_eq!(r.status, ReloadStatus::RolledBack, "{r:?}");
+    assert!(r.error.unwrap().contains("the program did not take 666"));
+    assert_eq!(*effects.lock(), [20, 666, 20]);
+    assert_eq!(*slot.get().unwrap(), 20);
+    assert_eq!(node.config().config.limit, 20);
 }

@@ -20,7 +20,7 @@ use crate::{
     journal::Journal,
     metrics::NodeMetrics,
     report::Trigger,
-    service::{self, Component, Erased, ServiceConfig, Slot, Slotted},
+    service::{Codec, Component, Erased, ServiceConfig, Slot, Slotted},
     state::{Fencing, StateDir},
 };
 use confroll_common::sha256_hex;
@@ -56,6 +56,7 @@ impl Node<Config> {
 /// [`NodeBuilder::start`].
 pub struct NodeBuilder<C> {
     opts: NodeOptions,
+    codec: Codec<C>,
     logger: Arc<Logger>,
     dispatch: tracing::Dispatch,
     metrics: Arc<NodeMetrics>,
@@ -77,6 +78,13 @@ impl<C: ServiceConfig> NodeBuilder<C> {
         &self.metrics
     }
 
+    /// Reads documents with `codec` instead of `C`'s own ([`Codec::of`]):
+    /// for a node whose format and schema are known at run time only.
+    pub fn codec(&mut self, codec: Codec<C>) -> &mut Self {
+        self.codec = codec;
+        self
+    }
+
     /// Adds a component; returns the slot its live instance is read from.
     /// Components are reported, and prepared results ordered, in the order
     /// they are added.
@@ -92,7 +100,7 @@ impl<C: ServiceConfig> NodeBuilder<C> {
     /// file edited while the node was down is applied right after boot.
     /// Each component's boot instance is built under the reload timeout.
     pub async fn start(self) -> Result<Node<C>, StartError> {
-        let NodeBuilder { opts, logger, dispatch, metrics, components, slots } = self;
+        let NodeBuilder { opts, codec, logger, dispatch, metrics, components, slots } = self;
         let state = opts.state_dir.as_ref().map(StateDir::open).transpose().map_err(StartError::State)?;
         let persisted = match &state {
             Some(s) => s.load_config().map_err(StartError::State)?,
@@ -115,7 +123,7 @@ impl<C: ServiceConfig> NodeBuilder<C> {
             (None, None, Some(b)) => (b.clone(), 1, Trigger::Api, None, String::new()),
             (None, None, None) => return Err(StartError::NoConfig),
         };
-        let config: C = service::parse(&content)?;
+        let config: C = codec.parse(&content)?;
         let timeout = opts.reload_timeout;
         for c in &components {
             match tokio::time::timeout(timeout, c.boot(&config)).await {
@@ -136,6 +144,7 @@ impl<C: ServiceConfig> NodeBuilder<C> {
         let node = Node {
             inner: Arc::new(Inner {
                 live: ArcSwap::from_pointee(applied),
+                codec,
                 components,
                 slots,
                 logger,
@@ -176,6 +185,7 @@ impl<C: ServiceConfig> Node<C> {
             Logger::new(&LogConfig::default(), opts.log_target).map_err(|e| StartError::Component(e.into()))?;
         Ok(NodeBuilder {
             opts,
+            codec: Codec::of(),
             logger: Arc::new(logger),
             dispatch,
             metrics,

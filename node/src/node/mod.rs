@@ -33,7 +33,7 @@ use crate::{
     metrics::NodeMetrics,
     pipeline::{Command, ComponentId, ComponentStatus, DiffSummary, Event, Failure, Machine, Outcome, Phase},
     report::{ComponentReport, PhaseTime, ReloadReport, ReloadStatus, Trigger},
-    service::{self, Component, Erased, ServiceConfig, Slot, Staged},
+    service::{Codec, Component, Erased, ServiceConfig, Slot, Staged},
     state::{Fencing, PersistedConfig, StateDir},
 };
 
@@ -288,6 +288,8 @@ impl<C> Clone for Node<C> {
 
 struct Inner<C> {
     opts: NodeOptions,
+    /// Parser, schema, secret marks and restart-only paths of `C`.
+    codec: Codec<C>,
     /// The live config. Stored by the apply phase and by rollbacks only.
     live: ArcSwap<LiveConfig<C>>,
     /// The service's components, in registration (and report) order; a
@@ -324,6 +326,11 @@ impl<C: ServiceConfig> Node<C> {
     /// The slot of the component of type `R` added to this node, if any.
     pub fn slot<R: Component<C>>(&self) -> Option<Slot<R::Instance>> {
         self.inner.slots.get(&TypeId::of::<R>())?.downcast_ref::<Slot<R::Instance>>().cloned()
+    }
+
+    /// How this node reads documents and what it publishes about them.
+    pub fn codec(&self) -> &Codec<C> {
+        &self.inner.codec
     }
 
     /// Node id.
@@ -571,19 +578,33 @@ impl<C: ServiceConfig> Node<C> {
         }
     }
 
-    /// Parses and statically validates a candidate against the running
-    /// config (restart-only fields included). Changes nothing.
-    pub fn validate(&self, content: &[u8]) -> Validation {
+    /// Parses and validates a candidate against the running config
+    /// (restart-only fields included), then runs the dry-run
+    /// [`Component::check`] of every component it affects. Changes nothing.
+    pub async fn validate(&self, content: &[u8]) -> Validation {
         let live = self.config();
-        match service::parse::<C>(content) {
-            Err(e) => Validation { errors: vec![e.to_string()], ..Default::default() },
-            Ok(c) => {
-                let d = ConfigDiff::between(&live.config, &c);
-                let errors = d.check_restart_only().err().map(|e| e.to_string()).into_iter().collect();
-                let affected = self.affected(&d, &live.config, &c).into_iter().map(|id| self.name(id)).collect();
-                Validation { errors, affected, diff: d.changes }
+        let c = match self.inner.codec.parse(content) {
+            Err(e) => return Validation { errors: vec![e.to_string()], ..Default::default() },
+            Ok(c) => c,
+        };
+        let d = ConfigDiff::described(self.inner.codec.described(), &live.config, &c);
+        let mut errors: Vec<String> = d.check_restart_only().err().map(|e| e.to_string()).into_iter().collect();
+        let ids = self.affected(&d, &live.config, &c);
+        if errors.is_empty() {
+            let t = self.inner.opts.reload_timeout;
+            let secrets = self.inner.codec.secret_values(&c);
+            for id in &ids {
+                let r = match tokio::time::timeout(t, self.component(*id).check(&c)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ComponentError::PrepareTimedOut(t)),
+                };
+                if let Err(e) = r {
+                    errors.push(scrub(&format!("{}: {e}", self.name(*id)), &secrets));
+                }
             }
         }
+        let affected = ids.into_iter().map(|id| self.name(id)).collect();
+        Validation { errors, affected, diff: d.changes }
     }
 
     /// Health of every enabled component.
@@ -642,6 +663,15 @@ impl<C: ServiceConfig> Node<C> {
             if let Some(inst) = from.remove(&k) {
                 self.component(k).retire(inst);
             }
+        }
+    }
+
+    /// Puts component `id`'s live instance into effect, under the reload timeout.
+    async fn activated(&self, id: ComponentId) -> Result<(), ComponentError> {
+        let t = self.inner.opts.reload_timeout;
+        match tokio::time::timeout(t, self.component(id).activate()).await {
+            Ok(r) => r,
+            Err(_) => Err(ComponentError::HealthTimedOut(t)),
         }
     }
 
@@ -713,7 +743,7 @@ impl<C: ServiceConfig> Node<C> {
                     run.bytes = b;
                 })))
             }
-            Command::Validate => Some(Event::Validated(match service::parse::<C>(&run.bytes) {
+            Command::Validate => Some(Event::Validated(match self.inner.codec.parse(&run.bytes) {
                 Ok(cfg) => {
                     run.config = Some(cfg);
                     Ok(())
@@ -725,7 +755,7 @@ impl<C: ServiceConfig> Node<C> {
             })),
             Command::Diff => {
                 let cfg = run.config.as_ref()?;
-                let d = ConfigDiff::between(&prev.config, cfg);
+                let d = ConfigDiff::described(self.inner.codec.described(), &prev.config, cfg);
                 if let Err(e) = d.check_restart_only() {
                     run.diff = d.changes;
                     run.error_type = Some("restart_only");
@@ -743,7 +773,7 @@ impl<C: ServiceConfig> Node<C> {
                 let config = run.config.take()?;
                 // Once per run: the prepare and health errors of this
                 // candidate are scrubbed of its secrets.
-                run.secrets = service::secret_values(&config);
+                run.secrets = self.inner.codec.secret_values(&config);
                 let next = Arc::new(LiveConfig {
                     config,
                     version: origin.map_or(prev.version + 1, |o| o.version),
@@ -790,9 +820,17 @@ impl<C: ServiceConfig> Node<C> {
                 Some(Event::Prepared(events))
             }
             Command::Commit(kinds) => {
+                for k in &kinds {
+                    if let Some(inst) = run.staged.remove(k) {
+                        run.previous.insert(*k, self.component(*k).swap(inst));
+                    }
+                }
+                // Put the swapped instances into effect outside the process
+                // (a no-op for most components); a failure is this
+                // component's health result.
                 for k in kinds {
-                    if let Some(inst) = run.staged.remove(&k) {
-                        run.previous.insert(k, self.component(k).swap(inst));
+                    if let Err(e) = self.activated(k).await {
+                        run.activation.insert(k, Failure(scrub(&e.to_string(), &run.secrets)));
                     }
                 }
                 None
@@ -802,21 +840,38 @@ impl<C: ServiceConfig> Node<C> {
                 None
             }
             Command::CheckHealth(kinds) => {
-                let results = futures::future::join_all(kinds.iter().map(|k| self.checked_health(*k))).await;
-                Some(Event::Checked(
-                    kinds
-                        .into_iter()
-                        .zip(results)
-                        .map(|(k, r)| (k, r.map_err(|e| Failure(scrub(&e.to_string(), &run.secrets)))))
-                        .collect(),
-                ))
+                let results = futures::future::join_all(kinds.iter().map(|k| async {
+                    match run.activation.get(k) {
+                        Some(failed) => Err(failed.clone()),
+                        None => self.checked_health(*k).await.map_err(|e| Failure(scrub(&e.to_string(), &run.secrets))),
+                    }
+                }))
+                .await;
+                Some(Event::Checked(kinds.into_iter().zip(results).collect()))
             }
             Command::RollBack(kinds) => {
                 self.set_live(prev.clone());
+                let mut restored = Vec::new();
                 for k in kinds {
                     if let Some(inst) = run.previous.remove(&k) {
                         let c = self.component(k);
                         c.retire(c.swap(inst));
+                        restored.push(k);
+                    }
+                }
+                // Components with state outside the process put the
+                // previous instance back into effect, then are checked
+                // again: the report says whether the rollback left them
+                // healthy.
+                for k in restored {
+                    let r = match self.activated(k).await {
+                        Ok(()) => self.checked_health(k).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        let e = scrub(&e.to_string(), &run.secrets);
+                        tracing::error!(component = self.name(k), error = %e, "unhealthy after the rollback");
+                        run.after_rollback.push(format!("{} unhealthy after the rollback: {e}", self.name(k)));
                     }
                 }
                 None
@@ -854,10 +909,12 @@ impl<C: ServiceConfig> Node<C> {
             Outcome::RolledBack { reason, component, error } => {
                 m.errors_total.with_label_values(&[reason.as_str()]).inc();
                 m.rollbacks_total.with_label_values(&[reason.as_str()]).inc();
-                (
-                    ReloadStatus::RolledBack,
-                    Some(format!("rolled back: {} {} failed: {error}", self.name(*component), reason.as_str())),
-                )
+                let mut e = format!("rolled back: {} {} failed: {error}", self.name(*component), reason.as_str());
+                for after in &run.after_rollback {
+                    e.push_str("; ");
+                    e.push_str(after);
+                }
+                (ReloadStatus::RolledBack, Some(e))
             }
         };
         m.reload_total.with_label_values(&[status.as_str()]).inc();
@@ -965,6 +1022,11 @@ struct Run<C> {
     secrets: Vec<String>,
     /// Prepared, not yet swapped.
     staged: HashMap<ComponentId, Staged>,
+    /// Swapped components whose [`Component::activate`] failed: their
+    /// health result.
+    activation: HashMap<ComponentId, Failure>,
+    /// What a rollback left unhealthy (appended to the report's error).
+    after_rollback: Vec<String>,
     /// Replaced by a commit; restored by a rollback, drained by a retire.
     previous: HashMap<ComponentId, Staged>,
     phases: BTreeMap<Phase, Duration>,
@@ -982,6 +1044,8 @@ impl<C> Run<C> {
             diff: Vec::new(),
             secrets: Vec::new(),
             staged: HashMap::new(),
+            activation: HashMap::new(),
+            after_rollback: Vec::new(),
             previous: HashMap::new(),
             phases: BTreeMap::new(),
             component_times: HashMap::new(),
