@@ -4,6 +4,11 @@
 //! Values are compared unredacted (a password change is a change) but
 //! rendered redacted, from the secret marks of the service's schema (a
 //! password never reaches a diff).
+//!
+//! A changed multi-line string (a whole file: an nginx.conf pushed as
+//! opaque text, one file of a bundle) is rendered as its changed lines
+//! only, numbered (`12: …`), at most [`MAX_LINES`] per side: a diff stays
+//! small and readable whatever the size of the file.
 
 use std::collections::BTreeMap;
 
@@ -35,14 +40,8 @@ pub fn changes(old: &Value, new: &Value, secrets: &SecretPaths) -> Vec<FieldChan
     let plain =
         !(dotted_a || dotted_b) && changed.iter().all(|p| !secrets.may_touch(&p.split('.').collect::<Vec<_>>()));
     if plain {
-        let mut out: Vec<FieldChange> = changed
-            .into_iter()
-            .map(|path| FieldChange {
-                path: path.clone(),
-                old: a.get(path).map(|v| v.to_string()),
-                new: b.get(path).map(|v| v.to_string()),
-            })
-            .collect();
+        let mut out: Vec<FieldChange> =
+            changed.into_iter().map(|path| change(path, a.get(path).copied(), b.get(path).copied())).collect();
         out.sort_by(|l, r| l.path.cmp(&r.path));
         return out;
     }
@@ -55,14 +54,92 @@ pub fn changes(old: &Value, new: &Value, secrets: &SecretPaths) -> Vec<FieldChan
     let ((ra, _), (rb, _)) = (flatten(&ro), flatten(&rn));
     let mut out: Vec<FieldChange> = changed
         .into_iter()
-        .map(|path| FieldChange {
-            path: path.clone(),
-            old: a.get(path).map(|_| render(ra.get(path).copied())),
-            new: b.get(path).map(|_| render(rb.get(path).copied())),
+        .map(|path| match (a.get(path), b.get(path)) {
+            (Some(_), Some(_)) => match (ra.get(path).copied(), rb.get(path).copied()) {
+                (Some(o), Some(n)) => change(path, Some(o), Some(n)),
+                (o, n) => FieldChange { path: path.clone(), old: Some(render(o)), new: Some(render(n)) },
+            },
+            (o, n) => FieldChange {
+                path: path.clone(),
+                old: o.map(|_| render(ra.get(path).copied())),
+                new: n.map(|_| render(rb.get(path).copied())),
+            },
         })
         .collect();
     out.sort_by(|l, r| l.path.cmp(&r.path));
     out
+}
+
+/// Changed lines shown per side of a text change, at most.
+pub const MAX_LINES: usize = 50;
+/// Characters shown of one changed line, at most.
+const MAX_LINE_CHARS: usize = 200;
+
+/// The change at `path` from `old` to `new` (values already redacted where
+/// they must be): two multi-line strings as their changed lines.
+fn change(path: &str, old: Option<&Value>, new: Option<&Value>) -> FieldChange {
+    if let (Some(Value::String(o)), Some(Value::String(n))) = (old, new)
+        && (o.contains('\n') || n.contains('\n'))
+    {
+        let (removed, added) = changed_lines(o, n);
+        return FieldChange {
+            path: path.to_owned(),
+            old: Some(Value::String(removed).to_string()),
+            new: Some(Value::String(added).to_string()),
+        };
+    }
+    FieldChange { path: path.to_owned(), old: old.map(Value::to_string), new: new.map(Value::to_string) }
+}
+
+/// The lines only in `old` and the lines only in `new`, each `N: text`
+/// (1-based line number in its own text), capped.
+fn changed_lines(old: &str, new: &str) -> (String, String) {
+    use similar::{ChangeTag, TextDiff};
+    let diff = TextDiff::configure().timeout(std::time::Duration::from_millis(200)).diff_lines(old, new);
+    let (mut removed, mut added) = (Side::default(), Side::default());
+    for c in diff.iter_all_changes() {
+        match c.tag() {
+            ChangeTag::Delete => removed.push(c.old_index(), c.value()),
+            ChangeTag::Insert => added.push(c.new_index(), c.value()),
+            ChangeTag::Equal => {}
+        }
+    }
+    (removed.finish(), added.finish())
+}
+
+/// One side of a line diff being rendered.
+#[derive(Default)]
+struct Side {
+    text: String,
+    shown: usize,
+    more: usize,
+}
+
+impl Side {
+    fn push(&mut self, index: Option<usize>, line: &str) {
+        if self.shown == MAX_LINES {
+            self.more += 1;
+            return;
+        }
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let mut shown: String = line.chars().take(MAX_LINE_CHARS).collect();
+        if shown.len() < line.len() {
+            shown.push('…');
+        }
+        if !self.text.is_empty() {
+            self.text.push('\n');
+        }
+        self.text.push_str(&format!("{}: {shown}", index.map_or(0, |i| i + 1)));
+        self.shown += 1;
+    }
+
+    fn finish(mut self) -> String {
+        if self.more > 0 {
+            self.text.push_str(&format!("\n… and {} more changed lines", self.more));
+        }
+        self.text
+    }
 }
 
 /// Refuses `changes` when one touches a restart-only path (a dotted path:
@@ -123,6 +200,24 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_changed_file_shows_its_changed_lines_only() {
+        let mut old: String = (1..=1000).map(|i| format!("line {i};\n")).collect();
+        old.push_str("location = /healthz { return 200; }\n");
+        let new = old.replace("line 7;", "line seven;").replace("return 200;", "return 500;");
+        let c =
+            changes(&json!({"nginx.conf": old}), &json!({"nginx.conf": new}), &SecretPaths::from_schema(&json!({})));
+        assert_eq!(c.len(), 1);
+        let shown = |s: &Option<String>| serde_json::from_str::<String>(s.as_deref().unwrap()).unwrap();
+        assert_eq!(shown(&c[0].old), "7: line 7;\n1001: location = /healthz { return 200; }");
+        assert_eq!(shown(&c[0].new), "7: line seven;\n1001: location = /healthz { return 500; }");
+        // A whole new file: capped.
+        let c = changes(&json!("a\n"), &json!(old), &SecretPaths::from_schema(&json!({})));
+        let added = shown(&c[0].new);
+        assert_eq!(added.lines().count(), MAX_LINES + 1, "{added}");
+        assert!(added.ends_with("… and 951 more changed lines"), "{added}");
+    }
 
     fn secrets() -> SecretPaths {
         SecretPaths::from_schema(&json!({"properties": {

@@ -417,6 +417,15 @@ async fn nginx_rolls_out_in_stages_refuses_and_rolls_back_without_a_failed_reque
     //    cluster back; every instance serves v1 again.
     let unhealthy = nginx_version("v3", 500, "");
     let r3 = submit_until_accepted(&client, web_submit(&unhealthy, &["1", "2", "3"])).await;
+    // Its diff against v1: per file, the changed line only, numbered.
+    let shown = |path: &str| {
+        let d = r3.diff.iter().find(|d| d.path == path).unwrap_or_else(|| panic!("{path} not in {:?}", r3.diff));
+        (d.old_value.clone().unwrap_or_default(), d.new_value.clone().unwrap_or_default())
+    };
+    let (o, n) = shown("nginx.conf");
+    assert!(o.contains("return 200") && n.contains("return 500") && !n.contains("worker_processes"), "{o} → {n}");
+    let (o, n) = shown("version.conf");
+    assert!(o.contains("1: map") && o.contains("v1") && n.contains("v3"), "{o} → {n}");
     let info = web_rollout(&client, r3.version).await;
     assert_eq!(info.state, "ROLLED_BACK", "{info:?}");
     for a in &agents {
@@ -532,11 +541,14 @@ async fn a_python_service_reloaded_by_signal_rolls_out_and_back() {
     std::fs::write(&schema, PY_SCHEMA).unwrap();
     let mut apps = Vec::new();
     let mut agents = Vec::new();
+    let mut status_ports = Vec::new();
     for i in 0..2 {
         let home = dir.path().join(format!("py-{i}"));
         std::fs::create_dir_all(&home).unwrap();
         std::fs::write(home.join("app.json"), py_doc("hello", true)).unwrap();
         let port = free_port();
+        let status_port = free_port();
+        status_ports.push(status_port);
         let pid = home.join("app.pid");
         apps.push((
             port,
@@ -575,6 +587,8 @@ async fn a_python_service_reloaded_by_signal_rolls_out_and_back() {
             "100ms".into(),
             "--health-timeout".into(),
             "1s".into(),
+            "--status-listen".into(),
+            format!("127.0.0.1:{status_port}"),
         ];
         agents.push(Agent::new(&format!("py-{i}"), dir.path(), &c, args));
     }
@@ -620,6 +634,22 @@ async fn a_python_service_reloaded_by_signal_rolls_out_and_back() {
     for (a, (port, _)) in agents.iter().zip(&apps) {
         a.wait_sha(&r.sha256).await;
         assert_eq!(py_get(*port).await.0, "bonjour");
+    }
+
+    // An agent's metrics are a node's: the same names and labels, so the
+    // dashboard's per-node version gauge shows agents too.
+    for (i, sp) in status_ports.iter().enumerate() {
+        let text = reqwest::get(format!("http://127.0.0.1:{sp}/metrics")).await.unwrap().text().await.unwrap();
+        let gauge = format!("confroll_config_version{{node=\"py-{i}\",service=\"greeter\"}} {}", r.version);
+        assert!(text.contains(&gauge), "no `{gauge}` in:\n{text}");
+        for series in [
+            "confroll_config_reload_total{",
+            "confroll_config_reload_rollbacks_total{",
+            "confroll_config_reload_phase_duration_seconds_bucket{",
+            "component=\"program\"",
+        ] {
+            assert!(text.contains(series), "no `{series}` in agent py-{i}'s metrics");
+        }
     }
 
     // A restarted agent neither re-applies its version nor reloads the
