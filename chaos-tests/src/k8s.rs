@@ -5,6 +5,7 @@
 //! | Kubernetes | here |
 //! |---|---|
 //! | rendering | `kubectl kustomize` (`scripts/lib.sh` `ensure_kubectl` finds or installs one), every document parsed into a JSON value |
+//! | a pod of several containers (`shareProcessNamespace: true`) | one PID and UTS namespace; its first process runs the init containers in turn (a failure ends the pod), then every container at once, each in a mount namespace of its own ([`pod_argv`]) with its stdout and stderr on a pipe; the prober runs the first container's probes, the Services see every container's ports |
 //! | a StatefulSet pod `<sts>-<i>` | a host of the [`Net`]: its own network namespace and address on the bridge; inside it a UTS namespace (host name: the pod name), a mount namespace and a PID namespace in which the container's process is PID 1 (`unshare --kill-child`: killing the pod kills its whole tree) |
 //! | `command`, `args`, `env` | exactly the container's `command` + `args`, each `$(VAR)` expanded as the kubelet does (`$$` escapes, unknown references stay); `env` in order, `value` expanded from the variables before it, `valueFrom` from the downward API (`metadata.name`, `metadata.namespace`, `status.podIP`, labels, annotations) or a rendered Secret/ConfigMap key; the process gets that environment plus the image's `PATH`/`HOME` and the kubelet's `HOSTNAME`, and nothing of the test's |
 //! | the image | the build's binaries, hard-linked aside and bind-mounted read-only at the path `command` names |
@@ -27,7 +28,8 @@
 //! changes, and everything goes with the pod's last process.
 //!
 //! Not emulated (the emulator fails loudly on what it does not know, e.g.
-//! `exec` probes, init containers, other volume types): scheduling, node
+//! `exec` probes, other volume types, several containers without
+//! `shareProcessNamespace`): scheduling, node
 //! affinity and anti-affinity, resource requests and limits (no cgroups),
 //! seccomp profiles, NetworkPolicy, PodDisruptionBudgets, the StatefulSet
 //! controller itself (ordering, rolling updates: pods are created and
@@ -482,6 +484,17 @@ pub struct PodPlan {
     pub not_emulated: Vec<String>,
 }
 
+/// Which container of a pod a plan is for.
+#[derive(Clone, Copy)]
+enum Pick<'a> {
+    /// The one container of a single-container pod.
+    Only,
+    /// A container by name.
+    Container(&'a str),
+    /// An init container by name.
+    Init(&'a str),
+}
+
 /// Where pods' volumes live on this machine.
 #[derive(Debug, Clone)]
 pub struct Volumes {
@@ -579,6 +592,32 @@ impl PodPlan {
         ip: Ipv4Addr,
         volumes: Option<(&Volumes, u32)>,
     ) -> anyhow::Result<PodPlan> {
+        Self::plan(r, sts, ordinal, ip, volumes, Pick::Only)
+    }
+
+    /// Container `name` (an init container with `init`) of pod
+    /// `<sts>-<ordinal>`, in a pod of several containers: see
+    /// [`PodPlan::statefulset_pod`] and [`pod_argv`].
+    pub fn statefulset_container(
+        r: &Rendering,
+        sts: &str,
+        ordinal: usize,
+        ip: Ipv4Addr,
+        volumes: Option<(&Volumes, u32)>,
+        name: &str,
+        init: bool,
+    ) -> anyhow::Result<PodPlan> {
+        Self::plan(r, sts, ordinal, ip, volumes, if init { Pick::Init(name) } else { Pick::Container(name) })
+    }
+
+    fn plan(
+        r: &Rendering,
+        sts: &str,
+        ordinal: usize,
+        ip: Ipv4Addr,
+        volumes: Option<(&Volumes, u32)>,
+        pick: Pick<'_>,
+    ) -> anyhow::Result<PodPlan> {
         let set = r.get("StatefulSet", sts)?;
         let namespace = namespace_of(set);
         let name = format!("{sts}-{ordinal}");
@@ -594,10 +633,18 @@ impl PodPlan {
         labels.insert("apps.kubernetes.io/pod-index".into(), ordinal.to_string());
         let annotations = &template["metadata"]["annotations"];
 
-        ensure!(spec["initContainers"].as_array().is_none_or(Vec::is_empty), "{sts}: init containers are not emulated");
         let containers = spec["containers"].as_array().with_context(|| format!("{sts}: no containers"))?;
-        ensure!(containers.len() == 1, "{sts}: {} containers; one is emulated", containers.len());
-        let c = &containers[0];
+        let inits = spec["initContainers"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let named = |list: &'_ [Value], n: &str| list.iter().find(|c| c["name"] == n).cloned();
+        let c = &match pick {
+            Pick::Only => {
+                ensure!(inits.is_empty(), "{sts}: init containers: use statefulset_container");
+                ensure!(containers.len() == 1, "{sts}: {} containers: use statefulset_container", containers.len());
+                containers[0].clone()
+            }
+            Pick::Container(n) => named(containers, n).with_context(|| format!("{sts}: no container {n}"))?,
+            Pick::Init(n) => named(inits, n).with_context(|| format!("{sts}: no init container {n}"))?,
+        };
         let container = c["name"].as_str().unwrap_or_default().to_owned();
         let mut not_emulated = Vec::new();
         for (f, what) in [
@@ -751,8 +798,13 @@ impl PodPlan {
         let program = self.argv.first().context("an empty command")?;
         match binaries.get(program) {
             Some(b) => binds.push((program.clone(), b.clone(), true, true)),
+            // The machine's root is the image: its PATH finds the program.
             None => ensure!(
-                program.starts_with('/') && Path::new(program).is_file(),
+                if program.starts_with('/') {
+                    Path::new(program).is_file()
+                } else {
+                    IMAGE_PATH.split(':').any(|d| Path::new(d).join(program).is_file())
+                },
                 "{}: no binary for {program} (not on this machine either)",
                 self.name
             ),
@@ -761,6 +813,11 @@ impl PodPlan {
         for m in &self.mounts {
             binds.push((m.path.clone(), m.source.clone(), m.read_only, m.source.is_file()));
         }
+        // A mount over a directory that holds another mount's source (an
+        // emptyDir at /tmp, with the run's volumes under /tmp) comes last,
+        // once every source has been bound.
+        let sources: Vec<PathBuf> = binds.iter().map(|b| b.1.clone()).collect();
+        binds.sort_by_key(|(target, ..)| sources.iter().any(|src| src.starts_with(target)));
         // A writable layer over each directory where a mount point is missing.
         let mut overlays: BTreeSet<String> = BTreeSet::from(["/etc".to_owned()]);
         for (target, ..) in &binds {
@@ -851,6 +908,58 @@ impl PodPlan {
         argv.extend(self.argv.iter().cloned());
         Ok(argv)
     }
+}
+
+/// The argv (after `ip netns exec NS`) that runs a pod of several
+/// containers with `shareProcessNamespace: true`, as the kubelet would: one
+/// PID namespace (and UTS namespace) for the pod, whose first process runs
+/// the init containers one after the other (any failure ends the pod),
+/// then every container at once; each container in its own mount namespace
+/// made by its [`PodPlan::launch_argv`] script (its mounts, its read-only
+/// root, its user), seeing the pod's processes in `/proc`. `plans`: each
+/// container's plan and whether it is an init container, in order; `work`
+/// holds each container's overlay layers under its name.
+pub fn pod_argv(
+    plans: &[(PodPlan, bool)],
+    work: &Path,
+    kubelet_dir: &Path,
+    binaries: &HashMap<String, PathBuf>,
+) -> anyhow::Result<Vec<String>> {
+    let first = &plans.first().context("a pod without containers")?.0;
+    let mut script = String::from("set -u\n");
+    let mut runs = Vec::new();
+    for (plan, init) in plans {
+        let argv = plan.launch_argv(&work.join(&plan.container), kubelet_dir, binaries)?;
+        // launch_argv's own namespaces are the pod's here: keep a mount
+        // namespace of the container's own, drop the rest.
+        let cut = argv.iter().position(|a| a == "--").context("launch argv without --")?;
+        let line: Vec<String> = ["unshare", "--mount", "--propagation", "private", "--"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(argv[cut + 1..].iter().cloned())
+            .map(|a| q(&a))
+            .collect();
+        let line = line.join(" ");
+        if *init {
+            script += &format!("{line} || exit $?\n");
+        } else {
+            // Its stdout and stderr are a pipe, as the container runtime's
+            // (a program may open /dev/stderr, which it could not reopen
+            // on the harness's root-owned log file).
+            runs.push(format!("{line} 2>&1 | cat &\n"));
+        }
+    }
+    for r in runs {
+        script += &r;
+    }
+    script += "wait\n";
+    let mut argv: Vec<String> =
+        ["unshare", "--uts", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+    argv.extend(["--".into(), "sh".into(), "-c".into(), script, first.name.clone()]);
+    Ok(argv)
 }
 
 /// Single-quotes `s` for sh.
@@ -986,7 +1095,10 @@ fn volume_source(r: &Rendering, p: &PodVolumes<'_>, vname: &str) -> anyhow::Resu
         None => data.iter().map(|(k, v)| (k.clone(), v.clone(), default_mode)).collect(),
     };
     fs::create_dir_all(&dir)?;
-    project(&dir, &files, fs_group)?;
+    // Another container of the pod mounts it too: projected once.
+    if !dir.join("..data").exists() {
+        project(&dir, &files, fs_group)?;
+    }
     Ok((dir, format!("{} {obj}", kind.to_lowercase()), true))
 }
 
@@ -1517,13 +1629,45 @@ impl Kube {
             *n
         };
         let h = self.net.add_host(host, last)?;
-        let plan = PodPlan::statefulset_pod(&self.rendering, sts, ordinal, h.ip, Some((&self.volumes, incarnation)))?;
+        let spec = &self.rendering.get("StatefulSet", sts)?["spec"]["template"]["spec"];
+        let names = |f: &str| -> Vec<String> {
+            spec[f].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str().map(str::to_owned)).collect()
+        };
+        let (inits, containers) = (names("initContainers"), names("containers"));
         let work = self.volumes.pod_dir(&pod, incarnation);
         let kubelet_dir = work.join("kubelet");
         fs::create_dir_all(&kubelet_dir)?;
-        fs::write(kubelet_dir.join("hostname"), format!("{}\n", plan.hostname))?;
         fs::write(kubelet_dir.join("hosts"), "")?;
-        let argv = plan.launch_argv(&work, &kubelet_dir, &self.binaries)?;
+        let vols = Some((&self.volumes, incarnation));
+        let (plan, argv) = if inits.is_empty() && containers.len() == 1 {
+            let plan = PodPlan::statefulset_pod(&self.rendering, sts, ordinal, h.ip, vols)?;
+            let argv = plan.launch_argv(&work, &kubelet_dir, &self.binaries)?;
+            (plan, argv)
+        } else {
+            ensure!(
+                spec["shareProcessNamespace"].as_bool() == Some(true),
+                "{sts}: several containers without shareProcessNamespace are not emulated"
+            );
+            let mut plans = Vec::new();
+            for (n, init) in inits.iter().map(|n| (n, true)).chain(containers.iter().map(|n| (n, false))) {
+                let p = PodPlan::statefulset_container(&self.rendering, sts, ordinal, h.ip, vols, n, init)?;
+                plans.push((p, init));
+            }
+            let argv = pod_argv(&plans, &work, &kubelet_dir, &self.binaries)?;
+            // The pod as the prober and the Services see it: the first
+            // container's plan and probes, every container's ports.
+            let mut main = plans.iter().find(|(_, init)| !init).map(|(p, _)| p.clone()).context("no container")?;
+            for (p, init) in &plans {
+                if !init && p.container != main.container {
+                    main.ports.extend(p.ports.clone());
+                    if !p.probes.is_empty() {
+                        main.not_emulated.push(format!("{sts}/{}: probes (the first container's only)", p.container));
+                    }
+                }
+            }
+            (main, argv)
+        };
+        fs::write(kubelet_dir.join("hostname"), format!("{}\n", plan.hostname))?;
         let log = self.dir.join(format!("{pod}.log"));
         let mut f = fs::OpenOptions::new().create(true).append(true).open(&log)?;
         std::io::Write::write_all(

@@ -44,6 +44,12 @@
 //! coordinator pod's expanded command line (an etcd cluster with TLS and
 //! authentication is not started here).
 //!
+//! `nginx_sidecar_example_runs_as_declared` runs `deploy/k8s/examples/
+//! nginx-sidecar` next to the embedded overlay: 3 coordinator pods and 2
+//! `web` pods (init container, then nginx and confroll-agent in one PID
+//! namespace, as user 101); a new nginx.conf rolls out to both, and one
+//! whose `/healthz` answers 500 is rolled back (docs/chaos.md).
+//!
 //! Without root, network namespaces or nft both are reported *ignored* with
 //! the reason, never passed. What is not emulated: see `src/k8s.rs`.
 
@@ -84,6 +90,9 @@ fn main() {
         libtest_mimic::Trial::test("etcd_overlay_renders_and_its_coordinator_args_parse", || {
             run(etcd_overlay_renders_and_its_coordinator_args_parse)
         }),
+        libtest_mimic::Trial::test("nginx_sidecar_example_runs_as_declared", || {
+            run(nginx_sidecar_example_runs_as_declared)
+        }),
     ];
     let trials = trials.into_iter().map(|t| t.with_ignored_flag(unavailable.is_some())).collect();
     libtest_mimic::run(&args, trials).exit();
@@ -108,6 +117,9 @@ fn binaries(r: &Rendering) -> anyhow::Result<HashMap<String, PathBuf>> {
     for sts in r.of_kind("StatefulSet") {
         for c in sts["spec"]["template"]["spec"]["containers"].as_array().into_iter().flatten() {
             let program = c["command"][0].as_str().context("a container without a command")?;
+            if !program.starts_with('/') {
+                continue; // the image's PATH: this machine's (nginx)
+            }
             let name = Path::new(program).file_name().context("command[0] without a file name")?;
             let file = cluster::bin_dir().join(name);
             ensure!(file.is_file(), "{program}: no {} in this build", file.display());
@@ -158,31 +170,7 @@ async fn run_embedded(
 ) -> anyhow::Result<BTreeMap<String, bool>> {
     let run_dir = net.dir().to_path_buf();
 
-    // Real secrets in place of the placeholders; the rest as rendered.
-    let secrets = run_dir.join("secrets");
-    std::fs::create_dir_all(&secrets)?;
-    let keygen = Command::new(cli).arg("keygen").arg("--out").arg(&secrets).output()?;
-    ensure!(keygen.status.success(), "confroll keygen: {}", String::from_utf8_lossy(&keygen.stderr));
-    for role in ["operator", "node", "reader"] {
-        std::fs::write(secrets.join(role), format!("{}\n", hex::encode(rand::random::<[u8; 32]>())))?;
-    }
-    for (secret, keys) in
-        [("confroll-tokens", &["node", "operator", "reader"][..]), ("confroll-push-key", &["push.key", "push.pub"][..])]
-    {
-        let have: BTreeSet<String> = r.data("Secret", secret)?.into_keys().collect();
-        let want: BTreeSet<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        ensure!(have == want, "Secret {secret} holds {have:?}, the test replaces {want:?}");
-        for k in keys {
-            r.set_secret_value(secret, k, &std::fs::read(secrets.join(k))?)?;
-        }
-    }
-    let secret_names: Vec<String> =
-        r.of_kind("Secret").filter_map(|s| s["metadata"]["name"].as_str().map(str::to_owned)).collect();
-    for name in &secret_names {
-        for (k, v) in r.data("Secret", name)? {
-            ensure!(!v.starts_with(b"#"), "Secret {name}/{k} still holds a placeholder");
-        }
-    }
+    let secrets = real_secrets(&mut r, &run_dir, cli)?;
     let reader = std::fs::read_to_string(secrets.join("reader"))?.trim().to_owned();
     let node_config_map = r.get("StatefulSet", NODES)?["spec"]["template"]["spec"]["volumes"]
         .as_array()
@@ -323,6 +311,267 @@ async fn etcd_overlay_renders_and_its_coordinator_args_parse() -> anyhow::Result
     Ok(())
 }
 
+/// Real secrets in place of the placeholders of `r` (random tokens, a push
+/// key pair from `confroll keygen`), also written under `run_dir/secrets`;
+/// that directory.
+fn real_secrets(r: &mut Rendering, run_dir: &Path, cli: &Path) -> anyhow::Result<PathBuf> {
+    let secrets = run_dir.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    let keygen = Command::new(cli).arg("keygen").arg("--out").arg(&secrets).output()?;
+    ensure!(keygen.status.success(), "confroll keygen: {}", String::from_utf8_lossy(&keygen.stderr));
+    for role in ["operator", "node", "reader"] {
+        std::fs::write(secrets.join(role), format!("{}\n", hex::encode(rand::random::<[u8; 32]>())))?;
+    }
+    for (secret, keys) in
+        [("confroll-tokens", &["node", "operator", "reader"][..]), ("confroll-push-key", &["push.key", "push.pub"][..])]
+    {
+        let have: BTreeSet<String> = r.data("Secret", secret)?.into_keys().collect();
+        let want: BTreeSet<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        ensure!(have == want, "Secret {secret} holds {have:?}, the test replaces {want:?}");
+        for k in keys {
+            r.set_secret_value(secret, k, &std::fs::read(secrets.join(k))?)?;
+        }
+    }
+    let secret_names: Vec<String> =
+        r.of_kind("Secret").filter_map(|s| s["metadata"]["name"].as_str().map(str::to_owned)).collect();
+    for name in &secret_names {
+        for (k, v) in r.data("Secret", name)? {
+            ensure!(!v.starts_with(b"#"), "Secret {name}/{k} still holds a placeholder");
+        }
+    }
+    Ok(secrets)
+}
+
+/// `deploy/k8s/examples/nginx-sidecar` next to the embedded overlay, run
+/// as the kubelet would run it: three coordinator pods and two `web` pods,
+/// each of those an init container that seeds the config volume from the
+/// ConfigMap, then nginx and confroll-agent in one PID namespace
+/// (`shareProcessNamespace`), both as user 101 with a read-only root, the
+/// config on an `emptyDir` they share. Through the client Service, with the
+/// operator token: both agents register for service `web`; a new
+/// `nginx.conf` rolls out (stages 1, 2) and both nginx serve it (their
+/// `X-Config-Version` header, from the hub): the agent wrote the emptyDir
+/// and SIGHUPed nginx's master across containers; a config whose
+/// `/healthz` answers 500 is rolled back and both serve the previous one.
+async fn nginx_sidecar_example_runs_as_declared() -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    cluster::ensure_binaries()?;
+    confroll_testkit::bins::ensure_built(&["confroll-agent"])?;
+    let cli = cluster::bin_dir().join("confroll");
+    let kubectl = k8s::kubectl()?;
+    let net = Net::new()?;
+    let run_dir = net.dir().to_path_buf();
+    // Both in one rendering, as `kubectl apply -k` of each would put them
+    // in one namespace.
+    let both = run_dir.join("kustomize");
+    std::fs::create_dir_all(&both)?;
+    let root = k8s::workspace_root().join("deploy/k8s");
+    std::fs::write(
+        both.join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {}\n  - {}\n",
+            rel(&root.join("overlays/embedded"), &both)?,
+            rel(&root.join("examples/nginx-sidecar"), &both)?
+        ),
+    )?;
+    let r = Rendering::kustomize(&kubectl, &both)?;
+    eprintln!("rendered overlays/embedded + examples/nginx-sidecar: {} objects", r.objects.len());
+    match run_sidecar(net.clone(), r, &cli).await {
+        Ok(()) => {}
+        Err(e) => {
+            net.keep_dir();
+            return Err(e.context(format!("evidence kept in {}", run_dir.display())));
+        }
+    }
+    drop(net);
+    ensure!(!run_dir.exists(), "{} left behind", run_dir.display());
+    eprintln!("everything removed; {:.1}s in all", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `to` relative to `from` (kustomize refuses absolute paths).
+fn rel(to: &Path, from: &Path) -> anyhow::Result<String> {
+    let (to, from) = (std::fs::canonicalize(to)?, std::fs::canonicalize(from)?);
+    let common = to.components().zip(from.components()).take_while(|(a, b)| a == b).count();
+    let ups = from.components().count() - common;
+    let mut p = PathBuf::new();
+    for _ in 0..ups {
+        p.push("..");
+    }
+    for c in to.components().skip(common) {
+        p.push(c);
+    }
+    Ok(p.display().to_string())
+}
+
+const WEB: &str = "web";
+
+async fn run_sidecar(net: Arc<Net>, mut r: Rendering, cli: &Path) -> anyhow::Result<()> {
+    let run_dir = net.dir().to_path_buf();
+    let secrets = real_secrets(&mut r, &run_dir, cli)?;
+    let reader = std::fs::read_to_string(secrets.join("reader"))?.trim().to_owned();
+    let seed_map = r.get("StatefulSet", WEB)?["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .context("the web StatefulSet mounts no ConfigMap")?
+        .to_owned();
+    let seed = String::from_utf8(r.data("ConfigMap", &seed_map)?.remove("nginx.conf").context("no seed nginx.conf")?)?;
+    let bins = binaries(&r)?;
+    let kube = Kube::new(net.clone(), r, bins)?;
+    let coords: Vec<String> = (0..3).map(|i| format!("{COORDS}-{i}")).collect();
+    let webs: Vec<String> = (0..2).map(|i| format!("{WEB}-{i}")).collect();
+    // The web pods' mount points must never appear on the machine.
+    let spec = &kube.rendering().get("StatefulSet", WEB)?["spec"]["template"]["spec"];
+    let watched: BTreeSet<String> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|f| spec[*f].as_array().into_iter().flatten())
+        .flat_map(|c| c["volumeMounts"].as_array().into_iter().flatten())
+        .filter_map(|m| m["mountPath"].as_str().map(str::to_owned))
+        .collect();
+    let before: BTreeMap<String, bool> = watched.iter().map(|p| (p.clone(), Path::new(p).exists())).collect();
+    for i in 0..3 {
+        kube.create_pod(COORDS, i, &format!("c{i}"), 11 + i as u8)?;
+    }
+    for i in 0..2 {
+        kube.create_pod(WEB, i, &format!("w{i}"), 41 + i as u8)?;
+    }
+    describe(&kube.plan(&webs[0])?);
+    for p in coords.iter().chain(&webs) {
+        let s = kube.wait_probes(p, MARGIN).await?;
+        eprintln!("{p} at {}: ready at {:.1}s", kube.pod_ip(p)?, s.ready_at.unwrap_or_default().as_secs_f64());
+    }
+    let leader = agreed_leader(&kube, &net, &coords, &reader, WAIT).await?;
+    eprintln!("the replicas agree: {leader} leads");
+    let want: BTreeSet<String> = webs.iter().cloned().collect();
+    poll_service(&net, &kube, &coords, &reader, WEB, WAIT, "both agents to register for service web", |all| {
+        all.iter().all(|s| s.nodes.iter().map(|n| n.id.clone()).collect::<BTreeSet<_>>() == want).then_some(())
+    })
+    .await?;
+    eprintln!("both agents registered through Service {COORDS}");
+    for w in &webs {
+        ensure!(serves(&kube, &net, w).await.as_deref() == Some("seed"), "{w} does not serve the seed config");
+    }
+
+    let url = kube.service_url(COORDS, "grpc")?;
+    let submit = |content: String, name: &'static str| {
+        let (kube, secrets, url, cli) = (&kube, &secrets, &url, cli);
+        async move {
+            let file = secrets.with_file_name(format!("{name}.conf"));
+            std::fs::write(&file, content)?;
+            let argv: Vec<String> = [
+                cli.display().to_string(),
+                "--coordinator".into(),
+                url.clone(),
+                "--token-file".into(),
+                secrets.join("operator").display().to_string(),
+                "submit".into(),
+                file.display().to_string(),
+                "-s".into(),
+                WEB.into(),
+                "--stages".into(),
+                "1,2".into(),
+                "--bake".into(),
+                "0s".into(),
+                "--watch".into(),
+            ]
+            .into();
+            kube.run_on_hub(&argv).await
+        }
+    };
+    let v2 = seed.replace("\"seed\"", "\"v2\"");
+    ensure!(v2 != seed, "the seed config has no X-Config-Version \"seed\"");
+    let out = submit(v2, "v2").await?;
+    ensure!(
+        out.status.success(),
+        "confroll submit -s web --watch: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for w in &webs {
+        ensure!(serves(&kube, &net, w).await.as_deref() == Some("v2"), "{w} does not serve v2 after the rollout");
+    }
+    eprintln!("rollout of a new nginx.conf: SUCCEEDED; both nginx serve it (X-Config-Version: v2)");
+    // The agent container's own probes (the prober runs the first
+    // container's), and its version gauge under the node's labels.
+    for w in &webs {
+        let plan = kube.plan(w)?;
+        let base = format!("http://{}:{}", plan.ip, plan.ports.get("status").context("no status port")?);
+        let (ready, metrics) = net
+            .on_hub(async move {
+                let c = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(3)).build().ok()?;
+                let ready = c.get(format!("{base}/readyz")).send().await.ok()?.status().as_u16();
+                let metrics = c.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
+                Some((ready, metrics))
+            })
+            .await
+            .with_context(|| format!("{w}: the agent's status port does not answer"))?;
+        ensure!(ready == 200, "{w}: the agent's /readyz answers {ready}");
+        let gauge = format!("confroll_config_version{{node=\"{w}\",service=\"{WEB}\"}}");
+        ensure!(metrics.lines().any(|l| l.starts_with(&gauge)), "{w}: no {gauge} in the agent's metrics");
+    }
+
+    let sick = seed.replace("\"seed\"", "\"v3\"").replace("return 200 \"ok\\n\"", "return 500 \"sick\\n\"");
+    ensure!(sick.contains("return 500"), "the seed config has no /healthz answering 200 \"ok\\n\"");
+    let out = submit(sick, "v3").await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(!out.status.success() && text.contains("ROLLED_BACK"), "the unhealthy config was not rolled back:\n{text}");
+    for w in &webs {
+        ensure!(serves(&kube, &net, w).await.as_deref() == Some("v2"), "{w} does not serve v2 after the rollback");
+    }
+    eprintln!("a config whose /healthz answers 500: ROLLED_BACK; both nginx serve v2 again");
+    let violations = kube.violations();
+    ensure!(violations.is_empty(), "the kubelets saw:\n{}", violations.join("\n"));
+    host_untouched(&run_dir, &before)?;
+    Ok(())
+}
+
+/// The `X-Config-Version` pod `pod`'s nginx answers with (from the hub).
+async fn serves(kube: &Kube, net: &Net, pod: &str) -> Option<String> {
+    let plan = kube.plan(pod).ok()?;
+    let url = format!("http://{}:{}/", plan.ip, plan.ports.get("http")?);
+    net.on_hub(async move {
+        let c = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(3)).build().ok()?;
+        let r = c.get(url).send().await.ok()?;
+        r.headers().get("x-config-version")?.to_str().ok().map(str::to_owned)
+    })
+    .await
+}
+
+/// [`poll`] of the status of `service`.
+#[allow(clippy::too_many_arguments)]
+async fn poll_service<T>(
+    net: &Net,
+    kube: &Kube,
+    pods: &[String],
+    reader: &str,
+    service: &str,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&[GetStatusResponse]) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut all = Vec::new();
+        for p in pods {
+            match service_status_of(kube, net, p, reader, service).await {
+                Some(s) => all.push(s),
+                None => break,
+            }
+        }
+        if all.len() == pods.len()
+            && let Some(v) = f(&all)
+        {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}; last answers: {all:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Prints what a pod runs.
 fn describe(p: &PodPlan) {
     let s = &p.security;
@@ -403,7 +652,19 @@ fn check_dns(kube: &Kube, coords: &[String], nodes: &[String]) -> anyhow::Result
 
 /// `GetStatus` of coordinator pod `pod`, at its IP (from the hub).
 async fn status_of(kube: &Kube, net: &Net, pod: &str, reader: &str) -> Option<GetStatusResponse> {
+    service_status_of(kube, net, pod, reader, "").await
+}
+
+/// [`status_of`] for `service`.
+async fn service_status_of(
+    kube: &Kube,
+    net: &Net,
+    pod: &str,
+    reader: &str,
+    service: &str,
+) -> Option<GetStatusResponse> {
     let plan = kube.plan(pod).ok()?;
+    let service = service.to_owned();
     let url = format!("http://{}:{}", plan.ip, plan.ports.get("grpc")?);
     let token = reader.to_owned();
     net.on_hub(async move {
@@ -414,7 +675,7 @@ async fn status_of(kube: &Kube, net: &Net, pod: &str, reader: &str) -> Option<Ge
             .connect()
             .await
             .ok()?;
-        let mut req = tonic::Request::new(GetStatusRequest::default());
+        let mut req = tonic::Request::new(GetStatusRequest { service });
         req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().ok()?);
         CoordinatorClient::new(ch).get_status(req).await.ok().map(|r| r.into_inner())
     })
@@ -432,25 +693,7 @@ async fn poll<T>(
     what: &str,
     f: impl Fn(&[GetStatusResponse]) -> Option<T>,
 ) -> anyhow::Result<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut all = Vec::new();
-        for p in pods {
-            match status_of(kube, net, p, reader).await {
-                Some(s) => all.push(s),
-                None => break,
-            }
-        }
-        if all.len() == pods.len()
-            && let Some(v) = f(&all)
-        {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}; last answers: {all:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll_service(net, kube, pods, reader, "", within, what, f).await
 }
 
 /// Waits until every coordinator pod names the same leader; its name.
