@@ -12,7 +12,8 @@
 //! * a small Python HTTP service that rereads a JSON file on SIGHUP (reload
 //!   by signal, a JSON Schema published by its agents): a schema violation
 //!   is refused at submit with its pointer, a version rolls out, a bad one
-//!   rolls back, and a restarted agent applies nothing again.
+//!   rolls back, a restarted agent applies nothing again and refuses a
+//!   stale fencing token, and the agents' metrics are a node's.
 
 mod common;
 
@@ -662,4 +663,27 @@ async fn a_python_service_reloaded_by_signal_rolls_out_and_back() {
     assert_eq!(s.version, r.version);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(py_get(*port).await.1, before, "a restart reloaded the program");
+
+    // Nor does it forget its fencing state: a push signed by the cluster's
+    // key with a token below the highest it took (a deposed leader's) is
+    // refused, and changes nothing.
+    assert!(s.highest_fencing_token > 0, "{s:?}");
+    let content = py_doc("stale", true);
+    let stale = pb::ApplyRequest {
+        service: "greeter".into(),
+        version: r2.version + 1,
+        sha256: confroll_common::sha256_hex(content.as_bytes()),
+        content: content.into_bytes(),
+        fencing_token: s.highest_fencing_token - 1,
+        rollout_id: "stale".into(),
+        cluster_id: s.cluster_id.clone(),
+        ..Default::default()
+    };
+    let url = format!("http://127.0.0.1:{}", agents[0].port);
+    let mut agent = pb::node_agent_client::NodeAgentClient::connect(url).await.unwrap();
+    let e = agent.apply(signed(stale, "py-0")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("stale fencing token"), "{}", e.message());
+    assert_eq!(py_get(*port).await.0, "bonjour", "a stale push changed the program");
+    assert_eq!(agents[0].status().await.unwrap().sha256, r.sha256);
 }
