@@ -225,7 +225,7 @@ impl Layout {
         let value = document::to_value(bytes, self.format())?;
         match &self.mode {
             Mode::Text => {
-                let Value::String(text) = value else { unreachable_text() };
+                let Value::String(text) = value else { unreachable!("text documents parse to a string") };
                 Ok(Files { files: BTreeMap::from([(self.files[0].clone(), text)]), value: None })
             }
             Mode::Structured { validator, .. } => {
@@ -371,11 +371,6 @@ fn mirror(from: &Path, to: &Path, managed: &[String], prefix: &str) -> std::io::
 fn set_readable(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-}
-
-/// `document::to_value` in text format always gives a string.
-fn unreachable_text() -> ! {
-    unreachable!("text documents parse to a string")
 }
 
 /// A relative path with only normal parts.

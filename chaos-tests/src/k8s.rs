@@ -793,6 +793,21 @@ impl PodPlan {
         kubelet_dir: &Path,
         binaries: &HashMap<String, PathBuf>,
     ) -> anyhow::Result<Vec<String>> {
+        let mut argv = pod_namespaces();
+        argv.extend(self.container_argv(work, kubelet_dir, binaries)?);
+        Ok(argv)
+    }
+
+    /// What runs the container inside its pod's namespaces (after
+    /// `unshare … --`): a script that mounts the pod's files (its mount
+    /// namespace must be its own), then `command` + `args` as the
+    /// container's user with only the container's environment.
+    fn container_argv(
+        &self,
+        work: &Path,
+        kubelet_dir: &Path,
+        binaries: &HashMap<String, PathBuf>,
+    ) -> anyhow::Result<Vec<String>> {
         // (target, source, read-only, is a file)
         let mut binds: Vec<(String, PathBuf, bool, bool)> = Vec::new();
         let program = self.argv.first().context("an empty command")?;
@@ -885,21 +900,7 @@ impl PodPlan {
         }
         script += " -- env -i \"$@\"\n";
 
-        let mut argv: Vec<String> = [
-            "unshare",
-            "--uts",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-        argv.extend(["--".into(), "sh".into(), "-c".into(), script, self.name.clone()]);
+        let mut argv: Vec<String> = vec!["sh".into(), "-c".into(), script, self.name.clone()];
         for (k, v) in self.environment() {
             ensure!(!k.is_empty() && !k.contains('='), "{}: env name {k:?}", self.name);
             argv.push(format!("{k}={v}"));
@@ -929,14 +930,11 @@ pub fn pod_argv(
     let mut script = String::from("set -u\n");
     let mut runs = Vec::new();
     for (plan, init) in plans {
-        let argv = plan.launch_argv(&work.join(&plan.container), kubelet_dir, binaries)?;
-        // launch_argv's own namespaces are the pod's here: keep a mount
-        // namespace of the container's own, drop the rest.
-        let cut = argv.iter().position(|a| a == "--").context("launch argv without --")?;
+        // The pod's namespaces, and a mount namespace of its own.
         let line: Vec<String> = ["unshare", "--mount", "--propagation", "private", "--"]
             .into_iter()
             .map(str::to_owned)
-            .chain(argv[cut + 1..].iter().cloned())
+            .chain(plan.container_argv(&work.join(&plan.container), kubelet_dir, binaries)?)
             .map(|a| q(&a))
             .collect();
         let line = line.join(" ");
@@ -953,13 +951,19 @@ pub fn pod_argv(
         script += &r;
     }
     script += "wait\n";
-    let mut argv: Vec<String> =
-        ["unshare", "--uts", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc"]
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-    argv.extend(["--".into(), "sh".into(), "-c".into(), script, first.name.clone()]);
+    let mut argv = pod_namespaces();
+    argv.extend(["sh".into(), "-c".into(), script, first.name.clone()]);
     Ok(argv)
+}
+
+/// `unshare … --`: a pod's UTS, mount and PID namespaces (its first
+/// process is PID 1; killing it kills the pod's whole tree), `/proc` of
+/// that PID namespace.
+fn pod_namespaces() -> Vec<String> {
+    ["unshare", "--uts", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Single-quotes `s` for sh.

@@ -170,18 +170,8 @@ async fn run_embedded(
 ) -> anyhow::Result<BTreeMap<String, bool>> {
     let run_dir = net.dir().to_path_buf();
 
-    let secrets = real_secrets(&mut r, &run_dir, cli)?;
-    let reader = std::fs::read_to_string(secrets.join("reader"))?.trim().to_owned();
-    let node_config_map = r.get("StatefulSet", NODES)?["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|v| v["configMap"]["name"].as_str())
-        .context("the node StatefulSet mounts no ConfigMap")?
-        .to_owned();
-    let base_config = String::from_utf8(
-        r.data("ConfigMap", &node_config_map)?.remove("config.yaml").context("no config.yaml in the node ConfigMap")?,
-    )?;
+    let (secrets, reader) = real_secrets(&mut r, &run_dir, cli)?;
+    let base_config = mounted_file(&r, NODES, "config.yaml")?;
 
     let bins = binaries(&r)?;
     let kube = Kube::new(net.clone(), r, bins)?;
@@ -311,10 +301,23 @@ async fn etcd_overlay_renders_and_its_coordinator_args_parse() -> anyhow::Result
     Ok(())
 }
 
+/// File `key` of the ConfigMap StatefulSet `sts` mounts.
+fn mounted_file(r: &Rendering, sts: &str, key: &str) -> anyhow::Result<String> {
+    let map = r.get("StatefulSet", sts)?["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .with_context(|| format!("the {sts} StatefulSet mounts no ConfigMap"))?
+        .to_owned();
+    let bytes = r.data("ConfigMap", &map)?.remove(key).with_context(|| format!("no {key} in ConfigMap {map}"))?;
+    Ok(String::from_utf8(bytes)?)
+}
+
 /// Real secrets in place of the placeholders of `r` (random tokens, a push
 /// key pair from `confroll keygen`), also written under `run_dir/secrets`;
-/// that directory.
-fn real_secrets(r: &mut Rendering, run_dir: &Path, cli: &Path) -> anyhow::Result<PathBuf> {
+/// that directory, and the reader token.
+fn real_secrets(r: &mut Rendering, run_dir: &Path, cli: &Path) -> anyhow::Result<(PathBuf, String)> {
     let secrets = run_dir.join("secrets");
     std::fs::create_dir_all(&secrets)?;
     let keygen = Command::new(cli).arg("keygen").arg("--out").arg(&secrets).output()?;
@@ -339,7 +342,8 @@ fn real_secrets(r: &mut Rendering, run_dir: &Path, cli: &Path) -> anyhow::Result
             ensure!(!v.starts_with(b"#"), "Secret {name}/{k} still holds a placeholder");
         }
     }
-    Ok(secrets)
+    let reader = std::fs::read_to_string(secrets.join("reader"))?.trim().to_owned();
+    Ok((secrets, reader))
 }
 
 /// `deploy/k8s/examples/nginx-sidecar` next to the embedded overlay, run
@@ -408,16 +412,8 @@ const WEB: &str = "web";
 
 async fn run_sidecar(net: Arc<Net>, mut r: Rendering, cli: &Path) -> anyhow::Result<()> {
     let run_dir = net.dir().to_path_buf();
-    let secrets = real_secrets(&mut r, &run_dir, cli)?;
-    let reader = std::fs::read_to_string(secrets.join("reader"))?.trim().to_owned();
-    let seed_map = r.get("StatefulSet", WEB)?["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|v| v["configMap"]["name"].as_str())
-        .context("the web StatefulSet mounts no ConfigMap")?
-        .to_owned();
-    let seed = String::from_utf8(r.data("ConfigMap", &seed_map)?.remove("nginx.conf").context("no seed nginx.conf")?)?;
+    let (secrets, reader) = real_secrets(&mut r, &run_dir, cli)?;
+    let seed = mounted_file(&r, WEB, "nginx.conf")?;
     let bins = binaries(&r)?;
     let kube = Kube::new(net.clone(), r, bins)?;
     let coords: Vec<String> = (0..3).map(|i| format!("{COORDS}-{i}")).collect();

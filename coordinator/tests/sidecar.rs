@@ -326,17 +326,18 @@ fn web_submit(content: &str, stages: &[&str]) -> pb::SubmitConfigRequest {
     r
 }
 
-async fn web_rollout(
+/// Waits until the rollout of `version` of `service` ended; its record.
+async fn rollout_end(
     client: &pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    service: &str,
     version: u64,
 ) -> pb::RolloutInfo {
-    service_status_until(client, "web", Duration::from_secs(90), "the rollout to end", |s| {
+    service_status_until(client, service, Duration::from_secs(90), "the rollout to end", |s| {
         s.rollout
             .filter(|r| r.version == version && matches!(r.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED"))
     })
     .await
 }
-
 fn disk_files(conf: &Path) -> BTreeMap<String, String> {
     ["nginx.conf", "version.conf"]
         .iter()
@@ -363,7 +364,7 @@ async fn nginx_rolls_out_in_stages_refuses_and_rolls_back_without_a_failed_reque
     let v1 = nginx_version("v1", 200, "");
     let t0 = Instant::now();
     let r1 = submit_until_accepted(&client, web_submit(&v1, &["1", "2", "3"])).await;
-    let info = web_rollout(&client, r1.version).await;
+    let info = rollout_end(&client, "web", r1.version).await;
     assert_eq!(info.state, "SUCCEEDED", "{info:?}");
     load.wait_all("v1").await;
     let history: Vec<Seen> = load.history.lock().iter().filter(|(t, _)| *t >= t0).cloned().collect();
@@ -427,7 +428,7 @@ async fn nginx_rolls_out_in_stages_refuses_and_rolls_back_without_a_failed_reque
     assert!(o.contains("return 200") && n.contains("return 500") && !n.contains("worker_processes"), "{o} → {n}");
     let (o, n) = shown("version.conf");
     assert!(o.contains("1: map") && o.contains("v1") && n.contains("v3"), "{o} → {n}");
-    let info = web_rollout(&client, r3.version).await;
+    let info = rollout_end(&client, "web", r3.version).await;
     assert_eq!(info.state, "ROLLED_BACK", "{info:?}");
     for a in &agents {
         a.wait_sha(&r1.sha256).await;
@@ -459,7 +460,7 @@ async fn nginx_rolls_out_in_stages_refuses_and_rolls_back_without_a_failed_reque
     }
     let _ = std::fs::remove_file(marker);
     agents[victim].start();
-    let info = web_rollout(&client, r4.version).await;
+    let info = rollout_end(&client, "web", r4.version).await;
     eprintln!("rollout with agent {} killed mid-apply: {} ({})", agents[victim].id, info.state, info.reason);
     let stable = if info.state == "SUCCEEDED" { (&r4.sha256, "v4", &v4) } else { (&r1.sha256, "v1", &v1) };
     for (a, n) in agents.iter().zip(&nginx) {
@@ -612,11 +613,7 @@ async fn a_python_service_reloaded_by_signal_rolls_out_and_back() {
     // A good version reaches both, by SIGHUP.
     let good = py_doc("bonjour", true);
     let r = submit_until_accepted(&client, submit(&good)).await;
-    let info = service_status_until(&client, "greeter", Duration::from_secs(60), "the rollout to end", |s| {
-        s.rollout
-            .filter(|x| x.version == r.version && matches!(x.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED"))
-    })
-    .await;
+    let info = rollout_end(&client, "greeter", r.version).await;
     assert_eq!(info.state, "SUCCEEDED", "{info:?}");
     for (a, (port, _)) in agents.iter().zip(&apps) {
         a.wait_sha(&r.sha256).await;
@@ -626,11 +623,7 @@ async fn a_python_service_reloaded_by_signal_rolls_out_and_back() {
     // `healthy: false` passes the schema, fails the canary's health gate:
     // rolled back everywhere.
     let r2 = submit_until_accepted(&client, submit(&py_doc("hola", false))).await;
-    let info = service_status_until(&client, "greeter", Duration::from_secs(60), "the rollout to end", |s| {
-        s.rollout
-            .filter(|x| x.version == r2.version && matches!(x.state.as_str(), "SUCCEEDED" | "ROLLED_BACK" | "ABORTED"))
-    })
-    .await;
+    let info = rollout_end(&client, "greeter", r2.version).await;
     assert_eq!(info.state, "ROLLED_BACK", "{info:?}");
     for (a, (port, _)) in agents.iter().zip(&apps) {
         a.wait_sha(&r.sha256).await;

@@ -592,15 +592,19 @@ impl<C: ServiceConfig> Node<C> {
         let ids = self.affected(&d, &live.config, &c);
         if errors.is_empty() {
             let t = self.inner.opts.reload_timeout;
-            let secrets = self.inner.codec.secret_values(&c);
             for id in &ids {
                 let r = match tokio::time::timeout(t, self.component(*id).check(&c)).await {
                     Ok(r) => r,
                     Err(_) => Err(ComponentError::PrepareTimedOut(t)),
                 };
                 if let Err(e) = r {
-                    errors.push(scrub(&format!("{}: {e}", self.name(*id)), &secrets));
+                    errors.push(format!("{}: {e}", self.name(*id)));
                 }
+            }
+            // The candidate's secrets, scrubbed from what its checks said.
+            if !errors.is_empty() {
+                let secrets = self.inner.codec.secret_values(&c);
+                errors.iter_mut().for_each(|e| *e = scrub(e, &secrets));
             }
         }
         let affected = ids.into_iter().map(|id| self.name(id)).collect();
