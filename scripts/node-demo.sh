@@ -22,7 +22,9 @@ fail() {
   exit 1
 }
 echo "building confroll-node and confroll ..."
-cargo build -q -p confroll-node -p confroll-coordinator --bin confroll-node --bin confroll
+# All the workspace's binaries, as the test run built them: `-p` would
+# resolve features for two packages only and rebuild their dependencies.
+cargo build -q --bins
 BIN=target/debug/confroll-node
 
 DIR=$(mktemp -d /tmp/confroll-demo.XXXXXX)

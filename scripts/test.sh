@@ -14,4 +14,5 @@ start_services test
 
 cargo test --workspace --all-targets "$@"
 echo "== coordinator suites on the raft store =="
-CONFROLL_TEST_STORE=raft cargo test -p confroll-coordinator --test api --test leadership --test rollout --test security "$@"
+# --workspace, not -p: the same features as the run above, so nothing rebuilds.
+CONFROLL_TEST_STORE=raft cargo test --workspace --test api --test leadership --test rollout --test security "$@"
