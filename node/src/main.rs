@@ -160,6 +160,20 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    // Signals and the file watch are armed before any port answers: once a
+    // client sees the node up, a SIGHUP, SIGTERM or file change it then
+    // makes is never missed (nor does an early SIGHUP kill the process).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    {
+        let hup = confroll_node::triggers::Sighup::arm().context("SIGHUP handler")?;
+        let (n, s) = (node.clone(), shutdown.clone());
+        tasks.spawn(async move { hup.run(n, s).await.context("SIGHUP handler") });
+    }
+    if let (Some(path), false) = (config_path, cli.no_watch) {
+        let watch = confroll_node::triggers::FileWatch::arm(path).context("file watch")?;
+        let (n, s, d) = (node.clone(), shutdown.clone(), cli.watch_debounce);
+        tasks.spawn(async move { watch.run(n, d, s).await.context("file watch") });
+    }
     {
         let (n, s) = (node.clone(), shutdown.clone());
         tasks.spawn(async move { confroll_node::http::run(n, http, s.cancelled_owned()).await.context("HTTP server") });
@@ -204,10 +218,6 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             confroll_node::agent::serve(n, auth, tls, l, s.cancelled_owned()).await.context("agent server")
         });
     }
-    {
-        let (n, s) = (node.clone(), shutdown.clone());
-        tasks.spawn(async move { confroll_node::triggers::sighup(n, s).await.context("SIGHUP handler") });
-    }
     if !cli.coordinator.is_empty() {
         let agent_address = cli
             .advertise_agent
@@ -236,12 +246,6 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    if let (Some(path), false) = (config_path, cli.no_watch) {
-        let (n, s, d) = (node.clone(), shutdown.clone(), cli.watch_debounce);
-        tasks.spawn(async move { confroll_node::triggers::watch_file(n, path, d, s).await.context("file watch") });
-    }
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),

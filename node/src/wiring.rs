@@ -5,11 +5,11 @@
 //!
 //! ```text
 //!   serve(node, Wiring { status, agent, membership, sighup, watch }, shutdown)
-//!     ├─ http::status_routes /healthz /readyz /metrics /api/v2/config/status
-//!     ├─ agent::serve        NodeAgent gRPC (signed pushes, health, reflection)
-//!     ├─ Membership::run     register + heartbeat (publishes the config schema)
-//!     ├─ triggers::sighup    SIGHUP → reload from the file
-//!     └─ triggers::watch_file debounced file watch → reload
+//!     ├─ triggers::Sighup     SIGHUP → reload from the file      } armed before
+//!     ├─ triggers::FileWatch  debounced file watch → reload      } any port answers
+//!     ├─ http::status_routes  /healthz /readyz /metrics /api/v2/config/status
+//!     ├─ agent::serve         NodeAgent gRPC (signed pushes, health, reflection)
+//!     └─ Membership::run      register + heartbeat (publishes the config schema)
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -174,6 +174,17 @@ pub async fn serve<C: ServiceConfig>(
 ) -> Result<(), WiringError> {
     let stop = shutdown.child_token();
     let mut tasks: tokio::task::JoinSet<Result<(), WiringError>> = tokio::task::JoinSet::new();
+    // Triggers are armed before any port answers: once a client sees the
+    // node up, a SIGHUP or a file change it then makes is never missed.
+    if wiring.sighup {
+        let (hup, n, s) = (triggers::Sighup::arm()?, node.clone(), stop.clone());
+        tasks.spawn(async move { Ok(hup.run(n, s).await?) });
+    }
+    if let Some(debounce) = wiring.watch {
+        let path = node.config_path().cloned().ok_or(WiringError::NoFile)?;
+        let (watch, n, s) = (triggers::FileWatch::arm(path)?, node.clone(), stop.clone());
+        tasks.spawn(async move { Ok(watch.run(n, debounce, s).await?) });
+    }
     let mut agent_address = None;
     if let Some((listener, auth)) = wiring.agent {
         let scheme = if wiring.agent_tls.is_some() { "https" } else { "http" };
@@ -195,15 +206,6 @@ pub async fn serve<C: ServiceConfig>(
             m.run(n, s).await;
             Ok(())
         });
-    }
-    if wiring.sighup {
-        let (n, s) = (node.clone(), stop.clone());
-        tasks.spawn(async move { Ok(triggers::sighup(n, s).await?) });
-    }
-    if let Some(debounce) = wiring.watch {
-        let path = node.config_path().cloned().ok_or(WiringError::NoFile)?;
-        let (n, s) = (node.clone(), stop.clone());
-        tasks.spawn(async move { Ok(triggers::watch_file(n, path, debounce, s).await?) });
     }
     if let Some(keys) = wiring.trust_reload {
         let s = stop.clone();

@@ -300,3 +300,29 @@ async fn a_component_with_outside_state_is_checked_activated_and_restored() {
     assert_eq!(*slot.get().unwrap(), 20);
     assert_eq!(node.config().config.limit, 20);
 }
+
+#[tokio::test]
+async fn a_change_written_before_the_file_watch_is_armed_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, doc("hello", 10, TOKEN, 8080)).unwrap();
+    let mut opts = NodeOptions::new("sdk-3");
+    opts.config_path = Some(path.clone());
+    let mut b = Node::<Cfg>::builder(opts).unwrap();
+    b.component(Greeter);
+    let node = b.start().await.unwrap();
+
+    // Written after the node read the file, before the watch exists: no
+    // event will ever tell of it.
+    std::fs::write(&path, doc("bonjour", 10, TOKEN, 8080)).unwrap();
+    let watch = confroll_node::triggers::FileWatch::arm(path.clone()).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut versions = node.watch_version();
+    let task = tokio::spawn(watch.run(node.clone(), Duration::from_millis(50), stop.clone()));
+    // Bounded wait for the catch-up reload (no event, no sleep in between).
+    tokio::time::timeout(Duration::from_secs(10), versions.wait_for(|v| *v == 2)).await.unwrap().unwrap();
+    assert_eq!(node.config().config.greeting, "bonjour");
+    assert_eq!(node.last_report().unwrap().trigger, confroll_node::report::Trigger::File);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
