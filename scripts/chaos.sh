@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 ensure_packages
 case "${1:-full}" in
   full)
-    CONFROLL_CHAOS=full cargo test -p confroll-chaos --test scenarios --test cleanup
+    CONFROLL_CHAOS=full cargo test --workspace --test scenarios --test cleanup
     ;;
   random)
     store="${2:-raft}" duration="${3:-30m}"
-    cargo build -q -p confroll-chaos -p confroll-coordinator -p confroll-node --bins
+    cargo build -q --bins
     target/debug/chaos --store "$store" --duration "$duration" ${4:+--seed "$4"}
     ;;
   *)

@@ -161,7 +161,7 @@ pub fn ensure_binaries() -> anyhow::Result<()> {
     if std::env::var_os("CONFROLL_CHAOS_BINS").is_some() {
         return Ok(());
     }
-    confroll_testkit::bins::ensure_built(&["confroll-coordinator", "confroll-node"])?;
+    confroll_testkit::bins::ensure_built()?;
     Ok(())
 }
 

@@ -360,7 +360,7 @@ fn real_secrets(r: &mut Rendering, run_dir: &Path, cli: &Path) -> anyhow::Result
 async fn nginx_sidecar_example_runs_as_declared() -> anyhow::Result<()> {
     let t0 = Instant::now();
     cluster::ensure_binaries()?;
-    confroll_testkit::bins::ensure_built(&["confroll-agent"])?;
+    confroll_testkit::bins::ensure_built()?;
     let cli = cluster::bin_dir().join("confroll");
     let kubectl = k8s::kubectl()?;
     let net = Net::new()?;

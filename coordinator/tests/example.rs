@@ -24,7 +24,7 @@ const SERVICE: &str = "flags";
 const SECRET: &str = "Qk-7c0ffee-quota-key";
 
 fn flags_bin() -> PathBuf {
-    confroll_testkit::bins::ensure_example("confroll-node", "flags").expect("build the flags example")
+    confroll_testkit::bins::ensure_example("flags").expect("build the flags example")
 }
 
 fn doc(rate: u32, store: SocketAddr, key: &str, beta: bool) -> String {

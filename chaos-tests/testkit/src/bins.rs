@@ -21,8 +21,8 @@ pub enum BinError {
     },
     /// `cargo build` could not run, or failed.
     Build {
-        /// Packages it was building.
-        packages: Vec<String>,
+        /// What it was building.
+        target: String,
         /// Its exit status, or why it did not start.
         outcome: std::io::Result<ExitStatus>,
     },
@@ -38,7 +38,7 @@ impl fmt::Display for BinError {
                 path.display(),
                 exe.display()
             ),
-            BinError::Build { packages, outcome } => write!(f, "building {packages:?} failed: {outcome:?}"),
+            BinError::Build { target, outcome } => write!(f, "cargo build {target} failed: {outcome:?}"),
         }
     }
 }
@@ -60,53 +60,79 @@ pub fn sibling_bin(name: &str) -> Result<PathBuf, BinError> {
     if p.is_file() { Ok(p) } else { Err(BinError::NotFound { path: p, exe }) }
 }
 
-/// Builds the binaries of `packages` once per process (a test does not get
-/// other packages' binaries built for it) and returns [`bin_dir`].
-pub fn ensure_built(packages: &[&str]) -> Result<PathBuf, BinError> {
-    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !done.iter().any(|d| d == p)).collect();
-    if !missing.is_empty() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "--bins"]);
-        for p in &missing {
-            cmd.args(["-p", p]);
-        }
+/// Builds every binary of the workspace once per process (a test gets only
+/// its own package's binaries built for it) and returns [`bin_dir`].
+///
+/// The whole workspace, never `-p`: cargo resolves features for the packages
+/// it is asked for, so each `-p` set would build its own copy of every
+/// dependency whose features differ. `cargo build --bins` (the demos) shares
+/// this one.
+pub fn ensure_built() -> Result<PathBuf, BinError> {
+    static BUILT: OnceLock<std::sync::Mutex<bool>> = OnceLock::new();
+    let mut done = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if !*done {
+        let mut cmd = cargo();
+        cmd.args(["build", "-q", "--workspace", "--bins"]);
         if is_release(&bin_dir()) {
             cmd.arg("--release");
         }
         match cmd.status() {
-            Ok(s) if s.success() => done.extend(missing.iter().map(|p| p.to_string())),
-            outcome => {
-                let packages = missing.iter().map(|p| p.to_string()).collect();
-                return Err(BinError::Build { packages, outcome });
-            }
+            Ok(s) if s.success() => *done = true,
+            outcome => return Err(BinError::Build { target: "--workspace --bins".into(), outcome }),
         }
     }
     Ok(bin_dir())
 }
 
-/// Builds example `name` of `package` once per process and returns its
-/// path (`target/<profile>/examples/<name>`).
-pub fn ensure_example(package: &str, name: &str) -> Result<PathBuf, BinError> {
+/// Builds example `name` once per process and returns its path
+/// (`target/<profile>/examples/<name>`). An example may use dev-dependencies,
+/// so this resolves features as `cargo test --workspace` does and finds the
+/// test run's build fresh.
+pub fn ensure_example(name: &str) -> Result<PathBuf, BinError> {
     static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
     let mut done = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    let key = format!("{package}/{name}");
-    if !done.contains(&key) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", package, "--example", name]);
+    if !done.iter().any(|d| d == name) {
+        let mut cmd = cargo();
+        cmd.args(["build", "-q", "--workspace", "--example", name]);
         if is_release(&bin_dir()) {
             cmd.arg("--release");
         }
         match cmd.status() {
-            Ok(s) if s.success() => done.push(key),
-            outcome => return Err(BinError::Build { packages: vec![key], outcome }),
+            Ok(s) if s.success() => done.push(name.to_owned()),
+            outcome => return Err(BinError::Build { target: format!("--example {name}"), outcome }),
         }
     }
     Ok(bin_dir().join("examples").join(name))
+}
+
+/// The `cargo` that runs this test, without the variables it set for the
+/// test (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Build scripts such as
+/// ring's rerun when one of those changes: a nested build that kept them
+/// would rebuild ring and all that depends on it, and the next top-level
+/// build would rebuild it all again.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        let set_for_a_crate = k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                k.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if set_for_a_crate {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
 }
 
 fn is_release(dir: &Path) -> bool {

@@ -6,7 +6,7 @@
 //!  ports    free_port: a loopback port nothing listens on
 //!  process  ChildGuard (SIGKILL on drop), spawn_listening, tail
 //!  wait     eventually (async, panics), wait_for_port (blocking)
-//!  bins     bin_dir, sibling_bin, ensure_built: the workspace's binaries
+//!  bins     bin_dir, sibling_bin, ensure_built, ensure_example: the workspace's binaries
 //! ```
 
 pub mod bins;
