@@ -32,7 +32,7 @@ use common::*;
 use confroll_proto::v1 as pb;
 
 fn agent_bin() -> PathBuf {
-    confroll_testkit::bins::ensure_built().expect("build confroll-agent").join("confroll-agent")
+    confroll_testkit::bins::ensure_built().expect("build the workspace's binaries").join("confroll-agent")
 }
 
 /// A `confroll-agent` process (restartable on the same port and state dir).
@@ -338,6 +338,7 @@ async fn rollout_end(
     })
     .await
 }
+
 fn disk_files(conf: &Path) -> BTreeMap<String, String> {
     ["nginx.conf", "version.conf"]
         .iter()

@@ -15,7 +15,9 @@ use confroll_node::{
     Config, Node, NodeOptions,
     agent::{AgentTls, PushAuth},
     components::LogTarget,
+    membership::Membership,
     trust::TrustedKeys,
+    wiring::{self, Wiring},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -158,27 +160,8 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let http = TcpListener::bind(http_addr).await.with_context(|| format!("bind HTTP {http_addr}"))?;
     tracing::info!(addr = %http.local_addr()?, node = node.id(), version = live.version, "HTTP listening");
 
-    let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    // Signals and the file watch are armed before any port answers: once a
-    // client sees the node up, a SIGHUP, SIGTERM or file change it then
-    // makes is never missed (nor does an early SIGHUP kill the process).
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    {
-        let hup = confroll_node::triggers::Sighup::arm().context("SIGHUP handler")?;
-        let (n, s) = (node.clone(), shutdown.clone());
-        tasks.spawn(async move { hup.run(n, s).await.context("SIGHUP handler") });
-    }
-    if let (Some(path), false) = (config_path, cli.no_watch) {
-        let watch = confroll_node::triggers::FileWatch::arm(path).context("file watch")?;
-        let (n, s, d) = (node.clone(), shutdown.clone(), cli.watch_debounce);
-        tasks.spawn(async move { watch.run(n, d, s).await.context("file watch") });
-    }
-    {
-        let (n, s) = (node.clone(), shutdown.clone());
-        tasks.spawn(async move { confroll_node::http::run(n, http, s.cancelled_owned()).await.context("HTTP server") });
-    }
-    let mut agent_address = None;
+    let mut agent = None;
+    let (mut agent_tls, mut trust_reload) = (None, None);
     if let Some(addr) = cli.agent_listen {
         if cli.state_dir.is_none() && !cli.insecure_unsigned_pushes {
             // Without it the node forgets, at each restart, the cluster it
@@ -190,10 +173,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             (Some(f), _) => {
                 let keys = Arc::new(TrustedKeys::load(f)?);
                 tracing::info!(file = %f.display(), ids = ?keys.ids(), "pushes must be signed by a trusted coordinator key");
-                let (k, s) = (keys.clone(), shutdown.clone());
-                tasks.spawn(async move {
-                    confroll_node::trust::keep_reloaded(k, Duration::from_secs(2), s).await.context("trust reload")
-                });
+                trust_reload = Some(keys.clone());
                 PushAuth::Signed(keys)
             }
             (None, true) => PushAuth::InsecureUnsigned,
@@ -202,28 +182,22 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                  or --insecure-unsigned-pushes for development"
             ),
         };
-        let tls = match (&cli.agent_tls_cert, &cli.agent_tls_key) {
-            (Some(c), Some(k)) => Some(AgentTls {
+        if let (Some(c), Some(k)) = (&cli.agent_tls_cert, &cli.agent_tls_key) {
+            agent_tls = Some(AgentTls {
                 cert_pem: std::fs::read(c).with_context(|| format!("read {}", c.display()))?,
                 key_pem: std::fs::read(k).with_context(|| format!("read {}", k.display()))?,
-            }),
-            _ => None,
-        };
-        let scheme = if tls.is_some() { "https" } else { "http" };
+            });
+        }
         let l = TcpListener::bind(addr).await.with_context(|| format!("bind agent {addr}"))?;
-        tracing::info!(addr = %l.local_addr()?, tls = tls.is_some(), "NodeAgent gRPC listening");
-        agent_address = Some(format!("{scheme}://{}", l.local_addr()?));
-        let (n, s) = (node.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            confroll_node::agent::serve(n, auth, tls, l, s.cancelled_owned()).await.context("agent server")
-        });
+        tracing::info!(addr = %l.local_addr()?, tls = agent_tls.is_some(), "NodeAgent gRPC listening");
+        agent = Some((l, auth));
     }
+    let mut membership = None;
     if !cli.coordinator.is_empty() {
-        let agent_address = cli
-            .advertise_agent
-            .clone()
-            .or(agent_address)
-            .context("--coordinator needs --agent-listen (the coordinator pushes there)")?;
+        anyhow::ensure!(
+            cli.advertise_agent.is_some() || agent.is_some(),
+            "--coordinator needs --agent-listen (the coordinator pushes there)"
+        );
         let token = match &cli.coordinator_token_file {
             Some(f) => {
                 Some(std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned())
@@ -234,22 +208,43 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             Some(f) => Some(std::fs::read(f).with_context(|| format!("read {}", f.display()))?),
             None => None,
         };
-        let m = confroll_node::membership::Membership {
+        membership = Some(Membership {
             coordinators: cli.coordinator.clone(),
-            agent_address,
+            // Empty: the agent listener's own address.
+            agent_address: cli.advertise_agent.clone().unwrap_or_default(),
             token,
             ca_pem,
-        };
-        let (n, s) = (node.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            m.run(n, s).await;
-            Ok(())
         });
     }
+    let wiring = Wiring {
+        status: None, // the reference service's own HTTP server serves them
+        agent,
+        agent_tls,
+        membership,
+        sighup: true,
+        watch: (config_path.is_some() && !cli.no_watch).then_some(cli.watch_debounce),
+        trust_reload,
+    };
+
+    // Signals and the file watch are armed before any port answers: once a
+    // client sees the node up, a SIGHUP, SIGTERM or file change it then
+    // makes is never missed (nor does an early SIGHUP kill the process).
+    let shutdown = CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut parts = Box::pin(wiring::start(node.clone(), wiring, shutdown.clone()).await?.wait());
+    let mut http_task = {
+        let (n, s) = (node.clone(), shutdown.clone());
+        tokio::spawn(async move { confroll_node::http::run(n, http, s.cancelled_owned()).await.context("HTTP server") })
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        Some(r) = tasks.join_next() => {
+        r = &mut parts => {
+            shutdown.cancel();
+            r?;
+            anyhow::bail!("a server task stopped unexpectedly");
+        }
+        r = &mut http_task => {
             shutdown.cancel();
             r??;
             anyhow::bail!("a server task stopped unexpectedly");
@@ -257,9 +252,8 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     let drained = tokio::time::timeout(cli.shutdown_grace, async {
-        while let Some(r) = tasks.join_next().await {
-            r??;
-        }
+        (&mut http_task).await??;
+        (&mut parts).await?;
         anyhow::Ok(())
     })
     .await;
@@ -267,7 +261,8 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         Ok(r) => r?,
         Err(_) => {
             tracing::warn!(grace = ?cli.shutdown_grace, "connections still open after the shutdown grace; closing them");
-            tasks.abort_all();
+            http_task.abort();
+            drop(parts);
         }
     }
     node.close().await;

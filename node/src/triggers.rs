@@ -91,31 +91,34 @@ impl FileWatch {
         debounce: Duration,
         shutdown: CancellationToken,
     ) -> notify::Result<()> {
-        let mut catch_up = true;
+        self.reload_if_changed(&node).await;
         loop {
-            if !std::mem::take(&mut catch_up) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                ev = self.events.recv() => if ev.is_none() { return Ok(()) },
+            }
+            // Debounce: wait until the events stop for `debounce`.
+            loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    ev = self.events.recv() => if ev.is_none() { return Ok(()) },
-                }
-                // Debounce: wait until the events stop for `debounce`.
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(debounce) => break,
-                        more = self.events.recv() => if more.is_none() { return Ok(()) },
-                    }
+                    _ = tokio::time::sleep(debounce) => break,
+                    more = self.events.recv() => if more.is_none() { return Ok(()) },
                 }
             }
-            let Ok(bytes) = tokio::fs::read(&self.path).await else {
-                tracing::warn!(path = %self.path.display(), "config file changed but cannot be read (yet)");
-                continue;
-            };
-            if node.last_file_sha().as_deref() == Some(confroll_common::sha256_hex(&bytes).as_str()) {
-                tracing::debug!("config file unchanged; nothing to do");
-                continue;
-            }
-            node.reload_from_file(Trigger::File).await;
+            self.reload_if_changed(&node).await;
         }
+    }
+
+    /// Reloads from the file unless it is the one the node last read.
+    async fn reload_if_changed<C: ServiceConfig>(&self, node: &Node<C>) {
+        let Ok(bytes) = tokio::fs::read(&self.path).await else {
+            tracing::warn!(path = %self.path.display(), "config file changed but cannot be read (yet)");
+            return;
+        };
+        if node.last_file_sha().as_deref() == Some(confroll_common::sha256_hex(&bytes).as_str()) {
+            tracing::debug!("config file unchanged; nothing to do");
+            return;
+        }
+        node.reload_from_file(Trigger::File).await;
     }
 }

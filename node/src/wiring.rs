@@ -1,10 +1,12 @@
 //! Everything around a started node in one call: the NodeAgent port the
 //! coordinators push to, registration with them, SIGHUP and the config-file
 //! watch. A service that embeds the SDK starts its node, then runs
-//! [`serve`] next to its own servers.
+//! [`serve`] next to its own servers; or [`start`] before it opens its own
+//! ports, then [`Running::wait`] (the reference service does).
 //!
 //! ```text
 //!   serve(node, Wiring { status, agent, membership, sighup, watch }, shutdown)
+//!     = start(…) (returns once all of this runs) then Running::wait()
 //!     ├─ triggers::Sighup     SIGHUP → reload from the file      } armed before
 //!     ├─ triggers::FileWatch  debounced file watch → reload      } any port answers
 //!     ├─ http::status_routes  /healthz /readyz /metrics /api/v2/config/status
@@ -172,6 +174,45 @@ pub async fn serve<C: ServiceConfig>(
     wiring: Wiring,
     shutdown: CancellationToken,
 ) -> Result<(), WiringError> {
+    start(node, wiring, shutdown).await?.wait().await
+}
+
+/// The parts [`start`] set running. Dropping it stops them at once.
+#[derive(Debug)]
+pub struct Running {
+    tasks: tokio::task::JoinSet<Result<(), WiringError>>,
+    stop: CancellationToken,
+}
+
+impl Running {
+    /// Until every part stopped (after the shutdown), or the first error of
+    /// any part (the others are then stopped).
+    pub async fn wait(mut self) -> Result<(), WiringError> {
+        if self.tasks.is_empty() {
+            self.stop.cancelled().await;
+            return Ok(());
+        }
+        let mut first = Ok(());
+        while let Some(r) = self.tasks.join_next().await {
+            let r = r.map_err(WiringError::from).and_then(|r| r);
+            if r.is_err() && first.is_ok() {
+                first = r;
+                self.stop.cancel();
+            }
+        }
+        first
+    }
+}
+
+/// Arms the triggers and starts every part `wiring` asks for, stopping at
+/// `shutdown`; returns as soon as they run. For a service that opens ports
+/// of its own: open them after this returns, and no SIGHUP or file change
+/// made once they answer is missed.
+pub async fn start<C: ServiceConfig>(
+    node: Node<C>,
+    wiring: Wiring,
+    shutdown: CancellationToken,
+) -> Result<Running, WiringError> {
     let stop = shutdown.child_token();
     let mut tasks: tokio::task::JoinSet<Result<(), WiringError>> = tokio::task::JoinSet::new();
     // Triggers are armed before any port answers: once a client sees the
@@ -211,17 +252,5 @@ pub async fn serve<C: ServiceConfig>(
         let s = stop.clone();
         tasks.spawn(async move { Ok(crate::trust::keep_reloaded(keys, Duration::from_secs(2), s).await?) });
     }
-    if tasks.is_empty() {
-        shutdown.cancelled().await;
-        return Ok(());
-    }
-    let mut first = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        let r = r.map_err(WiringError::from).and_then(|r| r);
-        if r.is_err() && first.is_ok() {
-            first = r;
-            stop.cancel();
-        }
-    }
-    first
+    Ok(Running { tasks, stop })
 }

@@ -68,19 +68,7 @@ pub fn sibling_bin(name: &str) -> Result<PathBuf, BinError> {
 /// dependency whose features differ. `cargo build --bins` (the demos) shares
 /// this one.
 pub fn ensure_built() -> Result<PathBuf, BinError> {
-    static BUILT: OnceLock<std::sync::Mutex<bool>> = OnceLock::new();
-    let mut done = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if !*done {
-        let mut cmd = cargo();
-        cmd.args(["build", "-q", "--workspace", "--bins"]);
-        if is_release(&bin_dir()) {
-            cmd.arg("--release");
-        }
-        match cmd.status() {
-            Ok(s) if s.success() => *done = true,
-            outcome => return Err(BinError::Build { target: "--workspace --bins".into(), outcome }),
-        }
-    }
+    build_once(&["--workspace", "--bins"])?;
     Ok(bin_dir())
 }
 
@@ -89,20 +77,31 @@ pub fn ensure_built() -> Result<PathBuf, BinError> {
 /// so this resolves features as `cargo test --workspace` does and finds the
 /// test run's build fresh.
 pub fn ensure_example(name: &str) -> Result<PathBuf, BinError> {
-    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
-    let mut done = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if !done.iter().any(|d| d == name) {
-        let mut cmd = cargo();
-        cmd.args(["build", "-q", "--workspace", "--example", name]);
-        if is_release(&bin_dir()) {
-            cmd.arg("--release");
-        }
-        match cmd.status() {
-            Ok(s) if s.success() => done.push(name.to_owned()),
-            outcome => return Err(BinError::Build { target: format!("--example {name}"), outcome }),
-        }
-    }
+    build_once(&["--workspace", "--example", name])?;
     Ok(bin_dir().join("examples").join(name))
+}
+
+/// `cargo build -q ARGS` (in this build's profile), unless this process
+/// already ran it with these arguments.
+fn build_once(args: &[&str]) -> Result<(), BinError> {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let target = args.join(" ");
+    let mut done = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&target) {
+        return Ok(());
+    }
+    let mut cmd = cargo();
+    cmd.args(["build", "-q"]).args(args);
+    if is_release(&bin_dir()) {
+        cmd.arg("--release");
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => {
+            done.push(target);
+            Ok(())
+        }
+        outcome => Err(BinError::Build { target, outcome }),
+    }
 }
 
 /// The `cargo` that runs this test, without the variables it set for the

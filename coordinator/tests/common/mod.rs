@@ -36,7 +36,7 @@ fn target_dir() -> PathBuf {
 
 /// The node binary, built once per test process (it belongs to another package).
 pub fn node_bin() -> PathBuf {
-    confroll_testkit::bins::ensure_built().expect("build confroll-node").join("confroll-node")
+    confroll_testkit::bins::ensure_built().expect("build the workspace's binaries").join("confroll-node")
 }
 
 pub fn coordinator_bin() -> PathBuf {
